@@ -1,0 +1,1 @@
+"""Builds Triton model-repository entries from Hugging Face models."""

@@ -1,0 +1,1 @@
+"""Thin clients over tritonclient, a command line and a load generator."""

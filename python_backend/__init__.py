@@ -1,0 +1,1 @@
+"""The Triton Python-backend model and the engine it runs."""

@@ -1,0 +1,1 @@
+"""The decode loop: scheduler, KV cache, runner, sampler, detokenizer."""

@@ -1,0 +1,1 @@
+"""Attention and other ops: PyTorch references and GPU kernels."""
