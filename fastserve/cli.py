@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastserve", description="Fast LLM serving on Triton Inference Server")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    from builders.build import add_build_parser
+
+    add_build_parser(sub)
     return parser
 
 

@@ -33,3 +33,76 @@ def shared_prompts() -> list[dict]:
     if not path.is_file():
         pytest.skip(f"{path} is not here: the shared data sits beside the checkout")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def build_entry(repository: Path, model: str, name: str, *extra: str) -> Path:
+    """Run the real builder (the same code as `python builders/build.py`)."""
+    from builders.build import main
+
+    code = main(["--model", model, "--name", name, "--repository", str(repository), *extra])
+    assert code == 0, f"build of {model} failed with code {code}"
+    return repository / name
+
+
+@pytest.fixture(scope="session")
+def smollm2_repo(tmp_path_factory) -> Path:
+    """A repository with SmolLM2 built in float32 (exact comparisons with transformers need float32)."""
+    repo = tmp_path_factory.mktemp("repo")
+    build_entry(repo, "smollm2", "smollm2", "--dtype", "float32")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine_dir(smollm2_repo) -> Path:
+    return smollm2_repo / "smollm2" / "1" / "engine"
+
+
+@pytest.fixture(scope="session")
+def smollm2_source():
+    """SmolLM2 as transformers loads it from the GGUF file: the reference model and tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from builders.sources import smollm2_path
+
+    path = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval(), tok
+
+
+def prompt_ids(tokenizer, prompt: dict) -> list[int]:
+    """Token ids of a shared prompt: chat prompts through the chat template, others as plain text."""
+    if prompt["kind"] == "chat":
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt["text"]}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = prompt["text"]
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def tiny_config(arch: str, vocab_size: int):
+    """A small random-initialised config of a real architecture."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[arch]
+    extra = {"head_dim": 16} if arch == "qwen3" else {}
+    if arch == "mistral":
+        extra["sliding_window"] = None
+    return cls(**common, **extra)
+
+
+def save_tiny_model(folder: Path, arch: str, tokenizer, seed: int = 0) -> Path:
+    """A random-initialised HF model folder (config, safetensors, tokenizer) of a real architecture."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch, len(tokenizer))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
