@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     from builders.build import add_build_parser
 
     add_build_parser(sub)
+    from clients.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,363 @@
+"""The engine: one loop that schedules, runs the model, samples, detokenizes and reports.
+
+    engine = Engine.from_folder("model_repository/smollm2/1/engine")
+    engine.start()                                   # the loop in a background thread
+    engine.add_request("r1", "Hello", SamplingParams(max_tokens=32), on_output=print)
+
+Other threads only put work in an inbox (add, abort); the engine thread alone touches sequences,
+blocks and the model, so there are no locks on the hot path. Without start(), a caller drives the
+loop with step() (tests, the offline benchmark).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import torch
+
+from python_backend.engine import detokenize
+from python_backend.engine.engine_folder import open_engine_folder
+from python_backend.engine.kv_cache import BlockManager, KVPool
+from python_backend.engine.runner import Runner
+from python_backend.engine.sampler import sample
+from python_backend.engine.scheduler import Policy, ScheduledBatch, Scheduler
+from python_backend.engine.sequence import RequestOutput, SamplingError, SamplingParams, Sequence, Status
+from python_backend.models.llama import LlamaModel
+
+
+class Overloaded(RuntimeError):
+    """Too many requests waiting; the client should retry later."""
+
+
+@dataclass
+class EngineConfig:
+    device: str = "cpu"
+    dtype: str | None = None  # default: the engine folder's
+    num_kv_blocks: int = 0  # 0: from memory
+    kv_cache_memory_fraction: float = 0.9  # GPU: share of total memory for weights + KV
+    kv_cache_gb: float = 2.0  # CPU: memory for the KV pool
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 0  # 0: the engine folder's
+    max_queue_size: int = 1024
+    policy: str = "fcfs"
+    enable_prefix_caching: bool = True
+    num_threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+    seed: int = 0
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "EngineConfig":
+        """From config.pbtxt parameters (strings); unknown keys are ignored, bad values named."""
+        cfg = cls()
+        for name, f in cls.__dataclass_fields__.items():
+            key = {"block_size": "kv_block_size", "policy": "scheduler_policy"}.get(name, name)
+            if key not in params or params[key] == "":
+                continue
+            raw = params[key]
+            try:
+                kind = type(getattr(cfg, name))
+                value = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"parameter {key}={raw!r}: {e}") from e
+            setattr(cfg, name, value)
+        return cfg
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, folder: str | Path, config: EngineConfig | None = None):
+        from transformers import AutoTokenizer
+
+        self.config = cfg = config or EngineConfig()
+        self.folder = open_engine_folder(folder)
+        meta = self.folder.meta
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = torch.device(cfg.device if cfg.device != "gpu" else "cuda")
+        dtype_name = cfg.dtype or meta.get("dtype", "float32")
+        self.dtype = getattr(torch, dtype_name)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder.path))
+        max_len = cfg.max_model_len or meta.get("max_model_len") or 4096
+        self.model = LlamaModel.load(self.folder.path, self.dtype, self.device, max_len)
+        mcfg = self.model.cfg
+        if mcfg.sliding_window and max_len > mcfg.sliding_window:
+            max_len = mcfg.sliding_window  # beyond the window we would attend too far back
+        per_block = KVPool.bytes_per_block(mcfg.num_layers, cfg.block_size, mcfg.num_kv_heads, mcfg.head_dim, self.dtype)
+        num_blocks = cfg.num_kv_blocks or self._blocks_from_memory(per_block)
+        if num_blocks < 2:
+            raise RuntimeError(f"KV cache too small: {num_blocks} blocks of {per_block} bytes")
+        self.max_model_len = min(max_len, num_blocks * cfg.block_size)
+        self.pool = KVPool.allocate(mcfg.num_layers, num_blocks, cfg.block_size, mcfg.num_kv_heads, mcfg.head_dim,
+                                    self.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, self._policy(cfg.policy))
+        self.runner = Runner(self.model, self.pool)
+        self.eos_ids = self.folder.eos_token_ids or ([self.tokenizer.eos_token_id]
+                                                     if self.tokenizer.eos_token_id is not None else [])
+        self.stats = EngineStats()
+        self._generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._seqs: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        self._pending = 0  # requests added but not yet taken from the inbox
+        self._pending_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.last_error: BaseException | None = None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, **overrides) -> "Engine":
+        return cls(folder, EngineConfig(**overrides))
+
+    def _policy(self, name: str) -> Policy:
+        if name == "fcfs":
+            return Policy()
+        raise ValueError(f"scheduler policy {name!r} is not available (fcfs)")
+
+    def _blocks_from_memory(self, per_block: int) -> int:
+        cfg = self.config
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = cfg.kv_cache_memory_fraction * total - (total - free)
+            return max(0, int(budget // per_block))
+        return max(0, int(cfg.kv_cache_gb * (1 << 30) // per_block))
+
+    # ---- requests -------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=False).input_ids
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    on_output: Callable[[RequestOutput], object] | None = None, priority: int = 0) -> Sequence:
+        """Check and queue a request; returns at once. Raises SamplingError for a request that cannot
+        be served (the message is for the client) and Overloaded when the queue is full."""
+        params.validate()
+        ids = self.encode(prompt)
+        if not ids:
+            raise SamplingError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise SamplingError(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
+                                f"tokens, which must also hold at least one new token")
+        room = self.max_model_len - len(ids)
+        if params.max_tokens > room:
+            raise SamplingError(f"max_tokens={params.max_tokens} does not fit: the prompt has {len(ids)} tokens and "
+                                f"the context is {self.max_model_len}, leaving room for {room}")
+        if len(self._seqs) + self._pending >= self.config.max_queue_size:
+            raise Overloaded(f"{self.config.max_queue_size} requests are already queued; retry later")
+        seq = Sequence(request_id=request_id, prompt_ids=ids, params=params, on_output=on_output, priority=priority)
+        if params.seed is not None and not params.greedy:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq.detok = detokenize.new_state(ids)
+        with self._pending_lock:
+            self._pending += 1
+        self._inbox.put(("add", seq))
+        self._wake.set()
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the next iteration; its callback gets a final 'cancelled' output."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                with self._pending_lock:
+                    self._pending -= 1
+                if item.request_id in self._seqs:
+                    self._emit(item, RequestOutput(item.request_id, "", [], True, "error", len(item.prompt_ids), 0,
+                                                   error=f"request id {item.request_id!r} is already running"))
+                    continue
+                item.arrival_index = next(self._arrivals)
+                self._seqs[item.request_id] = item
+                self.scheduler.add(item)
+            elif kind == "abort":
+                seq = self._seqs.get(item)
+                if seq is not None:
+                    self._finish(seq, "cancelled")
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self._seqs) or self._pending > 0
+
+    def step(self) -> bool:
+        """One iteration; False when there was nothing to do."""
+        self._drain_inbox()
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return False
+        now = time.perf_counter()
+        for seq, _ in batch.prefills:
+            if seq.timing.first_scheduled is None:
+                seq.timing.first_scheduled = now
+        logits, sampled = self.runner.run(batch)
+        self.scheduler.after_step(batch)
+        self.stats.steps += 1
+        self.stats.prompt_tokens += sum(n for _, n in batch.prefills)
+        if sampled:
+            ids, logprobs = sample(logits, sampled, self.eos_ids, self._generator)
+            now = time.perf_counter()
+            for i, (seq, token) in enumerate(zip(sampled, ids)):
+                self._append(seq, token, None if logprobs is None else logprobs[i], now)
+        return True
+
+    def _append(self, seq: Sequence, token: int, logprob: float | None, now: float) -> None:
+        params = seq.params
+        seq.output_ids.append(token)
+        self.stats.generation_tokens += 1
+        if logprob is not None and params.logprobs:
+            seq.logprobs.append(logprob)
+        if seq.timing.first_token is None:
+            seq.timing.first_token = now
+        seq.timing.token_times.append(now)
+        n_out = len(seq.output_ids)
+        reason = None
+        if token in self.eos_ids and not params.ignore_eos and n_out > params.min_tokens - 1:
+            reason = "stop"
+        else:
+            detokenize.add_token(self.tokenizer, seq.detok, token)
+            stop_at = detokenize.find_stop(seq.detok, params.stop) if n_out >= params.min_tokens else None
+            if stop_at is not None:
+                seq.detok.text = seq.detok.text[:stop_at]
+                reason = "stop"
+            elif n_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            self._finish(seq, reason)
+            return
+        delta = detokenize.take_delta(seq.detok, params.stop, final=False)
+        self._emit(seq, RequestOutput(seq.request_id, delta, [token], False, None, len(seq.prompt_ids), n_out,
+                                      seq.num_cached_tokens, [logprob] if params.logprobs and logprob is not None else None))
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq)
+        self._seqs.pop(seq.request_id, None)
+        seq.finish_reason = reason
+        seq.timing.finished = time.perf_counter()
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        delta = detokenize.take_delta(seq.detok, seq.params.stop, final=True)
+        last = [seq.output_ids[-1]] if seq.output_ids and reason != "cancelled" else []
+        self._emit(seq, RequestOutput(seq.request_id, delta, last, True, reason, len(seq.prompt_ids),
+                                      len(seq.output_ids), seq.num_cached_tokens,
+                                      seq.logprobs[-1:] if seq.params.logprobs else None))
+
+    def _emit(self, seq: Sequence, out: RequestOutput) -> None:
+        if seq.on_output is not None:
+            try:
+                seq.on_output(out)
+            except Exception as e:  # a broken callback must not take the engine down
+                self.last_error = e
+                if not out.finished:
+                    self._finish(seq, "error")
+
+    # ---- running it -----------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="fastserve-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.step()
+            except Exception as e:  # fail the requests in flight, keep serving new ones
+                self.last_error = e
+                for seq in list(self._seqs.values()):
+                    self._finish(seq, "error")
+                busy = False
+            if not busy:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+
+    def shutdown(self) -> None:
+        """Stop the loop; requests still in flight end as 'cancelled'."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self._drain_inbox()
+        for seq in list(self._seqs.values()):
+            self._finish(seq, "cancelled")
+
+    def run_until_done(self) -> None:
+        """Drive the loop in this thread until every request has finished (engine not started)."""
+        while self.has_work():
+            self.step()
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list["Result"]:
+        """Offline: run these prompts to completion; results in order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        results = [Result() for _ in prompts]
+        base = f"gen-{next(self._arrivals)}-"
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            self.add_request(base + str(i), p, sp, results[i].collect)
+        if self._thread is None:
+            self.run_until_done()
+        else:
+            for r in results:
+                r.done.wait()
+        return results
+
+    async def stream(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                     priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Outputs as they are made, for asyncio callers; needs start(). Cancelling the iteration
+        aborts the request."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.add_request(request_id, prompt, params, lambda o: loop.call_soon_threadsafe(q.put_nowait, o), priority)
+        try:
+            while True:
+                out = await q.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if request_id in self._seqs:
+                self.abort(request_id)
+
+
+@dataclass
+class Result:
+    """A whole request's output, gathered from its stream of RequestOutputs."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_input_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def collect(self, out: RequestOutput) -> None:
+        self.text += out.text
+        if out.finish_reason != "cancelled":
+            self.token_ids += out.token_ids
+        self.num_input_tokens = out.num_input_tokens
+        self.num_cached_tokens = out.num_cached_tokens
+        if out.finished:
+            self.finish_reason = out.finish_reason
+            self.error = out.error
+            self.done.set()

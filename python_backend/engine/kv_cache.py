@@ -1,0 +1,131 @@
+"""The paged KV cache: one preallocated pool of fixed-size blocks per layer, and the block manager
+that hands blocks to sequences, counts references, and shares full prompt blocks between requests
+(prefix caching: a full block is keyed by a hash of its tokens and of the blocks before it)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVPool:
+    """K and V storage: per layer a tensor [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    block_size: int
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> "KVPool":
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        return cls(k, v, block_size)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+class NoFreeBlocks(RuntimeError):
+    pass
+
+
+class BlockManager:
+    """Block allocation with reference counts and a prefix cache.
+
+    A block whose count drops to zero keeps its contents: if it was registered under a hash it stays
+    findable (least recently freed is reused first), so a later request with the same prefix skips its
+    prefill. `num_free` counts both never-used and reusable blocks.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # never-used or unhashed blocks
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # count 0 but holding a cached prefix
+        self._hash_to_block: dict[int, int] = {}
+        self._block_hash: dict[int, int] = {}
+        self.prefix_hit_tokens = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _take(self) -> int:
+        if self._free:
+            block = self._free.pop()
+        elif self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            del self._hash_to_block[self._block_hash.pop(block)]
+        else:
+            raise NoFreeBlocks("no free KV blocks")
+        self.ref_counts[block] = 1
+        return block
+
+    def allocate(self, n: int) -> list[int]:
+        if n > self.num_free:
+            raise NoFreeBlocks(f"need {n} KV blocks, {self.num_free} free")
+        return [self._take() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        for block in reversed(blocks):  # the tail first, so a shared head stays cached longest
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] >= 0, f"block {block} freed twice"
+            if self.ref_counts[block] == 0:
+                if block in self._block_hash:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    @staticmethod
+    def chain_hash(parent: int, tokens: list[int]) -> int:
+        return hash((parent, tuple(tokens)))
+
+    def match_prefix(self, token_ids: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+        """Blocks already holding the longest cached prefix of `token_ids` (at most `max_tokens` tokens),
+        with their reference counts taken; and the chain hashes of those blocks."""
+        if not self.enable_prefix_caching:
+            return [], []
+        blocks, hashes, parent = [], [], 0
+        bs = self.block_size
+        for i in range(max_tokens // bs):
+            h = self.chain_hash(parent, token_ids[i * bs:(i + 1) * bs])
+            block = self._hash_to_block.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+            hashes.append(h)
+            parent = h
+        for block in blocks:
+            if self.ref_counts[block] == 0:
+                self._evictable.pop(block, None)
+            self.ref_counts[block] += 1
+        self.prefix_hit_tokens += len(blocks) * bs
+        return blocks, hashes
+
+    def register(self, block: int, h: int) -> None:
+        """Make a full, computed block findable by the hash of its prefix."""
+        if not self.enable_prefix_caching or block in self._block_hash or h in self._hash_to_block:
+            return
+        self._hash_to_block[h] = block
+        self._block_hash[block] = h
+
+    def reset_prefix_cache(self) -> None:
+        for block in list(self._evictable):
+            self._free.append(block)
+        self._evictable.clear()
+        self._hash_to_block.clear()
+        self._block_hash.clear()

@@ -1,0 +1,103 @@
+"""Attention over the paged KV cache: the PyTorch reference that runs on CPU and GPU.
+
+Layout: per layer K and V are [num_blocks, block_size, num_kv_heads, head_dim]; a token's slot is
+block * block_size + offset. Decode batches every one-token sequence into one call: blocks are
+gathered with index_select (a whole block per index, far cheaper than per-token indexing), and the
+query heads that share a KV head are laid along the query axis, so grouped-query attention needs no
+copy of K and V. Prefill runs per sequence, causal, over cached prefix blocks plus the new tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSeq:
+    start: int  # first row of this sequence's tokens in the flat batch
+    q_len: int  # new tokens
+    context_len: int  # cached tokens + new tokens
+    block_table: torch.Tensor  # [num_blocks] int64
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    num_decode: int = 0  # the first num_decode rows of the flat batch are one-token (decode) sequences
+    decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks] (padded with block 0)
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_blocks * block_size] additive, 0 or -inf
+    prefills: list[PrefillSeq] = field(default_factory=list)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' K and V ([T, Hkv, D]) at their slots."""
+    hkv, d = k.shape[-2:]
+    k_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, v)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, H, D] (one token per sequence) -> [B, H, D]."""
+    b, h, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    n = block_tables.shape[1]
+    flat = block_tables.reshape(-1)
+    k = k_cache.index_select(0, flat).view(b, n * bs, hkv, d).transpose(1, 2)
+    v = v_cache.index_select(0, flat).view(b, n * bs, hkv, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.reshape(b, hkv, h // hkv, d), k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, h, d)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq: PrefillSeq,
+                      scale: float) -> torch.Tensor:
+    """q [q_len, H, D] for the newest q_len tokens of a sequence whose K/V (all context_len tokens,
+    the new ones included) are in the cache -> [q_len, H, D]."""
+    q_len, h, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    n = -(-seq.context_len // bs)
+    blocks = seq.block_table[:n]
+    k = k_cache.index_select(0, blocks).view(n * bs, hkv, d)[: seq.context_len]
+    v = v_cache.index_select(0, blocks).view(n * bs, hkv, d)[: seq.context_len]
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+    kh = k.transpose(0, 1).unsqueeze(0)
+    vh = v.transpose(0, 1).unsqueeze(0)
+    if seq.context_len == q_len:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        offset = seq.context_len - q_len
+        q_pos = torch.arange(offset, seq.context_len, device=q.device)[:, None]
+        k_pos = torch.arange(seq.context_len, device=q.device)[None, :]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=k_pos <= q_pos, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One layer's attention for a flat batch of T new tokens: q [T, H, D], k and v [T, Hkv, D]."""
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = torch.empty_like(q)
+    nd = meta.num_decode
+    if nd:
+        out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_mask, scale)
+    for seq in meta.prefills:
+        rows = slice(seq.start, seq.start + seq.q_len)
+        out[rows] = prefill_attention(q[rows], k_cache, v_cache, seq, scale)
+    return out
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense causal attention for one sequence with no cache: q [L, H, D], k and v [L, Hkv, D].
+    The oracle the paged paths and later GPU kernels are tested against."""
+    g = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(g, dim=1).transpose(0, 1).float()
+    vv = v.repeat_interleave(g, dim=1).transpose(0, 1).float()
+    qq = q.transpose(0, 1).float()
+    scores = qq @ kk.transpose(1, 2) * scale
+    length = q.shape[0]
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return (scores.softmax(-1) @ vv).transpose(0, 1).to(q.dtype)
