@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import queue
 import random
+import re
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
+
+from python_backend.engine.sequence import SamplingParams
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -27,12 +32,15 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(v), "p50": q(50), "p90": q(90), "p99": q(99)}
 
 
-def synthetic_prompts(vocab_size: int, num: int, input_len: int, input_len_max: int, seed: int,
-                      special_ids: set[int]) -> list[list[int]]:
-    """Random token ids (no special tokens) with lengths uniform in [input_len, input_len_max]."""
+def synthetic_prompts(tokenizer, vocab_size: int, num: int, input_len: int, input_len_max: int,
+                      seed: int) -> list[str]:
+    """Random text: random non-special token ids decoded to text, so the engine offline and the server
+    (which tokenizes text) see the same prompts. Lengths are uniform in [input_len, input_len_max]
+    tokens before the round trip."""
     rng = random.Random(seed)
-    usable = [i for i in range(vocab_size) if i not in special_ids]
-    return [[rng.choice(usable) for _ in range(rng.randint(input_len, max(input_len, input_len_max)))]
+    special = set(tokenizer.all_special_ids)
+    usable = [i for i in range(vocab_size) if i not in special]
+    return [tokenizer.decode([rng.choice(usable) for _ in range(rng.randint(input_len, max(input_len, input_len_max)))])
             for _ in range(num)]
 
 
@@ -59,9 +67,7 @@ def median_of(runs: list[dict]) -> dict:
     return best
 
 
-def run_engine(engine, prompts: list[list[int]], output_len: int) -> dict:
-    from python_backend.engine.sequence import SamplingParams
-
+def run_engine(engine, prompts: list[str], output_len: int) -> dict:
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     engine.blocks.reset_prefix_cache()  # repeated runs send the same prompts: no reuse across runs
     seqs = []
@@ -116,50 +122,158 @@ def run_hf_generate_batch(model, prompts: list[list[int]], output_len: int) -> d
     return {"seconds": elapsed, "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / elapsed}
 
 
+def entry_parameters(config_pbtxt: Path) -> dict[str, str]:
+    """The engine parameters of a repository entry, so the offline engine runs as the server would."""
+    pattern = re.compile(r'parameters\s*\{\s*key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"')
+    return dict(pattern.findall(config_pbtxt.read_text()))
+
+
+def engine_config(args: argparse.Namespace):
+    from python_backend.engine.engine import EngineConfig
+
+    if args.repository:
+        cfg = EngineConfig.from_parameters(entry_parameters(Path(args.repository) / args.model / "config.pbtxt"))
+    else:
+        cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                           num_kv_blocks=args.num_kv_blocks)
+    cfg.device = "cuda" if args.device in ("gpu", "cuda") else cfg.device if args.repository else args.device
+    if cfg.device == "gpu":
+        cfg.device = "cuda"
+    if args.dtype:
+        cfg.dtype = args.dtype
+    return cfg
+
+
+def engine_dir(args: argparse.Namespace) -> Path:
+    if args.engine_dir:
+        return Path(args.engine_dir)
+    if args.repository:
+        return Path(args.repository) / args.model / "1" / "engine"
+    raise SystemExit("fastserve bench: give --engine-dir or --repository")
+
+
+def run_triton(args: argparse.Namespace, prompts: list[str]) -> dict:
+    """The same prompts through the real server: `concurrency` gRPC streams, each taking the next prompt."""
+    from clients.client import Client
+    from python_backend.serve import TritonServer, free_port
+
+    server = TritonServer(Path(args.repository), http_port=free_port(), grpc_port=free_port(),
+                          metrics_port=free_port())
+    server.start(timeout=900)
+    try:
+        client = Client(server.grpc_url, "grpc", args.model)
+        client.generate("warm up", max_tokens=4, temperature=0.0)
+        runs = [load(client, prompts, args.output_len, args.concurrency) for _ in range(max(1, args.repeats))]
+    finally:
+        server.stop()
+    return median_of(runs)
+
+
+def load(client, prompts: list[str], output_len: int, concurrency: int) -> dict:
+    """Closed-loop load: `concurrency` workers, each streaming one request at a time until none are left."""
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for p in prompts:
+        todo.put(p)
+    records: list[dict] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            try:
+                prompt = todo.get_nowait()
+            except queue.Empty:
+                return
+            sent = time.perf_counter()
+            times, n_out = [], 0
+            try:
+                for r in client.responses(prompt, output_len, None, True, False,
+                                          {"temperature": 0.0, "ignore_eos": True, "exclude_input_in_output": True}):
+                    if r.get("text_output"):
+                        times.append(time.perf_counter())
+                    if r.get("num_output_tokens") is not None:
+                        n_out = int(r["num_output_tokens"])
+            except Exception as e:  # counted, reported
+                with lock:
+                    errors.append(str(e))
+                continue
+            end = time.perf_counter()
+            with lock:
+                records.append({"sent": sent, "times": times, "end": end, "tokens": n_out})
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(r["tokens"] for r in records)
+    itls = []
+    for r in records:
+        t = r["times"]
+        if len(t) > 1 and r["tokens"] > 1:
+            itls.append((t[-1] - t[0]) / (r["tokens"] - 1))
+    return {
+        "seconds": elapsed, "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / elapsed,
+        "requests": len(records), "errors": len(errors), "concurrency": concurrency,
+        "ttft_s": percentiles([r["times"][0] - r["sent"] for r in records if r["times"]]),
+        "itl_s": percentiles(itls), "jct_s": percentiles([r["end"] - r["sent"] for r in records]),
+    }
+
+
 def offline(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from python_backend.engine.engine import Engine, EngineConfig
+    from python_backend.engine.engine import Engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = "cuda" if args.device == "gpu" else args.device
-    engine = Engine(args.engine_dir, EngineConfig(device=device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                                                  max_num_batched_tokens=args.max_num_batched_tokens,
-                                                  num_kv_blocks=args.num_kv_blocks))
+    folder = engine_dir(args)
+    cfg = engine_config(args)
+    engine = Engine(folder, cfg)
     tok = engine.tokenizer
-    prompts = synthetic_prompts(engine.model.cfg.vocab_size, args.num_prompts, args.input_len,
-                                args.input_len_max or args.input_len, args.seed, set(tok.all_special_ids))
+    prompts = synthetic_prompts(tok, engine.model.cfg.vocab_size, args.num_prompts, args.input_len,
+                                args.input_len_max or args.input_len, args.seed)
     result = {
-        "benchmark": "offline", "device": device_info(device), "dtype": str(engine.dtype).replace("torch.", ""),
-        "engine_dir": str(args.engine_dir),
+        "benchmark": "offline" + ("+triton" if args.triton else ""), "device": device_info(cfg.device),
+        "dtype": str(engine.dtype).replace("torch.", ""), "engine_dir": str(folder),
+        "engine_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
                      "input_len_max": args.input_len_max or args.input_len, "output_len": args.output_len,
-                     "seed": args.seed, "ignore_eos": True},
+                     "seed": args.seed, "ignore_eos": True,
+                     "mean_prompt_tokens": statistics.fmean(len(engine.encode(p)) for p in prompts)},
         "command": " ".join(sys.argv),
         "systems": {},
     }
     reps = max(1, args.repeats)
     result["workload"]["repeats"] = reps
     print(f"engine: {args.num_prompts} prompts, {args.output_len} tokens each, {reps} runs ...", flush=True)
+    engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up, as the server's
     result["systems"]["fastserve"] = median_of([run_engine(engine, prompts, args.output_len) for _ in range(reps)])
+    engine.shutdown()
     del engine
+    if args.triton:
+        print(f"the same through Triton, {args.concurrency} concurrent gRPC streams ...", flush=True)
+        result["systems"]["fastserve_triton"] = run_triton(args, prompts)
     baselines = [b for b in args.baselines.split(",") if b]
     if baselines:
-        hf = AutoModelForCausalLM.from_pretrained(args.engine_dir, dtype=getattr(torch, args.dtype or "float32"))
-        hf = hf.to(device).eval()
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, result["dtype"]))
+        hf = hf.to(cfg.device).eval()
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
         if "generate" in baselines:
             print(f"transformers generate (batch {args.hf_batch_size}) ...", flush=True)
             result["systems"]["hf_generate"] = median_of(
-                [run_hf_generate(hf, prompts, args.output_len, args.hf_batch_size, pad) for _ in range(reps)])
+                [run_hf_generate(hf, ids, args.output_len, args.hf_batch_size, pad) for _ in range(reps)])
         if "generate_batch" in baselines:
             print("transformers generate_batch ...", flush=True)
             result["systems"]["hf_generate_batch"] = median_of(
-                [run_hf_generate_batch(hf, prompts, args.output_len) for _ in range(reps)])
-    ours = result["systems"]["fastserve"]["output_tokens_per_s"]
-    result["ratios"] = {f"fastserve_vs_{k}": ours / v["output_tokens_per_s"]
+                [run_hf_generate_batch(hf, ids, args.output_len) for _ in range(reps)])
+    base = result["systems"]["fastserve"]["output_tokens_per_s"]
+    result["ratios"] = {f"{k}_vs_fastserve_offline" if k == "fastserve_triton" else f"fastserve_vs_{k}":
+                        (v["output_tokens_per_s"] / base if k == "fastserve_triton" else base / v["output_tokens_per_s"])
                         for k, v in result["systems"].items() if k != "fastserve"}
     return result
 
@@ -176,20 +290,24 @@ def print_table(result: dict) -> None:
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that write JSON results")
     p.add_argument("--offline", action="store_true", help="drive the engine directly, no Triton")
-    p.add_argument("--engine-dir", required=True, help="engine folder (model_repository/<name>/1/engine)")
+    p.add_argument("--triton", action="store_true", help="also serve --repository with tritonserver and load it")
+    p.add_argument("--repository", default=None, help="model repository (engine settings from its config.pbtxt)")
+    p.add_argument("--model", default="smollm2", help="model name in the repository")
+    p.add_argument("--engine-dir", default=None, help="engine folder, when not using --repository")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "gpu"])
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default=None, help="override the engine's dtype (offline only)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--input-len-max", type=int, default=0, help="random input lengths up to this (default: fixed)")
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=32, help="concurrent streams against Triton")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--num-kv-blocks", type=int, default=0)
-    p.add_argument("--baselines", default="generate,generate_batch", help="comma list: generate, generate_batch")
     p.add_argument("--repeats", type=int, default=3, help="runs per system; the median is reported")
+    p.add_argument("--baselines", default="generate,generate_batch", help="comma list: generate, generate_batch")
     p.add_argument("--hf-batch-size", type=int, default=32)
     p.add_argument("--out", default="results/offline.json")
     p.set_defaults(func=run_bench)
@@ -197,7 +315,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     if not args.offline:
-        print("fastserve bench: only --offline is available so far", file=sys.stderr)
+        print("fastserve bench: give --offline (and --triton to load the server as well)", file=sys.stderr)
+        return 2
+    if args.triton and not args.repository:
+        print("fastserve bench: --triton needs --repository", file=sys.stderr)
         return 2
     result = offline(args)
     out = Path(args.out)

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     from clients.bench import add_bench_parser
 
     add_bench_parser(sub)
+    from clients.cli import add_generate_parser
+
+    add_generate_parser(sub)
     return parser
 
 

@@ -226,8 +226,12 @@ class TritonServer:
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            pass
+        try:  # the server's group: Python-backend stubs it left behind go with it
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
         if self._reader:
             self._reader.join(timeout=5)
 
@@ -239,7 +243,13 @@ class TritonServer:
 
 
 def serve_forever(server: TritonServer, timeout: float = 600.0) -> int:
-    """Run the server in the foreground until Ctrl-C or until it stops by itself."""
+    """Run the server in the foreground until Ctrl-C, SIGTERM, or until it stops by itself."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # Installed explicitly: a process started in the background inherits SIGINT as ignored.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     server.echo = False
     try:
         server.start(timeout=timeout)

@@ -106,3 +106,19 @@ def save_tiny_model(folder: Path, arch: str, tokenizer, seed: int = 0) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def serving_repo(smollm2_repo, smollm2_source, tmp_path_factory) -> Path:
+    """SmolLM2, plus a tiny random model whose queue holds only 4 requests (to see UNAVAILABLE)."""
+    tmp = tmp_path_factory.mktemp("tiny-src")
+    folder = save_tiny_model(tmp / "tiny", "llama", smollm2_source[1], seed=5)
+    build_entry(smollm2_repo, str(folder), "tiny", "--max-queue-size", "4", "--max-num-seqs", "2")
+    return smollm2_repo
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(serving_repo):
+    server = start_server(serving_repo)
+    yield server
+    server.stop()

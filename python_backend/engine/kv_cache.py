@@ -51,7 +51,6 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # count 0 but holding a cached prefix
         self._hash_to_block: dict[int, int] = {}
         self._block_hash: dict[int, int] = {}
-        self.prefix_hit_tokens = 0
 
     @property
     def num_free(self) -> int:
@@ -113,7 +112,6 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self._evictable.pop(block, None)
             self.ref_counts[block] += 1
-        self.prefix_hit_tokens += len(blocks) * bs
         return blocks, hashes
 
     def register(self, block: int, h: int) -> None:

@@ -54,6 +54,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by policy key
         self.watermark_blocks = max(1, int(watermark * blocks.num_blocks))
         self.num_preemptions = 0
+        self.prefix_hit_tokens = 0  # prompt tokens admitted with their K/V already cached
 
     def _insort(self, queue: list[Sequence], seq: Sequence) -> None:
         bisect.insort(queue, seq, key=self.policy.key)
@@ -133,6 +134,7 @@ class Scheduler:
                 self._free(seq)
                 break
             self.waiting.pop(0)
+            self.prefix_hit_tokens += len(seq.block_hashes) * self.blocks.block_size
             seq.status = Status.RUNNING
             self._insort(self.running, seq)
             seats -= 1

@@ -1,0 +1,224 @@
+"""A thin client for FastServe models on Triton.
+
+    from clients.client import Client
+    c = Client("localhost:8001")                       # gRPC (default) or Client("localhost:8000", "http")
+    print(c.generate("The capital of France is", max_tokens=16).text)
+    for piece in c.stream("Tell me a story", max_tokens=64):
+        print(piece, end="", flush=True)
+    c.chat([{"role": "user", "content": "Hi!"}])
+
+gRPC goes through tritonclient's bidirectional stream (Triton's gRPC ModelInfer refuses decoupled
+models); HTTP goes through Triton's generate and generate_stream endpoints (its /infer refuses them
+too). Async versions: agenerate, astream, achat.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator
+
+import numpy as np
+
+_TYPES = {  # input name -> (Triton datatype, numpy dtype)
+    "max_tokens": ("INT32", np.int32), "top_k": ("INT32", np.int32), "min_tokens": ("INT32", np.int32),
+    "priority": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
+    "min_p": ("FP32", np.float32), "repetition_penalty": ("FP32", np.float32),
+    "presence_penalty": ("FP32", np.float32), "frequency_penalty": ("FP32", np.float32),
+    "seed": ("UINT64", np.uint64), "stream": ("BOOL", np.bool_), "exclude_input_in_output": ("BOOL", np.bool_),
+}
+
+
+class GenerateError(RuntimeError):
+    """The server refused or failed the request; the message is the server's."""
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str | None
+    num_input_tokens: int | None
+    num_output_tokens: int | None
+
+
+_PARAMETERS = ("ignore_eos",)  # settings sent as request parameters rather than tensors
+
+
+def _settings(max_tokens: int, stop: list[str] | None, kw: dict) -> dict:
+    settings = {"max_tokens": max_tokens, **{k: v for k, v in kw.items() if v is not None}}
+    unknown = sorted(set(settings) - set(_TYPES) - set(_PARAMETERS))
+    if unknown:
+        raise TypeError(f"unknown generation settings: {', '.join(unknown)}")
+    if stop:
+        settings["stop_words"] = list(stop)
+    return settings
+
+
+class Client:
+    def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", model: str = "smollm2",
+                 timeout: float = 600.0):
+        if protocol not in ("grpc", "http"):
+            raise ValueError("protocol must be 'grpc' or 'http'")
+        self.url, self.protocol, self.model, self.timeout = url, protocol, model, timeout
+
+    # ---- gRPC -----------------------------------------------------------------------------------
+    def _grpc_inputs(self, module, prompt: str, settings: dict, chat: bool):
+        inputs = []
+
+        def add(name: str, datatype: str, array: np.ndarray) -> None:
+            t = module.InferInput(name, list(array.shape), datatype)
+            t.set_data_from_numpy(array)
+            inputs.append(t)
+
+        add("text_input", "BYTES", np.array([[prompt.encode()]], dtype=np.object_))
+        params = {"chat": True} if chat else {}
+        for name, value in settings.items():
+            if name in _PARAMETERS:
+                params[name] = value
+            elif name == "stop_words":
+                add(name, "BYTES", np.array([[w.encode() for w in value]], dtype=np.object_))
+            else:
+                datatype, dtype = _TYPES[name]
+                add(name, datatype, np.array([[value]], dtype=dtype))
+        return inputs, params
+
+    def _grpc_stream(self, prompt: str, settings: dict, chat: bool) -> Iterator[dict]:
+        import tritonclient.grpc as grpcclient
+
+        responses: queue.SimpleQueue = queue.SimpleQueue()
+        client = grpcclient.InferenceServerClient(self.url)
+        client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                            stream_timeout=self.timeout)
+        try:
+            inputs, params = self._grpc_inputs(grpcclient, prompt, settings, chat)
+            client.async_stream_infer(self.model, inputs, request_id=uuid.uuid4().hex, parameters=params,
+                                      enable_empty_final_response=True)
+            while True:
+                result, error = responses.get(timeout=self.timeout)
+                if error is not None:
+                    raise GenerateError(str(error))
+                response = result.get_response()
+                final = response.parameters.get("triton_final_response")
+                is_final = bool(final and final.bool_param)
+                if result.as_numpy("text_output") is not None:
+                    yield {"text_output": result.as_numpy("text_output").reshape(-1)[0].decode("utf-8"),
+                           **{k: _first(result.as_numpy(k)) for k in
+                              ("finish_reason", "num_input_tokens", "num_output_tokens")}}
+                if is_final:
+                    return
+        finally:
+            client.stop_stream(cancel_requests=True)
+            client.close()
+
+    # ---- HTTP -----------------------------------------------------------------------------------
+    def _http_body(self, prompt: str, settings: dict, chat: bool) -> bytes:
+        body = {"text_input": prompt, **settings}
+        if chat:
+            body["chat"] = True
+        return json.dumps(body).encode()
+
+    def _http_stream(self, prompt: str, settings: dict, chat: bool) -> Iterator[dict]:
+        import http.client
+
+        host, _, port = self.url.replace("http://", "").partition(":")
+        conn = http.client.HTTPConnection(host, int(port or 80), timeout=self.timeout)
+        try:
+            stream = settings.get("stream", False)
+            path = f"/v2/models/{self.model}/{'generate_stream' if stream else 'generate'}"
+            conn.request("POST", path, body=self._http_body(prompt, settings, chat),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            if not stream:
+                data = json.loads(resp.read() or b"{}")
+                if resp.status != 200 or "error" in data:
+                    raise GenerateError(data.get("error", f"HTTP {resp.status}"))
+                yield data
+                return
+            for raw in resp:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = json.loads(line[5:])
+                if "error" in data:
+                    raise GenerateError(data["error"])
+                yield data
+        finally:
+            conn.close()
+
+    # ---- the API --------------------------------------------------------------------------------
+    def responses(self, prompt: str, max_tokens: int, stop, stream: bool, chat: bool, kw: dict) -> Iterator[dict]:
+        """The raw responses as dicts (text_output, and on the last one finish_reason and counts)."""
+        settings = _settings(max_tokens, stop, kw)
+        settings["stream"] = stream
+        if self.protocol == "grpc":
+            return self._grpc_stream(prompt, settings, chat)
+        return self._http_stream(prompt, settings, chat)
+
+    def generate(self, prompt: str, max_tokens: int = 64, stop: list[str] | None = None, chat: bool = False,
+                 **kw) -> Generation:
+        """The whole generated text (without the prompt) and the counts."""
+        kw.setdefault("exclude_input_in_output", True)
+        text, last = "", {}
+        for r in self.responses(prompt, max_tokens, stop, False, chat, kw):
+            text += r.get("text_output", "")
+            last = r
+        return Generation(text, last.get("finish_reason"), _int(last.get("num_input_tokens")),
+                          _int(last.get("num_output_tokens")))
+
+    def stream(self, prompt: str, max_tokens: int = 64, stop: list[str] | None = None, chat: bool = False,
+               **kw) -> Iterator[str]:
+        """Text deltas as the server makes them."""
+        for r in self.responses(prompt, max_tokens, stop, True, chat, kw):
+            if r.get("text_output"):
+                yield r["text_output"]
+
+    def chat(self, messages: list[dict], max_tokens: int = 256, **kw) -> Generation:
+        return self.generate(json.dumps(messages), max_tokens=max_tokens, chat=True, **kw)
+
+    async def agenerate(self, prompt: str, max_tokens: int = 64, **kw) -> Generation:
+        import asyncio
+
+        return await asyncio.to_thread(self.generate, prompt, max_tokens, **kw)
+
+    async def achat(self, messages: list[dict], max_tokens: int = 256, **kw) -> Generation:
+        import asyncio
+
+        return await asyncio.to_thread(self.chat, messages, max_tokens, **kw)
+
+    async def astream(self, prompt: str, max_tokens: int = 64, **kw) -> AsyncIterator[str]:
+        """Deltas for asyncio callers: the blocking stream runs in a worker thread."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        def pump() -> None:
+            try:
+                for piece in self.stream(prompt, max_tokens, **kw):
+                    loop.call_soon_threadsafe(q.put_nowait, piece)
+            except Exception as e:  # handed to the caller below
+                loop.call_soon_threadsafe(q.put_nowait, e)
+            loop.call_soon_threadsafe(q.put_nowait, done)
+
+        threading.Thread(target=pump, daemon=True).start()
+        while True:
+            item = await q.get()
+            if item is done:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+def _first(array):
+    if array is None:
+        return None
+    value = array.reshape(-1)[0]
+    return value.decode() if isinstance(value, bytes) else value.item()
+
+
+def _int(value) -> int | None:
+    return None if value is None else int(value)

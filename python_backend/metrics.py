@@ -1,0 +1,64 @@
+"""FastServe's metrics on Triton's /metrics endpoint, through the Python backend's MetricFamily."""
+from __future__ import annotations
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+
+
+class Metrics:
+    def __init__(self, pb_utils, model_name: str, version: str):
+        labels = {"model": model_name, "version": version}
+        mf = pb_utils.MetricFamily
+        self._families: list = []  # a family must outlive its metrics, or setting them fails
+
+        def family(name, description, kind):
+            fam = mf(name=name, description=description, kind=kind)
+            self._families.append(fam)
+            return fam
+
+        def histogram(name, description):
+            return family(name, description, mf.HISTOGRAM).Metric(labels=labels, buckets=LATENCY_BUCKETS)
+
+        self.ttft = histogram("fastserve_time_to_first_token_seconds", "Time from arrival to the first new token")
+        self.itl = histogram("fastserve_inter_token_latency_seconds", "Time between consecutive new tokens")
+        self.e2e = histogram("fastserve_request_latency_seconds", "Time from arrival to the last token")
+        self.prompt_tokens = family("fastserve_prompt_tokens_total", "Prompt tokens received",
+                                    mf.COUNTER).Metric(labels=labels)
+        self.generation_tokens = family("fastserve_generation_tokens_total", "Tokens generated",
+                                        mf.COUNTER).Metric(labels=labels)
+        self.prefix_hit_tokens = family("fastserve_prefix_cache_hit_tokens_total", "Prompt tokens served from the "
+                                        "prefix cache", mf.COUNTER).Metric(labels=labels)
+        self.preemptions = family("fastserve_preemptions_total", "Sequences preempted", mf.COUNTER).Metric(labels=labels)
+        gauge = family("fastserve_requests", "Requests in the engine by state", mf.GAUGE)
+        self.waiting = gauge.Metric(labels={**labels, "state": "waiting"})
+        self.running = gauge.Metric(labels={**labels, "state": "running"})
+        blocks = family("fastserve_kv_blocks", "KV-cache blocks", mf.GAUGE)
+        self.kv_used = blocks.Metric(labels={**labels, "state": "used"})
+        self.kv_total = blocks.Metric(labels={**labels, "state": "total"})
+        finish = family("fastserve_request_finish_total", "Finished requests by reason", mf.COUNTER)
+        self._finish_family = finish
+        self._labels = labels
+        self._finish: dict[str, object] = {}
+        self._last_preemptions = 0
+        self._last_prefix_hits = 0
+
+    def finished(self, reason: str) -> None:
+        metric = self._finish.get(reason)
+        if metric is None:
+            metric = self._finish[reason] = self._finish_family.Metric(labels={**self._labels, "reason": reason})
+        metric.increment(1)
+
+    def engine_state(self, engine) -> None:
+        """Gauges and the counters the engine keeps itself; called from the response thread."""
+        sched = engine.scheduler
+        self.waiting.set(len(sched.waiting))
+        self.running.set(len(sched.running))
+        self.kv_used.set(engine.blocks.num_used)
+        self.kv_total.set(engine.blocks.num_blocks)
+        n = sched.num_preemptions
+        if n > self._last_preemptions:
+            self.preemptions.increment(n - self._last_preemptions)
+            self._last_preemptions = n
+        hits = sched.prefix_hit_tokens
+        if hits > self._last_prefix_hits:
+            self.prefix_hit_tokens.increment(hits - self._last_prefix_hits)
+            self._last_prefix_hits = hits

@@ -1,0 +1,240 @@
+"""The Triton Python-backend model: a thin, decoupled adapter over the engine.
+
+execute() checks each request, hands it to the engine and returns at once. The engine thread puts
+outputs in a queue; a response thread sends them with each request's response sender, watches for
+cancelled requests, and keeps the metrics, so the engine never waits on a slow client.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from python_backend.engine.engine import Engine, EngineConfig, Overloaded
+from python_backend.engine.engine_folder import EngineFolderError
+from python_backend.engine.sequence import RequestOutput, SamplingError
+from python_backend.metrics import Metrics
+from python_backend.request import GenerateRequest, parse
+
+_STOP = object()
+_CANCEL_POLL_S = 0.05
+
+
+@dataclass
+class _Active:
+    """What the response thread keeps for one request in flight."""
+
+    sender: object
+    request: object
+    req: GenerateRequest
+    prompt: str
+    arrival: float
+    text: str = ""
+    last_token_time: float | None = None
+    cancel_sent: bool = False
+    done: bool = False
+
+
+def _tensor(name: str, value, dtype) -> "pb_utils.Tensor":
+    return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
+
+
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one: the later state, the text of both."""
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return RequestOutput(b.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finished, b.finish_reason,
+                         b.num_input_tokens, b.num_output_tokens, b.num_cached_tokens, logprobs, b.error)
+
+
+def _drain(outbox: queue.SimpleQueue, first: RequestOutput) -> tuple[list[RequestOutput], bool]:
+    """Everything queued now, one output per request. When sending falls behind the engine, streams
+    get fewer, larger deltas instead of a growing backlog."""
+    merged: dict[str, RequestOutput] = {first.request_id: first}
+    stop = False
+    while True:
+        try:
+            item = outbox.get_nowait()
+        except queue.Empty:
+            break
+        if item is _STOP:
+            stop = True
+            break
+        prev = merged.get(item.request_id)
+        merged[item.request_id] = item if prev is None else _merge(prev, item)
+    return list(merged.values()), stop
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.model_config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in self.model_config.get("parameters", {}).items()}
+        engine_dir = Path(params.get("engine_dir") or "engine")
+        if not engine_dir.is_absolute():
+            engine_dir = Path(args["model_repository"]) / args["model_version"] / engine_dir
+        try:
+            config = EngineConfig.from_parameters(params)
+        except ValueError as e:
+            raise pb_utils.TritonModelException(f"config.pbtxt: {e}") from None
+        if args.get("model_instance_kind") == "GPU":
+            config.device = f"cuda:{args.get('model_instance_device_id', 0)}"
+        elif config.device == "gpu":
+            config.device = "cuda"
+        try:
+            self.engine = Engine.launch(engine_dir, config)
+        except EngineFolderError as e:
+            raise pb_utils.TritonModelException(str(e)) from None
+        self.metrics = Metrics(pb_utils, args["model_name"], args["model_version"])
+        self._ids = itertools.count()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._active: dict[str, _Active] = {}
+        self._lock = threading.Lock()
+        self._responder = threading.Thread(target=self._respond_loop, name="fastserve-responses", daemon=True)
+        self._responder.start()
+
+    # ---- requests in ----------------------------------------------------------------------------
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._admit(request, sender)
+            except SamplingError as e:
+                self._fail(sender, str(e), pb_utils.TritonError.INVALID_ARG)
+            except Overloaded as e:
+                self._fail(sender, str(e), pb_utils.TritonError.UNAVAILABLE)
+            except Exception as e:  # never let one request take the model down
+                self._fail(sender, f"internal error: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
+        return None
+
+    def _admit(self, request, sender) -> None:
+        inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+        try:
+            parameters = json.loads(request.parameters() or "{}")
+        except json.JSONDecodeError as e:
+            raise SamplingError(f"request parameters are not valid JSON: {e.msg}") from None
+        req = parse(inputs, parameters)
+        prompt = req.prompt
+        if req.chat:
+            if not getattr(self.engine.tokenizer, "chat_template", None):
+                raise SamplingError("this model has no chat template; send plain text without chat")
+            prompt = self.engine.tokenizer.apply_chat_template(req.messages, tokenize=False,
+                                                               add_generation_prompt=True)
+        rid = f"t{next(self._ids)}"
+        active = _Active(sender=sender, request=request, req=req, prompt=prompt, arrival=time.perf_counter())
+        with self._lock:
+            self._active[rid] = active
+        try:
+            self.engine.add_request(rid, prompt, req.params, self._outbox.put, priority=req.priority)
+        except BaseException:
+            with self._lock:
+                self._active.pop(rid, None)
+            raise
+
+    @staticmethod
+    def _fail(sender, message: str, code) -> None:
+        error = pb_utils.TritonError(message, code)
+        sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    # ---- responses out --------------------------------------------------------------------------
+    def _respond_loop(self) -> None:
+        next_poll = 0.0
+        while True:
+            try:
+                item = self._outbox.get(timeout=_CANCEL_POLL_S)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                return
+            if item is not None:
+                batch, stop = _drain(self._outbox, item)
+                for out in batch:
+                    try:
+                        self._respond(out)
+                    except Exception as e:  # a dropped client: stop its sequence, keep serving the rest
+                        self._drop(out, e)
+                if stop:
+                    return
+            now = time.perf_counter()
+            if now >= next_poll:
+                next_poll = now + _CANCEL_POLL_S
+                try:
+                    self._poll_cancelled()
+                    self.metrics.engine_state(self.engine)
+                except Exception as e:
+                    pb_utils.Logger.log_error(f"fastserve: response thread: {type(e).__name__}: {e}")
+
+    def _drop(self, out: RequestOutput, error: Exception) -> None:
+        """Sending failed: stop the sequence and, if this was its end, still close the stream."""
+        self.engine.abort(out.request_id)
+        pb_utils.Logger.log_warn(f"fastserve: response for {out.request_id} failed: {error}")
+        if out.finished:
+            with self._lock:
+                a = self._active.pop(out.request_id, None)
+            if a is not None:
+                try:
+                    a.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                except Exception:
+                    pass
+
+    def _poll_cancelled(self) -> None:
+        with self._lock:
+            active = list(self._active.items())
+        for rid, a in active:
+            if not a.cancel_sent and a.request.is_cancelled():
+                a.cancel_sent = True
+                self.engine.abort(rid)
+
+    def _respond(self, out: RequestOutput) -> None:
+        with self._lock:
+            a = self._active.get(out.request_id)
+        if a is None or a.done:
+            return
+        now = time.perf_counter()
+        n_new = len(out.token_ids)
+        if n_new and out.finish_reason != "cancelled":
+            if a.last_token_time is None:
+                self.metrics.ttft.observe(now - a.arrival)
+            else:
+                self.metrics.itl.observe((now - a.last_token_time) / n_new)
+            a.last_token_time = now
+            self.metrics.generation_tokens.increment(n_new)
+        if out.finished:
+            with self._lock:
+                self._active.pop(out.request_id, None)
+            a.done = True
+            self.metrics.prompt_tokens.increment(out.num_input_tokens)
+            self.metrics.finished(out.finish_reason or "unknown")
+            self.metrics.e2e.observe(now - a.arrival)
+        req = a.req
+        if req.stream:
+            if not out.text and not out.finished:
+                return
+            text = out.text
+        else:
+            a.text += out.text
+            if not out.finished:
+                return
+            text = a.text if req.exclude_input_in_output or req.chat else req.prompt + a.text
+        if out.finish_reason == "error":
+            self._fail(a.sender, out.error or "the engine failed while generating", pb_utils.TritonError.INTERNAL)
+            return
+        tensors = [_tensor("text_output", text.encode("utf-8"), np.object_)]
+        if out.finished:
+            tensors.append(_tensor("finish_reason", out.finish_reason.encode(), np.object_))
+        if out.finished or req.return_num_input_tokens:
+            tensors.append(_tensor("num_input_tokens", out.num_input_tokens, np.uint32))
+        if out.finished or req.return_num_output_tokens:
+            tensors.append(_tensor("num_output_tokens", out.num_output_tokens, np.uint32))
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if out.finished else 0
+        a.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+
+    def finalize(self) -> None:
+        self.engine.shutdown()  # requests in flight end as 'cancelled' and get their FINAL flag
+        self._outbox.put(_STOP)
+        self._responder.join(timeout=30)
