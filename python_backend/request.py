@@ -81,8 +81,13 @@ def _coerce(name: str, kind: type, value):
         if isinstance(value, (int, np.integer)) and value in (0, 1):
             return bool(value)
         raise SamplingError(f"{name} must be true or false, got {value!r}")
-    if isinstance(value, (bool, np.bool_)) or isinstance(value, str) and kind is not str:
+    if isinstance(value, (bool, np.bool_)):
         raise SamplingError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, str):  # vLLM-style clients (genai-perf) send numbers as strings
+        try:
+            value = float(value.strip()) if kind is float or "." in value or "e" in value.lower() else int(value)
+        except ValueError:
+            raise SamplingError(f"{name} must be a number, got {value!r}") from None
     if kind is int:
         if isinstance(value, float) and not value.is_integer():
             raise SamplingError(f"{name} must be a whole number, got {value}")
