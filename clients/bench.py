@@ -39,7 +39,7 @@ def synthetic_prompts(tokenizer, vocab_size: int, num: int, input_len: int, inpu
     tokens before the round trip."""
     rng = random.Random(seed)
     special = set(tokenizer.all_special_ids)
-    usable = [i for i in range(vocab_size) if i not in special]
+    usable = [i for i in range(min(vocab_size, len(tokenizer))) if i not in special]
     return [tokenizer.decode([rng.choice(usable) for _ in range(rng.randint(input_len, max(input_len, input_len_max)))])
             for _ in range(num)]
 
@@ -96,7 +96,7 @@ def run_hf_generate(model, prompts: list[list[int]], output_len: int, batch_size
             width = max(len(p) for p in chunk)
             ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-            yield ids, mask
+            yield ids.to(model.device), mask.to(model.device)
 
     with torch.inference_mode():
         start = time.perf_counter()
@@ -119,6 +119,7 @@ def run_hf_generate_batch(model, prompts: list[list[int]], output_len: int) -> d
     outs = model.generate_batch(inputs=prompts, generation_config=cfg)
     elapsed = time.perf_counter() - start
     out_tokens = sum(len(o.generated_tokens) for o in outs.values())
+    _sync()
     return {"seconds": elapsed, "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / elapsed}
 
 
@@ -141,6 +142,7 @@ def engine_config(args: argparse.Namespace):
         cfg.device = "cuda"
     if args.dtype:
         cfg.dtype = args.dtype
+    cfg.cuda_graphs = args.cuda_graphs
     return cfg
 
 
@@ -222,6 +224,57 @@ def load(client, prompts: list[str], output_len: int, concurrency: int) -> dict:
     }
 
 
+def save(result: dict, out: str) -> None:
+    """Written after each system, so a run cut short keeps what it measured."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def single_sequence(engine, prompt: str, n: int) -> dict:
+    """One sequence alone: its median decode step against the time the weights take to stream from
+    memory once (weight bytes / a device-to-device copy bandwidth measured now)."""
+    import torch
+
+    engine.blocks.reset_prefix_cache()
+    seq = engine.add_request("single", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    engine.run_until_done()
+    step = statistics.median(seq.timing.itls)
+    result = {"decode_step_s": step, "weight_bytes": engine.model.num_bytes}
+    if engine.device.type == "cuda":
+        buf = torch.empty(1 << 30, dtype=torch.uint8, device=engine.device)
+        dst = torch.empty_like(buf)
+        dst.copy_(buf)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            dst.copy_(buf)
+        torch.cuda.synchronize()
+        bandwidth = 2 * buf.numel() * 20 / (time.perf_counter() - t)  # bytes read + written per second
+        del buf, dst
+        result["copy_bandwidth_bytes_per_s"] = bandwidth
+        result["weights_once_s"] = engine.model.num_bytes / bandwidth
+        result["ratio_to_weights_once"] = step / result["weights_once_s"]
+    return result
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def offline(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -252,11 +305,16 @@ def offline(args: argparse.Namespace) -> dict:
     print(f"engine: {args.num_prompts} prompts, {args.output_len} tokens each, {reps} runs ...", flush=True)
     engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up, as the server's
     result["systems"]["fastserve"] = median_of([run_engine(engine, prompts, args.output_len) for _ in range(reps)])
+    if args.single:
+        result["single_sequence"] = single_sequence(engine, prompts[0], args.output_len)
+    save(result, args.out)
     engine.shutdown()
     del engine
+    _free_device_memory()
     if args.triton:
         print(f"the same through Triton, {args.concurrency} concurrent gRPC streams ...", flush=True)
         result["systems"]["fastserve_triton"] = run_triton(args, prompts)
+        save(result, args.out)
     baselines = [b for b in args.baselines.split(",") if b]
     if baselines:
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, result["dtype"]))
@@ -267,6 +325,7 @@ def offline(args: argparse.Namespace) -> dict:
             print(f"transformers generate (batch {args.hf_batch_size}) ...", flush=True)
             result["systems"]["hf_generate"] = median_of(
                 [run_hf_generate(hf, ids, args.output_len, args.hf_batch_size, pad) for _ in range(reps)])
+            save(result, args.out)
         if "generate_batch" in baselines:
             print("transformers generate_batch ...", flush=True)
             result["systems"]["hf_generate_batch"] = median_of(
@@ -285,6 +344,9 @@ def print_table(result: dict) -> None:
         print(f"{name:<22}{r['output_tokens_per_s']:>14.1f}{r['seconds']:>10.2f}   {runs}")
     for k, v in result.get("ratios", {}).items():
         print(f"{k}: {v:.2f}x")
+    if "single_sequence" in result:
+        print("single sequence:", {k: round(v, 6) if isinstance(v, float) else v
+                                   for k, v in result["single_sequence"].items()})
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -309,6 +371,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per system; the median is reported")
     p.add_argument("--baselines", default="generate,generate_batch", help="comma list: generate, generate_batch")
     p.add_argument("--hf-batch-size", type=int, default=32)
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode steps as CUDA graphs on GPU (default on)")
+    p.add_argument("--single", action="store_true", help="also time one sequence alone against the weight stream")
     p.add_argument("--out", default="results/offline.json")
     p.set_defaults(func=run_bench)
 
@@ -321,9 +386,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print("fastserve bench: --triton needs --repository", file=sys.stderr)
         return 2
     result = offline(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save(result, args.out)
     print_table(result)
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0

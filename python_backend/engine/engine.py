@@ -24,7 +24,7 @@ import torch
 from python_backend.engine import detokenize
 from python_backend.engine.engine_folder import open_engine_folder
 from python_backend.engine.kv_cache import BlockManager, KVPool
-from python_backend.engine.runner import Runner
+from python_backend.engine.runner import DecodeGraphs, Runner
 from python_backend.engine.sampler import sample
 from python_backend.engine.scheduler import Policy, ScheduledBatch, Scheduler
 from python_backend.engine.sequence import RequestOutput, SamplingError, SamplingParams, Sequence, Status
@@ -49,6 +49,8 @@ class EngineConfig:
     max_queue_size: int = 1024
     policy: str = "fcfs"
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # decode steps as CUDA graphs (GPU only)
+    max_graph_batch: int = 64  # larger decode batches run eagerly
     num_threads: int = 0  # CPU threads for torch; 0 leaves torch's default
     seed: int = 0
 
@@ -104,9 +106,13 @@ class Engine:
         self.max_model_len = min(max_len, num_blocks * cfg.block_size)
         self.pool = KVPool.allocate(mcfg.num_layers, num_blocks, cfg.block_size, mcfg.num_kv_heads, mcfg.head_dim,
                                     self.dtype, self.device)
+        graphs = None
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            num_blocks -= 1  # the last block is the graphs' scratch block, never handed out
+            graphs = DecodeGraphs(self.model, self.pool, scratch_block=num_blocks, max_batch=cfg.max_graph_batch)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, self._policy(cfg.policy))
-        self.runner = Runner(self.model, self.pool)
+        self.runner = Runner(self.model, self.pool, graphs)
         self.eos_ids = self.folder.eos_token_ids or ([self.tokenizer.eos_token_id]
                                                      if self.tokenizer.eos_token_id is not None else [])
         self.stats = EngineStats()

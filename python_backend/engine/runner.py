@@ -15,12 +15,84 @@ from python_backend.models.llama import LlamaModel
 from python_backend.ops.attention import AttentionMetadata, PrefillSeq
 
 
+def _bucket(n: int, smallest: int = 1) -> int:
+    size = smallest
+    while size < n:
+        size *= 2
+    return size
+
+
+class DecodeGraphs:
+    """The decode step as CUDA graphs, one per (padded batch, padded block-table width), captured on
+    first use. A graph replays the whole forward pass with one launch, so a step costs GPU time
+    rather than Python and kernel-launch time: that is what small batches are short of. Large batches
+    are GPU-bound and stay eager, where the exact table width costs less than a padded one. Padding rows read and write a scratch block that the
+    block manager never hands out; their logits are dropped."""
+
+    def __init__(self, model: LlamaModel, pool: KVPool, scratch_block: int, max_batch: int):
+        self.model, self.pool, self.scratch, self.max_batch = model, pool, scratch_block, max_batch
+        self.block_size = pool.block_size
+        self.graphs: dict[tuple[int, int], dict] = {}
+        self.mempool = torch.cuda.graph_pool_handle()
+
+    def _step(self, g: dict) -> torch.Tensor:
+        bs, dev = self.block_size, self.model.device
+        key_pos = torch.arange(g["tables"].shape[1] * bs, device=dev)
+        mask = torch.where(key_pos[None, :] < g["lengths"][:, None], 0.0, float("-inf")).to(self.model.dtype)
+        meta = AttentionMetadata(slot_mapping=g["slots"], num_decode=g["ids"].shape[0],
+                                 decode_block_tables=g["tables"], decode_mask=mask[:, None, None, :])
+        return self.model.forward(g["ids"], g["positions"], meta, self.pool.k, self.pool.v, g["rows"])
+
+    def _capture(self, batch: int, width: int) -> dict:
+        dev = self.model.device
+        g = {"ids": torch.zeros(batch, dtype=torch.long, device=dev),
+             "positions": torch.zeros(batch, dtype=torch.long, device=dev),
+             "slots": torch.full((batch,), self.scratch * self.block_size, dtype=torch.long, device=dev),
+             "tables": torch.full((batch, width), self.scratch, dtype=torch.long, device=dev),
+             "lengths": torch.ones(batch, dtype=torch.long, device=dev),
+             "rows": torch.arange(batch, device=dev)}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # let lazy initialisation happen outside the capture
+                self._step(g)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            g["logits"] = self._step(g)
+        g["graph"] = graph
+        return g
+
+    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+            lengths: list[int]) -> torch.Tensor:
+        n = len(ids)
+        batch = _bucket(n)
+        width = -(-max(len(t) for t in tables) // 8) * 8  # whole multiples of 8 blocks: little padding to gather
+        g = self.graphs.get((batch, width))
+        if g is None:
+            g = self.graphs[(batch, width)] = self._capture(batch, width)
+        pad = batch - n
+        host = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [self.scratch * self.block_size] * pad,
+                             lengths + [1] * pad], dtype=torch.long)
+        g["ids"].copy_(host[0], non_blocking=True)
+        g["positions"].copy_(host[1], non_blocking=True)
+        g["slots"].copy_(host[2], non_blocking=True)
+        g["lengths"].copy_(host[3], non_blocking=True)
+        table = torch.full((batch, width), self.scratch, dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        g["tables"].copy_(table, non_blocking=True)
+        g["graph"].replay()
+        return g["logits"][:n]
+
+
 class Runner:
-    def __init__(self, model: LlamaModel, pool: KVPool):
+    def __init__(self, model: LlamaModel, pool: KVPool, graphs: DecodeGraphs | None = None):
         self.model = model
         self.pool = pool
         self.device = model.device
         self.block_size = pool.block_size
+        self.graphs = graphs
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
@@ -74,6 +146,15 @@ class Runner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Sequence]]:
         """One model step; logits [len(sampled), vocab] for the sequences that make a token."""
+        g = self.graphs
+        if g is not None and not batch.prefills and 0 < len(batch.decodes) <= g.max_batch:
+            bs = self.block_size
+            seqs = batch.decodes
+            pos = [s.num_computed for s in seqs]
+            logits = g.run([s.token_at(p) for s, p in zip(seqs, pos)], pos,
+                           [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)],
+                           [s.block_table for s in seqs], [p + 1 for p in pos])
+            return logits, list(seqs)
         input_ids, positions, meta, rows, sampled = self.prepare(batch)
         logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows)
         return (logits if sampled else None), sampled
