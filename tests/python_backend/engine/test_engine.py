@@ -175,3 +175,17 @@ def test_async_stream_and_cancel(tiny_engine_dir):
         time.sleep(0.05)
     assert not engine.has_work() and engine.blocks.num_used == 0
     engine.shutdown()
+
+
+def test_logprobs_of_chosen_tokens(engine, smollm2_source):
+    import torch
+
+    source, tok = smollm2_source
+    ids = tok("The capital of France is", add_special_tokens=False).input_ids
+    seq = engine.add_request("lp", ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True))
+    engine.run_until_done()
+    with torch.no_grad():
+        logits = source(torch.tensor([ids + seq.output_ids])).logits[0, len(ids) - 1:-1].float()
+    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(seq.output_ids)[:, None])[:, 0]
+    assert len(seq.logprobs) == 6
+    torch.testing.assert_close(torch.tensor(seq.logprobs), expected, atol=1e-4, rtol=1e-4)
