@@ -71,9 +71,12 @@ def engine_parameters(args: argparse.Namespace, dtype: str) -> dict[str, str]:
         "kv_block_size": str(args.kv_block_size),
         "max_num_seqs": str(args.max_num_seqs),
         "max_num_batched_tokens": str(args.max_num_batched_tokens),
-        "kv_cache_memory_fraction": str(args.kv_cache_memory_fraction),
         "max_queue_size": str(args.max_queue_size),
     }
+    if args.device == "gpu":
+        params["kv_cache_memory_fraction"] = str(args.kv_cache_memory_fraction)
+    else:
+        params["kv_cache_gb"] = str(args.kv_cache_gb)
     if args.num_kv_blocks:
         params["num_kv_blocks"] = str(args.num_kv_blocks)
     return params
@@ -193,6 +196,7 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--num-kv-blocks", type=int, default=0, help="KV blocks (default: from memory)")
     p.add_argument("--kv-cache-memory-fraction", type=float, default=0.9, help="GPU memory share for weights+KV")
+    p.add_argument("--kv-cache-gb", type=float, default=2.0, help="CPU memory for the KV pool (GiB)")
     p.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")

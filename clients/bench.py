@@ -137,9 +137,10 @@ def engine_config(args: argparse.Namespace):
     else:
         cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                            num_kv_blocks=args.num_kv_blocks)
-    cfg.device = "cuda" if args.device in ("gpu", "cuda") else cfg.device if args.repository else args.device
-    if cfg.device == "gpu":
+    if args.device in ("gpu", "cuda") or cfg.device == "gpu":
         cfg.device = "cuda"
+    elif not args.repository:
+        cfg.device = args.device
     if args.dtype:
         cfg.dtype = args.dtype
     cfg.cuda_graphs = args.cuda_graphs

@@ -78,10 +78,8 @@ class DecodeGraphs:
         g["positions"].copy_(host[1], non_blocking=True)
         g["slots"].copy_(host[2], non_blocking=True)
         g["lengths"].copy_(host[3], non_blocking=True)
-        table = torch.full((batch, width), self.scratch, dtype=torch.long)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        g["tables"].copy_(table, non_blocking=True)
+        rows = [t + [self.scratch] * (width - len(t)) for t in tables] + [[self.scratch] * width] * pad
+        g["tables"].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
         g["graph"].replay()
         return g["logits"][:n]
 

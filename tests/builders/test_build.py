@@ -34,7 +34,7 @@ def test_smollm2_entry_layout(smollm2_repo):
     assert meta["has_chat_template"]
     config = (entry / "config.pbtxt").read_text()
     for needle in ('backend: "python"', "decoupled: true", "dynamic_batching", 'name: "text_input"',
-                   'name: "text_output"', "KIND_CPU", 'key: "engine_dir"'):
+                   'name: "text_output"', "KIND_CPU", 'key: "engine_dir"', 'key: "kv_cache_gb"'):
         assert needle in config
     assert "from python_backend.model import TritonPythonModel" in (entry / "1" / "model.py").read_text()
     assert not list((entry / "1").glob(".engine.tmp-*"))
