@@ -67,13 +67,18 @@ def median_of(runs: list[dict]) -> dict:
     return best
 
 
-def run_engine(engine, prompts: list[str], output_len: int) -> dict:
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+def output_lengths(num: int, output_len: int, output_len_max: int, seed: int) -> list[int]:
+    """Per-request output lengths: fixed, or uniform in [output_len, output_len_max]."""
+    rng = random.Random(seed + 1)
+    return [rng.randint(output_len, max(output_len, output_len_max)) for _ in range(num)]
+
+
+def run_engine(engine, prompts: list[str], lengths: list[int]) -> dict:
     engine.blocks.reset_prefix_cache()  # repeated runs send the same prompts: no reuse across runs
     seqs = []
     start = time.perf_counter()
-    for i, p in enumerate(prompts):
-        seqs.append(engine.add_request(f"bench-{i}", p, params))
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        seqs.append(engine.add_request(f"bench-{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))
     engine.run_until_done()
     elapsed = time.perf_counter() - start
     out_tokens = sum(len(s.output_ids) for s in seqs)
@@ -86,8 +91,9 @@ def run_engine(engine, prompts: list[str], output_len: int) -> dict:
     }
 
 
-def run_hf_generate(model, prompts: list[list[int]], output_len: int, batch_size: int, pad_id: int) -> dict:
-    """transformers generate on left-padded batches, EOS suppressed so every row makes output_len tokens."""
+def run_hf_generate(model, prompts: list[list[int]], lengths: list[int], batch_size: int, pad_id: int) -> dict:
+    """transformers generate on left-padded batches in arrival order, EOS suppressed. A batch runs to
+    its longest requested output; only the tokens each request asked for are counted."""
     import torch
 
     def batches():
@@ -96,25 +102,30 @@ def run_hf_generate(model, prompts: list[list[int]], output_len: int, batch_size
             width = max(len(p) for p in chunk)
             ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-            yield ids.to(model.device), mask.to(model.device)
+            yield ids.to(model.device), mask.to(model.device), lengths[i:i + batch_size]
 
     with torch.inference_mode():
         start = time.perf_counter()
         out_tokens = 0
-        for ids, mask in batches():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=output_len,
-                                 min_new_tokens=output_len, do_sample=False, pad_token_id=pad_id)
-            out_tokens += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+        for ids, mask, want in batches():
+            n = max(want)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, pad_token_id=pad_id)
+            assert out.shape[1] - ids.shape[1] == n
+            out_tokens += sum(want)
+        _sync()
         elapsed = time.perf_counter() - start
     return {"seconds": elapsed, "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / elapsed,
             "batch_size": batch_size}
 
 
-def run_hf_generate_batch(model, prompts: list[list[int]], output_len: int) -> dict:
-    """transformers' own continuous batching (generate_batch), EOS disabled."""
+def run_hf_generate_batch(model, prompts: list[list[int]], lengths: list[int]) -> dict:
+    """transformers' own continuous batching (generate_batch), EOS disabled (fixed output lengths only)."""
     from transformers import GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
+    if len(set(lengths)) != 1:
+        raise SystemExit("fastserve bench: generate_batch takes one output length; drop it from --baselines")
+    cfg = GenerationConfig(max_new_tokens=lengths[0], do_sample=False, eos_token_id=None, pad_token_id=0)
     start = time.perf_counter()
     outs = model.generate_batch(inputs=prompts, generation_config=cfg)
     elapsed = time.perf_counter() - start
@@ -155,7 +166,7 @@ def engine_dir(args: argparse.Namespace) -> Path:
     raise SystemExit("fastserve bench: give --engine-dir or --repository")
 
 
-def run_triton(args: argparse.Namespace, prompts: list[str]) -> dict:
+def run_triton(args: argparse.Namespace, prompts: list[str], lengths: list[int]) -> dict:
     """The same prompts through the real server: `concurrency` gRPC streams, each taking the next prompt."""
     from clients.client import Client
     from python_backend.serve import TritonServer, free_port
@@ -166,17 +177,17 @@ def run_triton(args: argparse.Namespace, prompts: list[str]) -> dict:
     try:
         client = Client(server.grpc_url, "grpc", args.model)
         client.generate("warm up", max_tokens=4, temperature=0.0)
-        runs = [load(client, prompts, args.output_len, args.concurrency) for _ in range(max(1, args.repeats))]
+        runs = [load(client, prompts, lengths, args.concurrency) for _ in range(max(1, args.repeats))]
     finally:
         server.stop()
     return median_of(runs)
 
 
-def load(client, prompts: list[str], output_len: int, concurrency: int) -> dict:
+def load(client, prompts: list[str], lengths: list[int], concurrency: int) -> dict:
     """Closed-loop load: `concurrency` workers, each streaming one request at a time until none are left."""
     todo: queue.SimpleQueue = queue.SimpleQueue()
-    for p in prompts:
-        todo.put(p)
+    for p, n in zip(prompts, lengths):
+        todo.put((p, n))
     records: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -184,7 +195,7 @@ def load(client, prompts: list[str], output_len: int, concurrency: int) -> dict:
     def worker() -> None:
         while True:
             try:
-                prompt = todo.get_nowait()
+                prompt, output_len = todo.get_nowait()
             except queue.Empty:
                 return
             sent = time.perf_counter()
@@ -302,10 +313,14 @@ def offline(args: argparse.Namespace) -> dict:
         "systems": {},
     }
     reps = max(1, args.repeats)
-    result["workload"]["repeats"] = reps
-    print(f"engine: {args.num_prompts} prompts, {args.output_len} tokens each, {reps} runs ...", flush=True)
+    base_reps = max(1, args.baseline_repeats or reps)
+    lengths = output_lengths(args.num_prompts, args.output_len, args.output_len_max, args.seed)
+    result["workload"].update(repeats=reps, baseline_repeats=base_reps, output_len_max=args.output_len_max or
+                              args.output_len, mean_output_tokens=statistics.fmean(lengths))
+    print(f"engine: {args.num_prompts} prompts, {statistics.fmean(lengths):.0f} tokens each on average, {reps} runs ...",
+          flush=True)
     engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up, as the server's
-    result["systems"]["fastserve"] = median_of([run_engine(engine, prompts, args.output_len) for _ in range(reps)])
+    result["systems"]["fastserve"] = median_of([run_engine(engine, prompts, lengths) for _ in range(reps)])
     if args.single:
         result["single_sequence"] = single_sequence(engine, prompts[0], args.output_len)
     save(result, args.out)
@@ -314,7 +329,7 @@ def offline(args: argparse.Namespace) -> dict:
     _free_device_memory()
     if args.triton:
         print(f"the same through Triton, {args.concurrency} concurrent gRPC streams ...", flush=True)
-        result["systems"]["fastserve_triton"] = run_triton(args, prompts)
+        result["systems"]["fastserve_triton"] = run_triton(args, prompts, lengths)
         save(result, args.out)
     baselines = [b for b in args.baselines.split(",") if b]
     if baselines:
@@ -325,12 +340,12 @@ def offline(args: argparse.Namespace) -> dict:
         if "generate" in baselines:
             print(f"transformers generate (batch {args.hf_batch_size}) ...", flush=True)
             result["systems"]["hf_generate"] = median_of(
-                [run_hf_generate(hf, ids, args.output_len, args.hf_batch_size, pad) for _ in range(reps)])
+                [run_hf_generate(hf, ids, lengths, args.hf_batch_size, pad) for _ in range(base_reps)])
             save(result, args.out)
         if "generate_batch" in baselines:
             print("transformers generate_batch ...", flush=True)
             result["systems"]["hf_generate_batch"] = median_of(
-                [run_hf_generate_batch(hf, ids, args.output_len) for _ in range(reps)])
+                [run_hf_generate_batch(hf, ids, lengths) for _ in range(base_reps)])
     base = result["systems"]["fastserve"]["output_tokens_per_s"]
     result["ratios"] = {f"{k}_vs_fastserve_offline" if k == "fastserve_triton" else f"fastserve_vs_{k}":
                         (v["output_tokens_per_s"] / base if k == "fastserve_triton" else base / v["output_tokens_per_s"])
@@ -363,6 +378,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--input-len-max", type=int, default=0, help="random input lengths up to this (default: fixed)")
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--output-len-max", type=int, default=0, help="random output lengths up to this (default: fixed)")
+    p.add_argument("--baseline-repeats", type=int, default=0, help="runs per transformers baseline (default: --repeats)")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent streams against Triton")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)

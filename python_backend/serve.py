@@ -92,8 +92,10 @@ def _python_env(base: dict[str, str]) -> dict[str, str]:
 
 
 def find_triton(binary: str | os.PathLike | None = None) -> TritonInstall:
-    """Pick the server: an explicit path, then `tritonserver` on PATH, then the nvidia-pytriton wheel."""
+    """Pick the server: an explicit path (or $FASTSERVE_TRITONSERVER, e.g. the launcher of a packed
+    server), then `tritonserver` on PATH, then the nvidia-pytriton wheel."""
     env = _python_env(dict(os.environ))
+    binary = binary or os.environ.get("FASTSERVE_TRITONSERVER") or None
     if binary:
         path = Path(binary)
         if not path.is_file():

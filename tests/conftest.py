@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from python_backend.serve import TritonServer, free_port
+
+try:  # without a GPU, the Triton kernels' tests run in Triton's interpreter; set before any kernel is defined
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"

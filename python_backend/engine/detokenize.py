@@ -19,6 +19,7 @@ class DetokState:
     read_offset: int = 0
     text: str = ""  # everything decoded so far
     sent: int = 0  # characters of `text` already sent to the client
+    prefix_text: str | None = None  # decode of ids[prefix_offset:read_offset], kept until the offsets move
 
 
 def new_state(prompt_ids: list[int]) -> DetokState:
@@ -27,14 +28,28 @@ def new_state(prompt_ids: list[int]) -> DetokState:
     return DetokState(ids=list(tail), prefix_offset=0, read_offset=len(tail))
 
 
-def add_token(tokenizer, state: DetokState, token_id: int) -> None:
+def decoder(tokenizer):
+    """ids -> text, as tokenizer.decode(ids, skip_special_tokens=True). The fast tokenizer's Rust decoder
+    directly when transformers would add nothing to it (no space clean-up): about 5x cheaper per call,
+    which matters at hundreds of sequences per step."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def add_token(decode, state: DetokState, token_id: int) -> None:
+    """`decode` comes from decoder(tokenizer)."""
     state.ids.append(token_id)
-    prefix = tokenizer.decode(state.ids[state.prefix_offset:state.read_offset], skip_special_tokens=True)
-    full = tokenizer.decode(state.ids[state.prefix_offset:], skip_special_tokens=True)
+    if state.prefix_text is None:
+        state.prefix_text = decode(state.ids[state.prefix_offset:state.read_offset])
+    prefix = state.prefix_text
+    full = decode(state.ids[state.prefix_offset:])
     if len(full) > len(prefix) and not full.endswith("\ufffd"):
         state.text += full[len(prefix):]
         state.prefix_offset = state.read_offset
         state.read_offset = len(state.ids)
+        state.prefix_text = None
         if state.prefix_offset > 4 * _WINDOW:  # keep the id list short
             drop = state.prefix_offset - _WINDOW
             state.ids = state.ids[drop:]

@@ -49,8 +49,9 @@ class EngineConfig:
     max_queue_size: int = 1024
     policy: str = "fcfs"
     enable_prefix_caching: bool = True
+    kernels: bool = True  # the Triton attention and fused kernels (GPU only; the PyTorch reference otherwise)
     cuda_graphs: bool = True  # decode steps as CUDA graphs (GPU only)
-    max_graph_batch: int = 64  # larger decode batches run eagerly
+    max_graph_batch: int = 256  # larger decode batches run eagerly
     num_threads: int = 0  # CPU threads for torch; 0 leaves torch's default
     seed: int = 0
 
@@ -95,7 +96,7 @@ class Engine:
         self.dtype = getattr(torch, dtype_name)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder.path))
         max_len = cfg.max_model_len or meta.get("max_model_len") or 4096
-        self.model = LlamaModel.load(self.folder.path, self.dtype, self.device, max_len)
+        self.model = LlamaModel.load(self.folder.path, self.dtype, self.device, max_len, kernels=cfg.kernels)
         mcfg = self.model.cfg
         if mcfg.sliding_window and max_len > mcfg.sliding_window:
             max_len = mcfg.sliding_window  # beyond the window we would attend too far back
@@ -119,6 +120,8 @@ class Engine:
         self._generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._seqs: dict[str, Sequence] = {}
+        self._unsent: list[tuple[Sequence, int, float | None, str | None]] = []  # tokens not yet detokenized
+        self._decode = detokenize.decoder(self.tokenizer)
         self._arrivals = itertools.count()
         self._pending = 0  # requests added but not yet taken from the inbox
         self._pending_lock = threading.Lock()
@@ -206,14 +209,20 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self._seqs) or self._pending > 0
+        return bool(self._seqs) or self._pending > 0 or bool(self._unsent)
 
     def step(self) -> bool:
-        """One iteration; False when there was nothing to do."""
+        """One iteration; False when there was nothing to do.
+
+        The CPU works while the GPU computes: once this step's forward pass is queued, the previous
+        step's tokens are detokenized, checked for stop strings and sent (`_flush`); only then does
+        sampling wait for the GPU. A stop string is therefore found one step late; the token made
+        meanwhile for that sequence is dropped. Length and EOS ends are found at once, so a finished
+        sequence never takes a place in the next batch."""
         self._drain_inbox()
         batch = self.scheduler.schedule()
         if batch.empty:
-            return False
+            return self._flush()
         now = time.perf_counter()
         for seq, _ in batch.prefills:
             if seq.timing.first_scheduled is None:
@@ -222,14 +231,18 @@ class Engine:
         self.scheduler.after_step(batch)
         self.stats.steps += 1
         self.stats.prompt_tokens += sum(n for _, n in batch.prefills)
+        self._flush()
         if sampled:
             ids, logprobs = sample(logits, sampled, self.eos_ids, self._generator)
             now = time.perf_counter()
             for i, (seq, token) in enumerate(zip(sampled, ids)):
-                self._append(seq, token, None if logprobs is None else logprobs[i], now)
+                if not seq.finished:
+                    self._append(seq, token, None if logprobs is None else logprobs[i], now)
         return True
 
     def _append(self, seq: Sequence, token: int, logprob: float | None, now: float) -> None:
+        """Record a new token; end the sequence now if it made EOS or reached its length. Text and
+        stop strings wait for _flush."""
         params = seq.params
         seq.output_ids.append(token)
         self.stats.generation_tokens += 1
@@ -242,27 +255,58 @@ class Engine:
         reason = None
         if token in self.eos_ids and not params.ignore_eos and n_out > params.min_tokens - 1:
             reason = "stop"
-        else:
-            detokenize.add_token(self.tokenizer, seq.detok, token)
-            stop_at = detokenize.find_stop(seq.detok, params.stop) if n_out >= params.min_tokens else None
-            if stop_at is not None:
-                seq.detok.text = seq.detok.text[:stop_at]
-                reason = "stop"
-            elif n_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-                reason = "length"
+        elif n_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
         if reason is not None:
-            self._finish(seq, reason)
-            return
-        delta = detokenize.take_delta(seq.detok, params.stop, final=False)
-        self._emit(seq, RequestOutput(seq.request_id, delta, [token], False, None, len(seq.prompt_ids), n_out,
-                                      seq.num_cached_tokens, [logprob] if params.logprobs and logprob is not None else None))
+            self._end(seq, reason)
+        self._unsent.append((seq, token, logprob, reason))
+
+    def _flush(self) -> bool:
+        """Detokenize and send the tokens recorded since the last flush; True if there were any."""
+        unsent, self._unsent = self._unsent, []
+        for seq, token, logprob, reason in unsent:
+            if seq.finished and reason is None:
+                continue  # ended since (cancelled, or a stop string in an earlier token)
+            params = seq.params
+            n_out = len(seq.output_ids)
+            if reason != "stop" or token not in self.eos_ids:
+                detokenize.add_token(self._decode, seq.detok, token)
+            if reason != "stop":
+                stop_at = detokenize.find_stop(seq.detok, params.stop) if n_out >= params.min_tokens else None
+                if stop_at is not None:
+                    seq.detok.text = seq.detok.text[:stop_at]
+                    if reason is None:
+                        self._end(seq, "stop")
+                    else:  # the stop string came with the last allowed token: it is a stop
+                        self.stats.finished[reason] -= 1
+                        self.stats.finished["stop"] = self.stats.finished.get("stop", 0) + 1
+                        seq.finish_reason = "stop"
+                    reason = "stop"
+            if reason is not None:
+                self._send_final(seq)
+                continue
+            delta = detokenize.take_delta(seq.detok, params.stop, final=False)
+            self._emit(seq, RequestOutput(seq.request_id, delta, [token], False, None, len(seq.prompt_ids), n_out,
+                                          seq.num_cached_tokens,
+                                          [logprob] if params.logprobs and logprob is not None else None))
+        return bool(unsent)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence and send its final output now (cancellation, errors)."""
+        self._end(seq, reason)
+        self._send_final(seq)
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        """Free the sequence's place and blocks. Safe while a forward pass that includes it is still
+        running on the GPU: no block is handed out again before that pass's results are read."""
         self.scheduler.finish(seq)
         self._seqs.pop(seq.request_id, None)
         seq.finish_reason = reason
         seq.timing.finished = time.perf_counter()
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+    def _send_final(self, seq: Sequence) -> None:
+        reason = seq.finish_reason
         delta = detokenize.take_delta(seq.detok, seq.params.stop, final=True)
         last = [seq.output_ids[-1]] if seq.output_ids and reason != "cancelled" else []
         self._emit(seq, RequestOutput(seq.request_id, delta, last, True, reason, len(seq.prompt_ids),
@@ -333,6 +377,7 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
         self._drain_inbox()
+        self._flush()
         for seq in list(self._seqs.values()):
             self._finish(seq, "cancelled")
 

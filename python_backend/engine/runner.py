@@ -6,6 +6,7 @@ finishes its prompt. The sequences those rows belong to are returned alongside, 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from python_backend.engine.kv_cache import KVPool
@@ -15,46 +16,63 @@ from python_backend.models.llama import LlamaModel
 from python_backend.ops.attention import AttentionMetadata, PrefillSeq
 
 
-def _bucket(n: int, smallest: int = 1) -> int:
-    size = smallest
-    while size < n:
-        size *= 2
-    return size
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def graph_batch(n: int) -> int:
+    """The captured batch size a decode batch of n rows pads to: the next rung of the ladder."""
+    for size in GRAPH_BATCHES:
+        if size >= n:
+            return size
+    return n
 
 
 class DecodeGraphs:
     """The decode step as CUDA graphs, one per (padded batch, padded block-table width), captured on
     first use. A graph replays the whole forward pass with one launch, so a step costs GPU time
-    rather than Python and kernel-launch time: that is what small batches are short of. Large batches
-    are GPU-bound and stay eager, where the exact table width costs less than a padded one. Padding rows read and write a scratch block that the
-    block manager never hands out; their logits are dropped."""
+    rather than Python and kernel-launch time. The batch pads to the next rung of GRAPH_BATCHES; the
+    table width to a multiple of `width_step` blocks (the Triton decode kernel reads only a sequence's
+    own blocks, so with it the width costs nothing and few widths are needed). Padding rows read and
+    write a scratch block that the block manager never hands out; their logits are dropped. Per-step
+    inputs go through pinned host buffers into the graph's static tensors in one copy each."""
 
     def __init__(self, model: LlamaModel, pool: KVPool, scratch_block: int, max_batch: int):
         self.model, self.pool, self.scratch, self.max_batch = model, pool, scratch_block, max_batch
         self.block_size = pool.block_size
+        self.kernels = model.kernels
+        self.width_step = 32 if self.kernels else 8
+        self.num_sms = torch.cuda.get_device_properties(model.device).multi_processor_count
         self.graphs: dict[tuple[int, int], dict] = {}
         self.mempool = torch.cuda.graph_pool_handle()
 
     def _step(self, g: dict) -> torch.Tensor:
         bs, dev = self.block_size, self.model.device
-        key_pos = torch.arange(g["tables"].shape[1] * bs, device=dev)
-        mask = torch.where(key_pos[None, :] < g["lengths"][:, None], 0.0, float("-inf")).to(self.model.dtype)
-        meta = AttentionMetadata(slot_mapping=g["slots"], num_decode=g["ids"].shape[0],
-                                 decode_block_tables=g["tables"], decode_mask=mask[:, None, None, :])
+        batch = g["ids"].shape[0]
+        if self.kernels:
+            meta = AttentionMetadata(slot_mapping=g["slots"], num_decode=batch, decode_block_tables=g["tables"],
+                                     decode_seq_lens=g["lengths"], num_splits=g["splits"])
+        else:
+            key_pos = torch.arange(g["tables"].shape[1] * bs, device=dev)
+            mask = torch.where(key_pos[None, :] < g["lengths"][:, None], 0.0, float("-inf")).to(self.model.dtype)
+            meta = AttentionMetadata(slot_mapping=g["slots"], num_decode=batch,
+                                     decode_block_tables=g["tables"], decode_mask=mask[:, None, None, :])
         return self.model.forward(g["ids"], g["positions"], meta, self.pool.k, self.pool.v, g["rows"])
 
     def _capture(self, batch: int, width: int) -> dict:
         dev = self.model.device
-        g = {"ids": torch.zeros(batch, dtype=torch.long, device=dev),
-             "positions": torch.zeros(batch, dtype=torch.long, device=dev),
-             "slots": torch.full((batch,), self.scratch * self.block_size, dtype=torch.long, device=dev),
+        vec = torch.zeros(4, batch, dtype=torch.long, device=dev)  # ids, positions, slots, lengths
+        vec[2] = self.scratch * self.block_size
+        vec[3] = 1
+        g = {"vec": vec, "ids": vec[0], "positions": vec[1], "slots": vec[2], "lengths": vec[3],
              "tables": torch.full((batch, width), self.scratch, dtype=torch.long, device=dev),
-             "lengths": torch.ones(batch, dtype=torch.long, device=dev),
-             "rows": torch.arange(batch, device=dev)}
+             "rows": torch.arange(batch, device=dev),
+             "splits": ta_num_splits(batch, self.model.cfg.num_kv_heads, self.num_sms) if self.kernels else 1,
+             "host_vec": torch.empty(4, batch, dtype=torch.long).pin_memory(),
+             "host_tables": torch.empty(batch, width, dtype=torch.long).pin_memory()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # let lazy initialisation happen outside the capture
+            for _ in range(2):  # let lazy initialisation (and Triton's compilation) happen outside the capture
                 self._step(g)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
@@ -66,22 +84,29 @@ class DecodeGraphs:
     def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
             lengths: list[int]) -> torch.Tensor:
         n = len(ids)
-        batch = _bucket(n)
-        width = -(-max(len(t) for t in tables) // 8) * 8  # whole multiples of 8 blocks: little padding to gather
+        batch = graph_batch(n)
+        step = self.width_step
+        width = -(-max(len(t) for t in tables) // step) * step
         g = self.graphs.get((batch, width))
         if g is None:
             g = self.graphs[(batch, width)] = self._capture(batch, width)
-        pad = batch - n
-        host = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [self.scratch * self.block_size] * pad,
-                             lengths + [1] * pad], dtype=torch.long)
-        g["ids"].copy_(host[0], non_blocking=True)
-        g["positions"].copy_(host[1], non_blocking=True)
-        g["slots"].copy_(host[2], non_blocking=True)
-        g["lengths"].copy_(host[3], non_blocking=True)
-        rows = [t + [self.scratch] * (width - len(t)) for t in tables] + [[self.scratch] * width] * pad
-        g["tables"].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
+        vec = g["host_vec"].numpy()  # the previous step's copies are done: its logits were read
+        vec[0, :n], vec[1, :n], vec[2, :n], vec[3, :n] = ids, positions, slots, lengths
+        vec[0, n:], vec[1, n:], vec[2, n:], vec[3, n:] = 0, 0, self.scratch * self.block_size, 1
+        tab = g["host_tables"].numpy()
+        tab.fill(self.scratch)
+        for i, t in enumerate(tables):
+            tab[i, :len(t)] = t
+        g["vec"].copy_(g["host_vec"], non_blocking=True)
+        g["tables"].copy_(g["host_tables"], non_blocking=True)
         g["graph"].replay()
         return g["logits"][:n]
+
+
+def ta_num_splits(batch: int, num_kv_heads: int, num_sms: int, max_len: int | None = None) -> int:
+    from python_backend.ops.triton_attention import num_splits_for
+
+    return num_splits_for(batch, num_kv_heads, max_len, num_sms)
 
 
 class Runner:
@@ -91,6 +116,8 @@ class Runner:
         self.device = model.device
         self.block_size = pool.block_size
         self.graphs = graphs
+        self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                        if self.device.type == "cuda" else 1)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
@@ -141,6 +168,53 @@ class Runner:
         meta.slot_mapping = self._tensor(slots)
         return self._tensor(ids), self._tensor(positions), meta, self._tensor(rows), sampled
 
+    def prepare_kernels(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                               torch.Tensor, list[Sequence]]:
+        """The Triton kernels' inputs, built with numpy and sent to the device in one copy."""
+        bs = self.block_size
+        decodes = batch.decodes
+        nd = len(decodes)
+        pos_d = [s.num_computed for s in decodes]
+        ids = [s.token_at(p) for s, p in zip(decodes, pos_d)]
+        slots_d = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos_d)]
+        sampled = list(decodes)
+        rows = list(range(nd))
+        ids_p, pos_p, slots_p, cu, ctx = [], [], [], [0], []
+        for seq, n in batch.prefills:
+            first = seq.num_computed
+            ids_p.append(np.asarray(seq.all_ids[first:first + n], dtype=np.int64))
+            pos = np.arange(first, first + n, dtype=np.int64)
+            pos_p.append(pos)
+            slots_p.append(np.asarray(seq.block_table, dtype=np.int64)[pos // bs] * bs + pos % bs)
+            cu.append(cu[-1] + n)
+            ctx.append(first + n)
+            if first + n == seq.num_tokens:
+                rows.append(nd + cu[-1] - 1)
+                sampled.append(seq)
+        t = nd + cu[-1]
+        wd = max((len(s.block_table) for s in decodes), default=0)
+        wp = max((len(s.block_table) for s, _ in batch.prefills), default=0)
+        dec_tab = np.zeros((nd, wd), dtype=np.int64)
+        for i, s in enumerate(decodes):
+            dec_tab[i, :len(s.block_table)] = s.block_table
+        pre_tab = np.zeros((len(batch.prefills), wp), dtype=np.int64)
+        for i, (s, _) in enumerate(batch.prefills):
+            pre_tab[i, :len(s.block_table)] = s.block_table
+        parts = [np.asarray(ids, dtype=np.int64), *ids_p, np.asarray(pos_d, dtype=np.int64), *pos_p,
+                 np.asarray(slots_d, dtype=np.int64), *slots_p, np.asarray(rows, dtype=np.int64),
+                 np.asarray([p + 1 for p in pos_d], dtype=np.int64), np.asarray(cu, dtype=np.int64),
+                 np.asarray(ctx, dtype=np.int64), dec_tab.ravel(), pre_tab.ravel()]
+        flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
+        sizes = [t, t, t, len(rows), nd, len(cu), len(ctx), dec_tab.size, pre_tab.size]
+        input_ids, positions, slots, rows_t, lens, cu_t, ctx_t, dtab, ptab = flat.split(sizes)
+        meta = AttentionMetadata(slot_mapping=slots, num_decode=nd, decode_block_tables=dtab.view(nd, wd),
+                                 decode_seq_lens=lens, prefill_cu_q=cu_t, prefill_context_lens=ctx_t,
+                                 prefill_block_tables=ptab.view(len(batch.prefills), wp),
+                                 prefill_max_q=max((n for _, n in batch.prefills), default=0))
+        if nd:
+            meta.num_splits = ta_num_splits(nd, self.model.cfg.num_kv_heads, self.num_sms, max(pos_d) + 1)
+        return input_ids, positions, meta, rows_t, sampled
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Sequence]]:
         """One model step; logits [len(sampled), vocab] for the sequences that make a token."""
@@ -153,6 +227,7 @@ class Runner:
                            [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)],
                            [s.block_table for s in seqs], [p + 1 for p in pos])
             return logits, list(seqs)
-        input_ids, positions, meta, rows, sampled = self.prepare(batch)
+        prepare = self.prepare_kernels if self.model.kernels else self.prepare
+        input_ids, positions, meta, rows, sampled = prepare(batch)
         logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows)
         return (logits if sampled else None), sampled

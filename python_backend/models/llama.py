@@ -8,6 +8,7 @@ float32), which is what lets greedy output match it token for token.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,18 @@ def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def kernels_available(device: torch.device, cfg: ModelConfig) -> bool:
+    """The Triton kernels run on CUDA devices, for power-of-two head sizes. (Sliding windows need nothing:
+    the engine caps the context at the window.)"""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter: tests on CPU
+        return False
+    try:
+        from python_backend.ops import triton_attention
+    except ImportError:
+        return False
+    return triton_attention.supported(cfg.head_dim)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -120,8 +133,9 @@ class LlamaModel:
     the step free of module dispatch."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-                 max_len: int):
+                 max_len: int, kernels: bool = False):
         self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.kernels = kernels and kernels_available(device, cfg)
 
         def w(name: str) -> torch.Tensor:
             if name not in weights:
@@ -171,7 +185,8 @@ class LlamaModel:
         self._linear = _packed_linear
 
     @classmethod
-    def load(cls, folder: Path, dtype: torch.dtype, device: torch.device, max_len: int) -> "LlamaModel":
+    def load(cls, folder: Path, dtype: torch.dtype, device: torch.device, max_len: int,
+             kernels: bool = False) -> "LlamaModel":
         import json
 
         from safetensors.torch import load_file
@@ -180,7 +195,7 @@ class LlamaModel:
         weights: dict[str, torch.Tensor] = {}
         for f in sorted(folder.glob("*.safetensors")):
             weights.update(load_file(str(f)))
-        return cls(cfg, weights, dtype, device, max_len)
+        return cls(cfg, weights, dtype, device, max_len, kernels)
 
     @property
     def num_bytes(self) -> int:
@@ -192,6 +207,8 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], logit_rows: torch.Tensor) -> torch.Tensor:
         """input_ids, positions [T] -> float32 logits [len(logit_rows), vocab] for the rows asked for."""
+        if self.kernels:
+            return self._forward_kernels(input_ids, positions, meta, k_cache, v_cache, logit_rows)
         h = F.embedding(input_ids, self.embed)
         cos = self.cos.index_select(0, positions)[:, None, :]
         sin = self.sin.index_select(0, positions)[:, None, :]
@@ -202,6 +219,42 @@ class LlamaModel:
             h = self._post_attention(h, attn, layer.o_w, layer.ln2, layer.gate_up_w, layer.down_w, eps)
         h = rms_norm(h.index_select(0, logit_rows), self.norm, eps)
         return self._linear(h, self.lm_head).float()
+
+    def _forward_kernels(self, input_ids, positions, meta: AttentionMetadata, k_cache, v_cache, logit_rows):
+        """The same model with the Triton kernels: residual add fused into each RMSNorm, rotary and the
+        KV write in one launch per layer, paged attention kernels, SiLU-and-multiply fused."""
+        from python_backend.ops import fused
+        from python_backend.ops import triton_attention as ta
+
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        t = input_ids.shape[0]
+        nd = meta.num_decode
+        residual = F.embedding(input_ids, self.embed)
+        x = fused.rms_norm(residual, self.layers[0].ln1, eps)
+        out = None
+        for i, layer in enumerate(self.layers):
+            qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
+            if layer.q_norm is not None:
+                nq = cfg.num_heads + cfg.num_kv_heads
+                qk = qkv[:, : self.q_size + self.kv_size].view(t, nq, cfg.head_dim)
+                qk[:, : cfg.num_heads] = rms_norm(qk[:, : cfg.num_heads], layer.q_norm, eps)
+                qk[:, cfg.num_heads:] = rms_norm(qk[:, cfg.num_heads:], layer.k_norm, eps)
+            q = ta.rope_write_kv(qkv, positions, self.cos, self.sin, meta.slot_mapping, k_cache[i], v_cache[i],
+                                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            attn = torch.empty_like(q)
+            if nd:
+                ta.decode_attention(q[:nd], k_cache[i], v_cache[i], meta.decode_block_tables, meta.decode_seq_lens,
+                                    self.scale, meta.num_splits, out=attn[:nd])
+            if t > nd:
+                ta.prefill_attention(q[nd:], k_cache[i], v_cache[i], meta.prefill_block_tables, meta.prefill_cu_q,
+                                     meta.prefill_context_lens, meta.prefill_max_q, self.scale, out=attn[nd:])
+            o = F.linear(attn.view(t, self.q_size), layer.o_w)
+            x, residual = fused.add_rms_norm(o, residual, layer.ln2, eps)
+            out = F.linear(fused.silu_mul(F.linear(x, layer.gate_up_w)), layer.down_w)
+            if i + 1 < len(self.layers):
+                x, residual = fused.add_rms_norm(out, residual, self.layers[i + 1].ln1, eps)
+        x, _ = fused.add_rms_norm(out.index_select(0, logit_rows), residual.index_select(0, logit_rows), self.norm, eps)
+        return F.linear(x, self.lm_head).float()
 
     def _pre_attention(self, h, ln1, qkv_w, qkv_b, q_norm, k_norm, cos, sin, eps: float):
         """Norm, fused QKV projection, optional q/k norms, and one rotary pass over q and k together."""

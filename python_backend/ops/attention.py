@@ -29,6 +29,13 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks] (padded with block 0)
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_blocks * block_size] additive, 0 or -inf
     prefills: list[PrefillSeq] = field(default_factory=list)
+    # the Triton kernels' view of the same batch (triton_attention.py); int32 tensors
+    decode_seq_lens: torch.Tensor | None = None  # [Bd]
+    num_splits: int = 1  # decode split-KV factor
+    prefill_cu_q: torch.Tensor | None = None  # [S + 1] row offsets within the prefill rows
+    prefill_context_lens: torch.Tensor | None = None  # [S]
+    prefill_block_tables: torch.Tensor | None = None  # [S, W]
+    prefill_max_q: int = 0
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -95,10 +95,11 @@ def test_sample_penalties_and_min_tokens():
 def test_detokenizer_holds_back_partial_stop(smollm2_source):
     tok = smollm2_source[1]
     state = detokenize.new_state(tok("Hello").input_ids)
+    decode = detokenize.decoder(tok)
     ids = tok(" world. END here", add_special_tokens=False).input_ids
     sent = ""
     for t in ids:
-        detokenize.add_token(tok, state, t)
+        detokenize.add_token(decode, state, t)
         if detokenize.find_stop(state, ["END"]) is not None:
             break
         sent += detokenize.take_delta(state, ["END"], final=False)

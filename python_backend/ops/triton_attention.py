@@ -1,0 +1,253 @@
+"""Attention over the paged KV cache as Triton kernels (GPU; also runs in Triton's interpreter).
+
+Same cache layout as the PyTorch reference in attention.py, which is their test oracle: per layer K and
+V are [num_blocks, block_size, num_kv_heads, head_dim] and a token's slot is block * block_size + offset.
+
+- `rope_write_kv`: one launch per layer that rotates q and k and stores k and v at their slots
+  (replaces about ten small PyTorch ops).
+- `decode_attention`: one query token per sequence. A program takes one KV head and the query heads
+  that share it (grouped-query attention reads each K/V tile once for the whole group), walks the
+  sequence's block table in tiles, and keeps a running softmax. Long contexts are split over the KV
+  length (split-KV, "flash-decoding") so that a few sequences still fill the GPU; a second small
+  kernel merges the splits by their log-sum-exp. The split size is computed in the kernel from the
+  sequence length, so one captured CUDA graph serves every context length.
+- `prefill_attention`: variable-length causal attention for a flat batch of prompt chunks; keys come
+  from the cache (cached prefix blocks and the chunk just written), so prefix caching and chunked
+  prefill need nothing special.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def supported(head_dim: int) -> bool:
+    return head_dim >= 16 and head_dim == _pow2(head_dim)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 engines are the exactness reference: no TF32 rounding inside the products
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _rope_write_kv_kernel(QKV, POS, COS, SIN, SLOTS, Q_OUT, K_CACHE, V_CACHE,
+                          stride_qkv, stride_qo, stride_cos,
+                          H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                          H_PAD: tl.constexpr, HKV_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    half: tl.constexpr = D // 2
+    pos = tl.load(POS + t)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    i = tl.arange(0, half)
+    cos = tl.load(COS + pos * stride_cos + i).to(tl.float32)[None, :]
+    sin = tl.load(SIN + pos * stride_cos + i).to(tl.float32)[None, :]
+    row = QKV + t * stride_qkv
+    hq = tl.arange(0, H_PAD)[:, None]
+    mq = hq < H
+    x1 = tl.load(row + hq * D + i[None, :], mask=mq, other=0.0).to(tl.float32)
+    x2 = tl.load(row + hq * D + half + i[None, :], mask=mq, other=0.0).to(tl.float32)
+    qo = Q_OUT + t * stride_qo + hq * D + i[None, :]
+    tl.store(qo, (x1 * cos - x2 * sin).to(Q_OUT.dtype.element_ty), mask=mq)
+    tl.store(qo + half, (x2 * cos + x1 * sin).to(Q_OUT.dtype.element_ty), mask=mq)
+    hk = tl.arange(0, HKV_PAD)[:, None]
+    mk = hk < HKV
+    krow = row + H * D
+    k1 = tl.load(krow + hk * D + i[None, :], mask=mk, other=0.0).to(tl.float32)
+    k2 = tl.load(krow + hk * D + half + i[None, :], mask=mk, other=0.0).to(tl.float32)
+    kc = K_CACHE + slot * (HKV * D) + hk * D + i[None, :]
+    tl.store(kc, (k1 * cos - k2 * sin).to(K_CACHE.dtype.element_ty), mask=mk)
+    tl.store(kc + half, (k2 * cos + k1 * sin).to(K_CACHE.dtype.element_ty), mask=mk)
+    d = tl.arange(0, D)[None, :]
+    v = tl.load(row + (H + HKV) * D + hk * D + d, mask=mk, other=0.0)
+    tl.store(V_CACHE + slot * (HKV * D) + hk * D + d, v, mask=mk)
+
+
+def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
+                  num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """qkv [T, (H + 2 Hkv) * D] (q, k, v side by side, as the fused projection makes them); cos and sin
+    [max_len, D] tables. Returns the rotated q [T, H, D]; rotated k and v go to the cache."""
+    t = qkv.shape[0]
+    q = torch.empty(t, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if t:
+        _rope_write_kv_kernel[(t,)](qkv, positions, cos, sin, slots, q, k_cache, v_cache,
+                                    qkv.stride(0), q.stride(0), cos.stride(0),
+                                    H=num_heads, HKV=num_kv_heads, D=head_dim, H_PAD=_pow2(num_heads),
+                                    HKV_PAD=_pow2(num_kv_heads), num_warps=4)
+    return q
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, TABLES, LENS, OUT, O_PART, LSE_PART, scale,
+                   stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb,
+                   stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(LENS + b)
+    tiles = tl.cdiv(seq_len, BLOCK_N)
+    per_split = tl.cdiv(tiles, NUM_SPLITS) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
+    heads = kvh * GROUP + g
+    gmask = g < GROUP
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    for t0 in range(start, end, BLOCK_N):
+        offs = t0 + tl.arange(0, BLOCK_N)
+        valid = offs < end
+        blk = tl.load(TABLES + b * stride_tb + offs // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        kv = blk * stride_kb + (offs % BLOCK_SIZE) * stride_kt + kvh * stride_kh
+        k = tl.load(K + kv[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp(qk - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=gmask[:, None])
+    else:
+        tl.store(O_PART + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + d[None, :], out,
+                 mask=gmask[:, None])
+        lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        tl.store(LSE_PART + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
+
+
+@triton.jit
+def _merge_splits_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                         stride_ob, stride_oh, D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, D)
+    lse = tl.load(LSE_PART + b * stride_lb + h * stride_lh + s)
+    weight = tl.exp(lse - tl.max(lse, 0))
+    part = tl.load(O_PART + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :])
+    out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty))
+
+
+def num_splits_for(batch: int, num_kv_heads: int, max_len: int | None = None, num_sms: int = 132) -> int:
+    """Enough KV splits to give every SM about two programs, a power of two in [1, 16], and no more
+    than the (known) longest context has tiles of 64 keys."""
+    want = max(1, (2 * num_sms) // max(1, batch * num_kv_heads))
+    if max_len is not None:
+        want = min(want, max(1, -(-max_len // 64)))
+    return min(16, _pow2(want) if want & (want - 1) == 0 else _pow2(want) // 2)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, num_splits: int = 1,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, D], one token per sequence; block_tables [B, W] and seq_lens [B] (int32 or int64;
+    a table may be longer than its sequence needs). Returns [B, H, D] (in `out` when given)."""
+    b, h, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    group = h // hkv
+    out = torch.empty_like(q) if out is None else out
+    if b == 0:
+        return out
+    if num_splits > 1:
+        o_part = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, h, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse = out  # unused
+    block_n = 64 if d <= 128 else 32
+    _decode_kernel[(b, hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, o_part, lse, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), o_part.stride(0), o_part.stride(1),
+        o_part.stride(2) if num_splits > 1 else 0, lse.stride(0), lse.stride(1),
+        GROUP=group, GROUP_PAD=max(16, _pow2(group)), D=d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, PREC=_precision(q.dtype), num_warps=4)
+    if num_splits > 1:
+        _merge_splits_kernel[(b, h)](o_part, lse, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                                     lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+                                     D=d, NUM_SPLITS=num_splits, num_warps=1)
+    return out
+
+
+@triton.jit
+def _prefill_kernel(Q, K, V, OUT, TABLES, CU_Q, CTX, scale,
+                    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_ot, stride_oh,
+                    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    s = tl.program_id(0)
+    mt = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(CU_Q + s)
+    q_len = tl.load(CU_Q + s + 1) - q_start
+    if mt * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(CTX + s)
+    offset = ctx - q_len  # tokens already in the cache before this chunk
+    m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < q_len
+    d = tl.arange(0, D)
+    q = tl.load(Q + (q_start + m)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=mmask[:, None], other=0.0)
+    q_pos = offset + m
+    kvh = h // GROUP
+    end = tl.minimum(ctx, offset + (mt + 1) * BLOCK_M)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for t0 in range(0, end, BLOCK_N):
+        offs = t0 + tl.arange(0, BLOCK_N)
+        valid = offs < end
+        blk = tl.load(TABLES + s * stride_tb + offs // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        kv = blk * stride_kb + (offs % BLOCK_SIZE) * stride_kt + kvh * stride_kh
+        k = tl.load(K + kv[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        qk = tl.where(valid[None, :] & (offs[None, :] <= q_pos[:, None]), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp(qk - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(OUT + (q_start + m)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=mmask[:, None])
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      cu_q_lens: torch.Tensor, context_lens: torch.Tensor, max_q_len: int,
+                      scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, D]: the new tokens of S sequences back to back, sequence i's at rows
+    cu_q_lens[i]:cu_q_lens[i+1]; context_lens [S] counts cached plus new tokens, whose K/V are all in
+    the cache already. Causal. Returns [T, H, D] (in `out` when given)."""
+    t, h, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    out = torch.empty_like(q) if out is None else out
+    s = context_lens.shape[0]
+    if t == 0 or s == 0:
+        return out
+    block_m = 64 if q.dtype != torch.float32 else 32
+    block_n = 64 if q.dtype != torch.float32 else 32
+    grid = (s, triton.cdiv(max_q_len, block_m), h)
+    _prefill_kernel[grid](q, k_cache, v_cache, out, block_tables, cu_q_lens, context_lens, scale,
+                          q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                          block_tables.stride(0), out.stride(0), out.stride(1),
+                          GROUP=h // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+                          PREC=_precision(q.dtype), num_warps=4)
+    return out

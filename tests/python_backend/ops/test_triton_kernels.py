@@ -1,0 +1,146 @@
+"""The Triton kernels against the PyTorch reference (the dense causal oracle and llama.py's ops).
+
+On a GPU they run compiled, over the full sweep (contexts up to 4,096, batch sizes, block positions,
+GQA ratios, bfloat16). Without one they run in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), on smaller shapes: the interpreter is slow, but it checks the same index
+arithmetic, masking and split merging.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e .[dev] installs it)")
+
+from python_backend.models.llama import _rotate_half, rms_norm  # noqa: E402
+from python_backend.ops import fused, triton_attention as ta  # noqa: E402
+from python_backend.ops.attention import reference_attention  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEV = torch.device("cuda" if GPU else "cpu")
+# the interpreter computes through numpy, which has no bfloat16: half precision stands in for it there
+DTYPES = [torch.float32, torch.bfloat16 if GPU else torch.float16]
+TOL = {torch.float32: 2e-5 if not GPU else 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def _paged(lengths, h, hkv, d, bs, dtype, seed=0, spare=3):
+    """Random q/k/v per sequence, K/V stored at scattered blocks; returns what the kernels need."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-n // bs) for n in lengths) + spare
+    k_cache = torch.zeros(num_blocks, bs, hkv, d, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    seqs = []
+    for n in lengths:
+        nb = -(-n // bs)
+        table, perm = perm[:nb], perm[nb:]
+        q = torch.randn(n, h, d, generator=g).to(dtype)
+        k = torch.randn(n, hkv, d, generator=g).to(dtype)
+        v = torch.randn(n, hkv, d, generator=g).to(dtype)
+        pos = torch.arange(n)
+        t = torch.tensor(table)
+        k_cache[t[pos // bs], pos % bs] = k
+        v_cache[t[pos // bs], pos % bs] = v
+        seqs.append((table, q, k, v))
+    width = max(len(s[0]) for s in seqs) + 1  # one spare column: tables may be wider than needed
+    tables = torch.tensor([s[0] + [0] * (width - len(s[0])) for s in seqs], dtype=torch.int32)
+    return seqs, k_cache.to(DEV), v_cache.to(DEV), tables.to(DEV)
+
+
+DECODE_CASES = [  # lengths, heads, kv heads, head dim, block size, splits
+    ([1, 5, 16, 17], 4, 4, 16, 4, 1),
+    ([33, 2, 64, 100], 8, 2, 32, 16, 1),
+    ([130, 7], 8, 1, 16, 16, 4),
+    ([1, 200], 6, 2, 64, 16, 8),
+]
+if GPU:
+    DECODE_CASES += [([1], 32, 8, 64, 16, 16), ([4096], 32, 8, 64, 16, 16), ([4096, 1, 777, 2048] * 8, 32, 8, 64, 16, 2),
+                     ([3000, 17, 4095], 28, 4, 128, 16, 4), ([64] * 256, 32, 8, 64, 16, 1), ([511, 1024], 16, 16, 64, 32, 8)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lengths,h,hkv,d,bs,splits", DECODE_CASES)
+def test_decode_matches_reference(lengths, h, hkv, d, bs, splits, dtype):
+    seqs, k_cache, v_cache, tables = _paged(lengths, h, hkv, d, bs, dtype)
+    q = torch.stack([s[1][-1] for s in seqs]).to(DEV)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    out = ta.decode_attention(q, k_cache, v_cache, tables, lens, d ** -0.5, num_splits=splits)
+    for i, (_, qs, ks, vs) in enumerate(seqs):
+        ref = reference_attention(qs.to(DEV), ks.to(DEV), vs.to(DEV), d ** -0.5)[-1]
+        torch.testing.assert_close(out[i].float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+PREFILL_CASES = [  # lengths, tokens already cached, heads, kv heads, head dim, block size
+    ([7, 1, 13], [0, 0, 0], 4, 2, 16, 4),
+    ([40, 20, 5], [33, 12, 0], 6, 2, 32, 16),
+    ([70], [64], 8, 8, 16, 16),
+]
+if GPU:
+    PREFILL_CASES += [([4096], [0], 32, 8, 64, 16), ([1000, 3000, 1], [900, 0, 0], 32, 8, 64, 16),
+                      ([257, 512, 129], [256, 128, 0], 28, 4, 128, 16), ([300] * 16, [0] * 16, 32, 32, 64, 32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lengths,cached,h,hkv,d,bs", PREFILL_CASES)
+def test_prefill_matches_reference(lengths, cached, h, hkv, d, bs, dtype):
+    seqs, k_cache, v_cache, tables = _paged(lengths, h, hkv, d, bs, dtype)
+    q = torch.cat([s[1][c:] for s, c in zip(seqs, cached)]).to(DEV)
+    q_lens = [n - c for n, c in zip(lengths, cached)]
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    ctx = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    out = ta.prefill_attention(q, k_cache, v_cache, tables, cu, ctx, max(q_lens), d ** -0.5)
+    row = 0
+    for (_, qs, ks, vs), c in zip(seqs, cached):
+        ref = reference_attention(qs.to(DEV), ks.to(DEV), vs.to(DEV), d ** -0.5)[c:]
+        torch.testing.assert_close(out[row:row + ref.shape[0]].float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+        row += ref.shape[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_kv_matches_torch(dtype):
+    h, hkv, d, bs, t = 6, 2, 32, 4, 9
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=g).to(dtype).to(DEV)
+    angles = torch.outer(torch.arange(64).float(), 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat((angles, angles), -1)
+    cos, sin = emb.cos().to(dtype).to(DEV), emb.sin().to(dtype).to(DEV)
+    positions = torch.tensor([0, 1, 2, 3, 4, 10, 11, 63, 5], device=DEV)
+    slots = torch.tensor([3, 8, 9, 10, 11, 0, 1, 2, 15], device=DEV)
+    k_cache = torch.zeros(4, bs, hkv, d, dtype=dtype, device=DEV)
+    v_cache = torch.zeros_like(k_cache)
+    q = ta.rope_write_kv(qkv, positions, cos, sin, slots, k_cache, v_cache, h, hkv, d)
+    qk = qkv[:, : (h + hkv) * d].view(t, h + hkv, d).float()
+    c, s = cos[positions][:, None].float(), sin[positions][:, None].float()
+    want = qk * c + _rotate_half(qk) * s
+    tol = TOL[dtype]
+    torch.testing.assert_close(q.float(), want[:, :h], atol=tol, rtol=tol)
+    torch.testing.assert_close(k_cache.view(-1, hkv, d)[slots].float(), want[:, h:], atol=tol, rtol=tol)
+    torch.testing.assert_close(v_cache.view(-1, hkv, d)[slots], qkv[:, (h + hkv) * d:].view(t, hkv, d))
+    untouched = torch.ones(16, dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert k_cache.view(-1, hkv, d)[untouched.to(DEV)].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_and_silu_mul_match_torch(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 96, generator=g).to(dtype).to(DEV)
+    r = torch.randn(5, 96, generator=g).to(dtype).to(DEV)
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype).to(DEV)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), atol=tol, rtol=tol)
+    out, res = fused.add_rms_norm(x, r, w, 1e-5)
+    torch.testing.assert_close(res, x + r)
+    torch.testing.assert_close(out, rms_norm(x + r, w, 1e-5), atol=tol, rtol=tol)
+    gu = torch.randn(3, 2 * 1500, generator=g).to(dtype).to(DEV)
+    gate, up = gu.chunk(2, -1)
+    torch.testing.assert_close(fused.silu_mul(gu), torch.nn.functional.silu(gate) * up, atol=tol, rtol=tol)
+
+
+def test_num_splits_is_a_power_of_two_that_fills_the_gpu():
+    assert ta.num_splits_for(1, 8) == 16
+    assert ta.num_splits_for(256, 8) == 1
+    assert ta.num_splits_for(4, 8, max_len=100) == 2
+    for b in range(1, 300, 7):
+        n = ta.num_splits_for(b, 8)
+        assert n & (n - 1) == 0 and 1 <= n <= 16
