@@ -54,6 +54,7 @@ if want kernels; then
     tests/python_backend/engine/test_kernel_path.py tests/python_backend/engine/test_cuda_graphs.py 2>&1 | tail -15
 fi
 if want exact; then
+  [[ -d ../shared/data ]] || export FASTSERVE_SHARED=$root/.gpu/shared  # carried: ../shared does not travel
   FASTSERVE_RESULTS=$out python3 -m pytest -q -p no:cacheprovider tests/python_backend/engine/test_gpu_exact.py 2>&1 | tail -15
 fi
 bench() { python3 -m fastserve.cli bench --offline --repository $work/repo --model llama1b --device cuda "$@"; }
@@ -66,6 +67,10 @@ if want random; then
   llama
   bench --num-prompts 256 --input-len 100 --input-len-max 1024 --output-len 100 --output-len-max 1024 \
     --hf-batch-size 64 --repeats 3 --baseline-repeats 1 --baselines generate --out "$out/llama1b-random.json"
+fi
+if want profile; then
+  llama
+  python3 scripts/gpu_profile_step.py $work/repo/llama1b/1/engine --out "$out/profile-single.json"
 fi
 if want triton; then
   llama

@@ -18,7 +18,7 @@ except ImportError:
     pass
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("FASTSERVE_SHARED", ROOT.parent / "shared"))  # a GPU host gets a copy
 TEST_REPOS = Path(__file__).resolve().parent / "repos"
 
 
