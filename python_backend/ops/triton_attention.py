@@ -36,6 +36,13 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _rotate(a, b, cos, sin, dtype: tl.constexpr):
+    """a*cos - b*sin, each product rounded to the model's dtype as transformers' (q*cos + rotate_half(q)*sin)
+    rounds it: in bfloat16 that rounding decides near-tied greedy choices."""
+    return ((a * cos).to(dtype).to(tl.float32) - (b * sin).to(dtype).to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def _rope_write_kv_kernel(QKV, POS, COS, SIN, SLOTS, Q_OUT, K_CACHE, V_CACHE,
                           stride_qkv, stride_qo, stride_cos,
                           H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
@@ -53,16 +60,16 @@ def _rope_write_kv_kernel(QKV, POS, COS, SIN, SLOTS, Q_OUT, K_CACHE, V_CACHE,
     x1 = tl.load(row + hq * D + i[None, :], mask=mq, other=0.0).to(tl.float32)
     x2 = tl.load(row + hq * D + half + i[None, :], mask=mq, other=0.0).to(tl.float32)
     qo = Q_OUT + t * stride_qo + hq * D + i[None, :]
-    tl.store(qo, (x1 * cos - x2 * sin).to(Q_OUT.dtype.element_ty), mask=mq)
-    tl.store(qo + half, (x2 * cos + x1 * sin).to(Q_OUT.dtype.element_ty), mask=mq)
+    tl.store(qo, _rotate(x1, x2, cos, sin, Q_OUT.dtype.element_ty), mask=mq)
+    tl.store(qo + half, _rotate(x2, -x1, cos, sin, Q_OUT.dtype.element_ty), mask=mq)
     hk = tl.arange(0, HKV_PAD)[:, None]
     mk = hk < HKV
     krow = row + H * D
     k1 = tl.load(krow + hk * D + i[None, :], mask=mk, other=0.0).to(tl.float32)
     k2 = tl.load(krow + hk * D + half + i[None, :], mask=mk, other=0.0).to(tl.float32)
     kc = K_CACHE + slot * (HKV * D) + hk * D + i[None, :]
-    tl.store(kc, (k1 * cos - k2 * sin).to(K_CACHE.dtype.element_ty), mask=mk)
-    tl.store(kc + half, (k2 * cos + k1 * sin).to(K_CACHE.dtype.element_ty), mask=mk)
+    tl.store(kc, _rotate(k1, k2, cos, sin, K_CACHE.dtype.element_ty), mask=mk)
+    tl.store(kc + half, _rotate(k2, -k1, cos, sin, K_CACHE.dtype.element_ty), mask=mk)
     d = tl.arange(0, D)[None, :]
     v = tl.load(row + (H + HKV) * D + hk * D + d, mask=mk, other=0.0)
     tl.store(V_CACHE + slot * (HKV * D) + hk * D + d, v, mask=mk)
