@@ -81,7 +81,9 @@ def _stub_backend_dir(ts_root: Path) -> Path:
 
 def _python_env(base: dict[str, str]) -> dict[str, str]:
     env = dict(base)
-    bin_dir = str(Path(sys.executable).parent)
+    # $FASTSERVE_STUB_BIN: another interpreter's bin folder for the stub (one with numpy < 2 where the
+    # host's own has numpy 2, which the stub of nvidia-pytriton 0.7 cannot exchange tensors with)
+    bin_dir = os.environ.get("FASTSERVE_STUB_BIN") or str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     project_root = str(Path(__file__).resolve().parent.parent)
     paths = [project_root] + [p for p in sys.path if p and "site-packages" in p]

@@ -74,9 +74,13 @@ if want profile; then
 fi
 if want triton; then
   llama
-  if compgen -G ".whl/numpy/*.whl" >/dev/null; then  # the stub's numpy ABI: first on every python3's path
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/np1 .whl/numpy/*.whl
-    echo "import sys; sys.path.insert(0, '/tmp/np1')" > "$site/00-fastserve-numpy1.pth"
+  rm -f "$site/00-fastserve-numpy1.pth"
+  if compgen -G ".whl/numpy/*.whl" >/dev/null; then  # the stub's numpy ABI, in an environment of its own
+    python3 -m venv --system-site-packages --without-pip /tmp/stubenv
+    stub_site=$(/tmp/stubenv/bin/python3 -c 'import site; print(site.getsitepackages()[0])')
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$stub_site" .whl/numpy/*.whl
+    /tmp/stubenv/bin/python3 -c 'import numpy, torch, transformers; from transformers import AutoTokenizer; print("stub env: numpy", numpy.__version__)'
+    export FASTSERVE_STUB_BIN=/tmp/stubenv/bin
   fi
   mkdir -p /tmp/ts && tar -xJf .gpu/tritonserver-py3.12.tar.xz -C /tmp/ts
   export FASTSERVE_TRITONSERVER=/tmp/ts/tritonserver.sh
