@@ -76,9 +76,10 @@ if want triton; then
   llama
   rm -f "$site/00-fastserve-numpy1.pth"
   if compgen -G ".whl/numpy/*.whl" >/dev/null; then  # the stub's numpy ABI, in an environment of its own
-    python3 -m venv --system-site-packages --without-pip /tmp/stubenv
+    python3 -m venv --without-pip /tmp/stubenv  # python3 is itself a venv: its packages come in by a .pth
     stub_site=$(/tmp/stubenv/bin/python3 -c 'import site; print(site.getsitepackages()[0])')
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$stub_site" .whl/numpy/*.whl
+    echo "import site; site.addsitedir('$site')" > "$stub_site/zz-host-packages.pth"
     /tmp/stubenv/bin/python3 -c 'import numpy, torch, transformers; from transformers import AutoTokenizer; print("stub env: numpy", numpy.__version__)'
     export FASTSERVE_STUB_BIN=/tmp/stubenv/bin
   fi
