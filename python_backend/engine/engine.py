@@ -24,6 +24,8 @@ import torch
 from python_backend.engine import detokenize
 from python_backend.engine.engine_folder import open_engine_folder
 from python_backend.engine.kv_cache import BlockManager, KVPool
+from python_backend.engine.kv_swap import KVSwapper
+from python_backend.engine.mlfq import MLFQConfig, MLFQScheduler, PrefillProfile
 from python_backend.engine.runner import DecodeGraphs, Runner
 from python_backend.engine.sampler import sample
 from python_backend.engine.scheduler import Policy, ScheduledBatch, Scheduler
@@ -47,7 +49,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 0  # 0: the engine folder's
     max_queue_size: int = 1024
-    policy: str = "fcfs"
+    policy: str = "fcfs"  # or "mlfq": FastServe's skip-join MLFQ with KV swapping (mlfq.py)
+    mlfq_levels: int = 8
+    mlfq_base_quantum_s: float = 0.0  # 0: from the start-up profile
+    mlfq_ratio: float = 2.0
+    mlfq_starvation_s: float = 30.0
+    swap_space_gb: float = 4.0  # host memory for swapped-out KV blocks (MLFQ)
     enable_prefix_caching: bool = True
     kernels: bool = True  # the Triton attention and fused kernels (GPU only; the PyTorch reference otherwise)
     cuda_graphs: bool = True  # decode steps as CUDA graphs (GPU only)
@@ -112,8 +119,8 @@ class Engine:
             num_blocks -= 1  # the last block is the graphs' scratch block, never handed out
             graphs = DecodeGraphs(self.model, self.pool, scratch_block=num_blocks, max_batch=cfg.max_graph_batch)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, self._policy(cfg.policy))
         self.runner = Runner(self.model, self.pool, graphs)
+        self.scheduler = self._scheduler(cfg, per_block)
         self.eos_ids = self.folder.eos_token_ids or ([self.tokenizer.eos_token_id]
                                                      if self.tokenizer.eos_token_id is not None else [])
         self.stats = EngineStats()
@@ -135,10 +142,46 @@ class Engine:
     def from_folder(cls, folder: str | Path, **overrides) -> "Engine":
         return cls(folder, EngineConfig(**overrides))
 
-    def _policy(self, name: str) -> Policy:
-        if name == "fcfs":
-            return Policy()
-        raise ValueError(f"scheduler policy {name!r} is not available (fcfs)")
+    def _scheduler(self, cfg: EngineConfig, bytes_per_block: int) -> Scheduler:
+        if cfg.policy == "fcfs":
+            return Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, Policy())
+        if cfg.policy == "mlfq":
+            host_blocks = int(cfg.swap_space_gb * (1 << 30) // bytes_per_block)
+            swapper = KVSwapper(self.pool, host_blocks, self.device) if host_blocks > 0 else None
+            mlfq = MLFQConfig(levels=cfg.mlfq_levels, base_quantum_s=cfg.mlfq_base_quantum_s, ratio=cfg.mlfq_ratio,
+                              starvation_s=cfg.mlfq_starvation_s)
+            return MLFQScheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, swapper,
+                                 self._profile(), mlfq)
+        raise ValueError(f"scheduler policy {cfg.policy!r} is not available (fcfs, mlfq)")
+
+    @torch.inference_mode()
+    def _profile(self) -> PrefillProfile:
+        """Time prefills of a few lengths and a one-sequence decode step on this model and device, for
+        the MLFQ's skip-join and default quanta. Uses free blocks and gives them back untouched."""
+        bs = self.config.block_size
+        top = min(1024, self.max_model_len - 2, self.config.max_num_batched_tokens, (self.blocks.num_blocks - 1) * bs)
+        lengths = sorted({n for n in (16, 64, 256, top) if 1 <= n <= top})
+
+        def timed(batch: ScheduledBatch) -> float:
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                logits, _ = self.runner.run(batch)
+                if logits is not None:
+                    logits.sum().item()
+                best = min(best, time.perf_counter() - start)
+            return best
+
+        samples = []
+        seq = None
+        for n in lengths:
+            seq = Sequence(request_id="profile", prompt_ids=[1] * (n + 1), params=SamplingParams(max_tokens=1))
+            seq.block_table = self.blocks.allocate(self.blocks.blocks_for(n + 1))
+            samples.append((n, timed(ScheduledBatch(prefills=[(seq, n)]))))
+            seq.num_computed = n
+            decode = timed(ScheduledBatch(decodes=[seq]))
+            self.blocks.free(seq.block_table)
+        return PrefillProfile.fit(samples, decode)
 
     def _blocks_from_memory(self, per_block: int) -> int:
         cfg = self.config
@@ -223,12 +266,14 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch.empty:
             return self._flush()
-        now = time.perf_counter()
+        start = time.perf_counter()
         for seq, _ in batch.prefills:
             if seq.timing.first_scheduled is None:
-                seq.timing.first_scheduled = now
+                seq.timing.first_scheduled = start
+        self.scheduler.fence()
         logits, sampled = self.runner.run(batch)
         self.scheduler.after_step(batch)
+        self.scheduler.proactive()
         self.stats.steps += 1
         self.stats.prompt_tokens += sum(n for _, n in batch.prefills)
         self._flush()
@@ -238,6 +283,7 @@ class Engine:
             for i, (seq, token) in enumerate(zip(sampled, ids)):
                 if not seq.finished:
                     self._append(seq, token, None if logprobs is None else logprobs[i], now)
+        self.scheduler.charge(batch, time.perf_counter() - start)
         return True
 
     def _append(self, seq: Sequence, token: int, logprob: float | None, now: float) -> None:

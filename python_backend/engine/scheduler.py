@@ -156,6 +156,21 @@ class Scheduler:
                 self.blocks.register(seq.block_table[i], h)
                 seq.block_hashes.append(h)
 
+    # hooks the MLFQ scheduler (mlfq.py) fills in; FCFS needs none of them
+    def fence(self) -> None:
+        """Before the forward pass: wait for KV copies the batch depends on."""
+
+    def proactive(self) -> None:
+        """After the forward pass is launched: memory work that can overlap with it."""
+
+    def charge(self, batch: ScheduledBatch, seconds: float) -> None:
+        """The iteration's jobs used `seconds` of service."""
+
+    def state(self) -> dict:
+        return {"queue_lengths": [len(self.waiting) + len(self.running)], "swapped": 0, "host_blocks_used": 0,
+                "host_blocks_total": 0, "preemptions": self.num_preemptions, "swap_outs": 0, "swap_ins": 0,
+                "recomputes": self.num_preemptions, "promotions": 0}
+
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence wherever it is and free its blocks."""
         if seq in self.running:

@@ -123,10 +123,12 @@ class Sequence:
     generator: Any = None  # a torch.Generator when the request is seeded
     logprobs: list[float] = field(default_factory=list)
     num_preemptions: int = 0
-    # MLFQ bookkeeping (scheduler.py); harmless for FCFS
+    # MLFQ bookkeeping (mlfq.py); unused by FCFS
     queue_level: int = 0
-    quantum_used: float = 0.0
+    quantum_used: float = 0.0  # seconds of service in the current queue
     last_run: float = 0.0
+    swap_buffer: Any = None  # the K/V in host memory while SWAPPED (kv_swap.py)
+    swapped_blocks: int = 0
 
     @property
     def all_ids(self) -> list[int]:

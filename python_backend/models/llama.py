@@ -101,7 +101,8 @@ def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 def kernels_available(device: torch.device, cfg: ModelConfig) -> bool:
     """The Triton kernels run on CUDA devices, for power-of-two head sizes. (Sliding windows need nothing:
     the engine caps the context at the window.)"""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter: tests on CPU
+    on_cpu = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FASTSERVE_KERNELS_ON_CPU") == "1"
+    if device.type != "cuda" and not on_cpu:  # Triton's interpreter runs them on a CPU, slowly: tests only
         return False
     try:
         from python_backend.ops import triton_attention

@@ -35,7 +35,8 @@ def _engine(folder, kernels: bool) -> Engine:
                                        block_size=8, max_num_batched_tokens=24, max_num_seqs=4, cuda_graphs=False))
 
 
-def test_kernel_engine_matches_torch_engine(tiny_dir):
+def test_kernel_engine_matches_torch_engine(tiny_dir, monkeypatch):
+    monkeypatch.setenv("FASTSERVE_KERNELS_ON_CPU", "1")
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 30, 9)]
     prompts.append(prompts[2][:16] + [77, 78, 79])  # shares two full blocks with prompt 2: a prefix hit
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -1,0 +1,268 @@
+"""FastServe's scheduler: a skip-join multi-level feedback queue with token-level preemption and KV
+swapping (Wu et al., "Fast Distributed Inference Serving for Large Language Models", arXiv 2305.05920).
+
+Run-to-completion FCFS makes short jobs wait behind long ones. Since a job makes one token per
+iteration, it can be preempted after any token, so this scheduler re-decides the whole batch every
+iteration:
+
+- Queues 0..L-1 have quanta q_i = base * ratio**i seconds of service. A job is charged the duration
+  of every iteration it runs in; once it has used its queue's quantum it moves one queue down.
+- Skip-join: a new job enters the highest queue whose quantum covers its prefill time (estimated
+  from its input length with the profile the engine measured at start-up), so a long prompt never
+  enters queues it would fall out of at once.
+- Each iteration the batch is filled in order of (request priority, queue, arrival), within the seats,
+  the token budget and the KV blocks. A job left out keeps its KV cache and resumes exactly where it
+  stopped (token-level preemption).
+- Device blocks for a more urgent job come from the least urgent paused jobs: their KV is swapped to
+  host memory (kv_swap.py) or, with the host pool full, dropped and recomputed later.
+- Proactively, after the batch is launched, swapped-out jobs next in line are swapped back in while
+  free blocks allow, and when free blocks run low the least urgent paused jobs are swapped out ahead
+  of need.
+- A job that has not run for `starvation_s` goes back to the top queue.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from python_backend.engine.kv_cache import BlockManager
+from python_backend.engine.kv_swap import KVSwapper
+from python_backend.engine.scheduler import ScheduledBatch, Scheduler
+from python_backend.engine.sequence import Sequence, Status
+
+
+@dataclass
+class PrefillProfile:
+    """Prefill seconds as a + b * tokens, fitted to timings taken at engine start-up, and the time of a
+    one-sequence decode step."""
+
+    a: float
+    b: float
+    decode_step: float
+
+    def prefill_time(self, tokens: int) -> float:
+        return self.a + self.b * tokens
+
+    @classmethod
+    def fit(cls, samples: list[tuple[int, float]], decode_step: float) -> "PrefillProfile":
+        n = len(samples)
+        mx = sum(x for x, _ in samples) / n
+        my = sum(y for _, y in samples) / n
+        var = sum((x - mx) ** 2 for x, _ in samples)
+        b = max(0.0, sum((x - mx) * (y - my) for x, y in samples) / var) if var else 0.0
+        return cls(a=max(0.0, my - b * mx), b=b, decode_step=decode_step)
+
+
+@dataclass
+class MLFQConfig:
+    levels: int = 8
+    base_quantum_s: float = 0.0  # 0: from the profile (see MLFQScheduler.__init__)
+    ratio: float = 2.0
+    starvation_s: float = 30.0
+    low_watermark: float = 0.02  # proactive swap-out below this share of free device blocks
+
+
+class MLFQScheduler(Scheduler):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 swapper: KVSwapper | None, profile: PrefillProfile, config: MLFQConfig | None = None,
+                 clock=time.perf_counter):
+        # not Scheduler.__init__: its waiting/running lists are views of `jobs` here
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_preemptions = 0
+        self.prefix_hit_tokens = 0
+        self.cfg = cfg = config or MLFQConfig()
+        self.swapper = swapper
+        self.profile = profile
+        self.clock = clock
+        # default base quantum: a 256-token prefill or four decode steps, whichever is longer
+        base = cfg.base_quantum_s or max(profile.prefill_time(256), 4 * profile.decode_step)
+        self.quanta = [base * cfg.ratio ** i for i in range(cfg.levels)]
+        self.jobs: list[Sequence] = []  # every unfinished sequence
+        self.num_swap_outs = 0
+        self.num_swap_ins = 0
+        self.num_recomputes = 0
+        self.num_promotions = 0
+        self._order: list[Sequence] = []
+        self._chosen: set[int] = set()
+
+    # ---- queues ---------------------------------------------------------------------------------
+    def key(self, seq: Sequence) -> tuple:
+        return (seq.priority, seq.queue_level, seq.arrival_index)
+
+    def entry_level(self, num_prompt_tokens: int) -> int:
+        """Skip-join: the highest queue whose quantum covers the job's estimated prefill time."""
+        t = self.profile.prefill_time(num_prompt_tokens)
+        for level, q in enumerate(self.quanta):
+            if q >= t:
+                return level
+        return len(self.quanta) - 1
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        seq.queue_level = self.entry_level(len(seq.prompt_ids))
+        seq.quantum_used = 0.0
+        seq.last_run = self.clock()
+        self.jobs.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.jobs)
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        return [s for s in self.jobs if s.status is Status.WAITING]
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for s in self.jobs if s.status is Status.RUNNING]
+
+    @property
+    def swapped(self) -> list[Sequence]:
+        return [s for s in self.jobs if s.status is Status.SWAPPED]
+
+    def queue_lengths(self) -> list[int]:
+        counts = [0] * len(self.quanta)
+        for s in self.jobs:
+            counts[s.queue_level] += 1
+        return counts
+
+    def charge(self, batch: ScheduledBatch, seconds: float) -> None:
+        """Every job in the iteration used `seconds` of service; demote those past their quantum."""
+        for seq in [*batch.decodes, *(s for s, _ in batch.prefills)]:
+            if seq.finished:
+                continue
+            seq.quantum_used += seconds
+            if seq.quantum_used >= self.quanta[seq.queue_level] and seq.queue_level < len(self.quanta) - 1:
+                seq.queue_level += 1
+                seq.quantum_used = 0.0
+
+    def _promote_starved(self, now: float) -> None:
+        for seq in self.jobs:
+            if now - seq.last_run > self.cfg.starvation_s and seq.queue_level > 0:
+                seq.queue_level = 0
+                seq.quantum_used = 0.0
+                seq.last_run = now
+                self.num_promotions += 1
+
+    # ---- memory ---------------------------------------------------------------------------------
+    def _evict(self, victim: Sequence) -> None:
+        """Take a paused job's device blocks: to host memory if it has room, else drop them."""
+        if self.swapper is not None and victim.block_table and self.swapper.can_hold(len(victim.block_table)):
+            victim.swap_buffer = self.swapper.swap_out(victim.block_table)
+            victim.swapped_blocks = len(victim.block_table)
+            self.blocks.free(victim.block_table)  # contents stay valid in the prefix cache until reused
+            victim.block_table = []
+            victim.status = Status.SWAPPED
+            self.num_swap_outs += 1
+        else:
+            self._free(victim)
+            victim.status = Status.WAITING
+            self.num_recomputes += 1
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+
+    def _make_room(self, need: int, protected: set[int], order: list[Sequence]) -> bool:
+        """Free `need` device blocks by evicting the least urgent paused jobs (never a protected one)."""
+        if need <= self.blocks.num_free:
+            return True
+        for victim in reversed(order):
+            if self.blocks.num_free >= need:
+                break
+            if id(victim) in protected or victim.status is not Status.RUNNING or not victim.block_table:
+                continue
+            self._evict(victim)
+        return self.blocks.num_free >= need
+
+    def _swap_in(self, seq: Sequence) -> None:
+        blocks = self.blocks.allocate(seq.swapped_blocks)
+        self.swapper.swap_in(seq.swap_buffer, blocks)
+        seq.block_table = blocks
+        seq.swap_buffer = None
+        seq.swapped_blocks = 0
+        seq.status = Status.RUNNING
+        self.num_swap_ins += 1
+
+    # ---- the batch ------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        now = self.clock()
+        self._promote_starved(now)
+        order = sorted(self.jobs, key=self.key)
+        batch = ScheduledBatch()
+        budget, seats = self.max_num_batched_tokens, self.max_num_seqs
+        chosen: set[int] = set()
+        for seq in order:
+            if seats == 0 or budget == 0:
+                break
+            protected = chosen | {id(seq)}
+            if seq.status is Status.SWAPPED:
+                if not self._make_room(seq.swapped_blocks, protected, order):
+                    continue
+                self._swap_in(seq)
+            if seq.status is Status.WAITING and not seq.block_table and self.blocks.enable_prefix_caching:
+                cached, hashes = self.blocks.match_prefix(seq.all_ids, seq.num_tokens - 1)
+                seq.block_table, seq.block_hashes = cached, hashes
+                seq.num_computed = len(cached) * self.blocks.block_size
+                if seq.num_preemptions == 0:
+                    seq.num_cached_tokens = seq.num_computed
+            n = min(seq.num_uncomputed, budget)
+            need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
+            if not self._make_room(need, protected, order) or not self._grow(seq, n):
+                if seq.status is Status.WAITING:
+                    self._free(seq)  # give back prefix blocks taken above
+                continue
+            if seq.status is Status.WAITING:
+                self.prefix_hit_tokens += len(seq.block_hashes) * self.blocks.block_size
+            seq.status = Status.RUNNING
+            seq.last_run = now
+            chosen.add(id(seq))
+            seats -= 1
+            budget -= n
+            if seq.in_prefill or n > 1:
+                batch.prefills.append((seq, n))
+            else:
+                batch.decodes.append(seq)
+        self._order, self._chosen = order, chosen
+        return batch
+
+    def proactive(self) -> None:
+        """After the batch is launched: swap in the most urgent swapped-out jobs while blocks are
+        plentiful, and swap out the least urgent paused jobs when they run short."""
+        if self.swapper is None:
+            return
+        order, chosen = self._order, self._chosen
+        low = max(1, int(self.cfg.low_watermark * self.blocks.num_blocks))
+        for seq in order:
+            if seq.status is Status.SWAPPED and not seq.finished:
+                if self.blocks.num_free - seq.swapped_blocks < 2 * low:
+                    break
+                self._swap_in(seq)
+        for seq in reversed(order):
+            if self.blocks.num_free >= low:
+                break
+            if (seq.status is Status.RUNNING and id(seq) not in chosen and seq.block_table
+                    and self.swapper.can_hold(len(seq.block_table))):
+                self._evict(seq)
+
+    def fence(self) -> None:
+        if self.swapper is not None:
+            self.swapper.fence()
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.jobs:
+            self.jobs.remove(seq)
+        if seq.status is Status.SWAPPED and self.swapper is not None:
+            self.swapper.drop(seq.swapped_blocks)
+            seq.swap_buffer = None
+            seq.swapped_blocks = 0
+        self._free(seq)
+        seq.status = Status.FINISHED
+
+    def state(self) -> dict:
+        return {"queue_lengths": self.queue_lengths(), "swapped": len(self.swapped),
+                "host_blocks_used": self.swapper.host_blocks_used if self.swapper else 0,
+                "host_blocks_total": self.swapper.num_host_blocks if self.swapper else 0,
+                "preemptions": self.num_preemptions, "swap_outs": self.num_swap_outs,
+                "swap_ins": self.num_swap_ins, "recomputes": self.num_recomputes,
+                "promotions": self.num_promotions, "quanta_s": self.quanta}
