@@ -73,6 +73,10 @@ def engine_parameters(args: argparse.Namespace, dtype: str) -> dict[str, str]:
         "max_num_batched_tokens": str(args.max_num_batched_tokens),
         "max_queue_size": str(args.max_queue_size),
     }
+    if args.scheduler == "mlfq":
+        params.update(swap_space_gb=str(args.swap_space_gb), mlfq_levels=str(args.mlfq_levels),
+                      mlfq_base_quantum_s=str(args.mlfq_base_quantum), mlfq_ratio=str(args.mlfq_ratio),
+                      mlfq_starvation_s=str(args.mlfq_starvation))
     if args.device == "gpu":
         params["kv_cache_memory_fraction"] = str(args.kv_cache_memory_fraction)
     else:
@@ -201,7 +205,15 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
     p.add_argument("--max-queue-size", type=int, default=1024, help="waiting requests before UNAVAILABLE")
-    p.add_argument("--scheduler", choices=["fcfs", "mlfq"], default="fcfs", help="scheduling policy")
+    p.add_argument("--scheduler", choices=["fcfs", "mlfq"], default="fcfs",
+                   help="scheduling policy: fcfs, or mlfq (FastServe's skip-join MLFQ with KV swapping)")
+    p.add_argument("--swap-space-gb", type=float, default=4.0, help="mlfq: host memory for swapped-out KV (GiB)")
+    p.add_argument("--mlfq-levels", type=int, default=8, help="mlfq: number of queues")
+    p.add_argument("--mlfq-base-quantum", type=float, default=0.0,
+                   help="mlfq: top queue's quantum in seconds (0: from the engine's start-up profile)")
+    p.add_argument("--mlfq-ratio", type=float, default=2.0, help="mlfq: quantum growth per queue")
+    p.add_argument("--mlfq-starvation", type=float, default=30.0,
+                   help="mlfq: seconds without running before a job returns to the top queue")
     p.add_argument("--force", action="store_true", help="rebuild even when source and settings are unchanged")
 
 

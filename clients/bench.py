@@ -368,6 +368,15 @@ def print_table(result: dict) -> None:
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that write JSON results")
     p.add_argument("--offline", action="store_true", help="drive the engine directly, no Triton")
+    p.add_argument("--online", action="store_true",
+                   help="arrivals over time, per scheduling policy (clients/online.py); JSON and a PNG")
+    p.add_argument("--policies", default="fcfs,mlfq", help="online: policies to compare on one trace")
+    p.add_argument("--load", type=float, default=0.85, help="online: arrival rate as a share of measured capacity")
+    p.add_argument("--rate", type=float, default=0.0, help="online: arrival rate in requests/s (overrides --load)")
+    p.add_argument("--arrivals", choices=["poisson", "bursty"], default="poisson")
+    p.add_argument("--mix", default="0.8:16-64,0.2:512-1024", help="online: output lengths, weight:low-high,...")
+    p.add_argument("--num-requests", type=int, default=200, help="online: requests in the trace")
+    p.add_argument("--url", default=None, help="online: a running server's gRPC address instead of the engine")
     p.add_argument("--triton", action="store_true", help="also serve --repository with tritonserver and load it")
     p.add_argument("--repository", default=None, help="model repository (engine settings from its config.pbtxt)")
     p.add_argument("--model", default="smollm2", help="model name in the repository")
@@ -397,8 +406,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.online:
+        from clients.online import online, print_online
+
+        result = online(args)
+        save(result, args.out)
+        print_online(result)
+        print(f"wrote {args.out} and {result['plot']}")
+        return 0
     if not args.offline:
-        print("fastserve bench: give --offline (and --triton to load the server as well)", file=sys.stderr)
+        print("fastserve bench: give --offline (and --triton to load the server as well) or --online",
+              file=sys.stderr)
         return 2
     if args.triton and not args.repository:
         print("fastserve bench: --triton needs --repository", file=sys.stderr)

@@ -34,6 +34,21 @@ class Metrics:
         blocks = family("fastserve_kv_blocks", "KV-cache blocks", mf.GAUGE)
         self.kv_used = blocks.Metric(labels={**labels, "state": "used"})
         self.kv_total = blocks.Metric(labels={**labels, "state": "total"})
+        self._queue_family = family("fastserve_scheduler_queue_length", "Unfinished requests per scheduler queue "
+                                    "(MLFQ level; FCFS has one)", mf.GAUGE)
+        self._queues: list = []
+        self.swapped = family("fastserve_swapped_requests", "Requests whose KV cache is in host memory",
+                              mf.GAUGE).Metric(labels=labels)
+        host = family("fastserve_host_kv_blocks", "Host-memory KV blocks (swap space)", mf.GAUGE)
+        self.host_used = host.Metric(labels={**labels, "state": "used"})
+        self.host_total = host.Metric(labels={**labels, "state": "total"})
+        swaps = family("fastserve_kv_swaps_total", "Sequences whose KV cache moved between device and host",
+                       mf.COUNTER)
+        self.swap_outs = swaps.Metric(labels={**labels, "direction": "out"})
+        self.swap_ins = swaps.Metric(labels={**labels, "direction": "in"})
+        self.recomputes = family("fastserve_recomputes_total", "Preempted sequences whose KV cache was dropped, to "
+                                 "be recomputed", mf.COUNTER).Metric(labels=labels)
+        self._last: dict[str, int] = {}
         finish = family("fastserve_request_finish_total", "Finished requests by reason", mf.COUNTER)
         self._finish_family = finish
         self._labels = labels
@@ -58,6 +73,19 @@ class Metrics:
         if n > self._last_preemptions:
             self.preemptions.increment(n - self._last_preemptions)
             self._last_preemptions = n
+        state = sched.state()
+        for level, n in enumerate(state["queue_lengths"]):
+            while len(self._queues) <= level:
+                self._queues.append(self._queue_family.Metric(labels={**self._labels, "level": str(len(self._queues))}))
+            self._queues[level].set(n)
+        self.swapped.set(state["swapped"])
+        self.host_used.set(state["host_blocks_used"])
+        self.host_total.set(state["host_blocks_total"])
+        for key, counter in (("swap_outs", self.swap_outs), ("swap_ins", self.swap_ins),
+                             ("recomputes", self.recomputes)):
+            if state[key] > self._last.get(key, 0):
+                counter.increment(state[key] - self._last.get(key, 0))
+                self._last[key] = state[key]
         hits = sched.prefix_hit_tokens
         if hits > self._last_prefix_hits:
             self.prefix_hit_tokens.increment(hits - self._last_prefix_hits)

@@ -229,3 +229,32 @@ def test_metrics_move_with_traffic(smollm2_server):
     assert metric(smollm2_server, "fastserve_time_to_first_token_seconds_count", model="smollm2") > ttft_before
     assert metric(smollm2_server, "fastserve_kv_blocks", model="smollm2", state="total") > 0
     assert metric(smollm2_server, "fastserve_prompt_tokens_total", model="smollm2") > 0
+
+
+def test_mlfq_entry_serves_priorities_and_reports_its_queues(smollm2_server):
+    """An entry built with --scheduler mlfq: concurrent requests of both priorities complete exactly as
+    they would alone, and /metrics shows the scheduler's queues and swap space."""
+    url = smollm2_server.grpc_url
+    alone = Client(url, "grpc", "tiny_mlfq").generate("priority check", 40, temperature=0.0, ignore_eos=True)
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        results[i] = Client(url, "grpc", "tiny_mlfq").generate("priority check", 40, temperature=0.0, ignore_eos=True,
+                                                                priority=i % 2)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 6 and all((r.text, r.num_output_tokens) == (alone.text, 40) for r in results.values())
+    deadline = time.time() + 10
+    while time.time() < deadline and metric(smollm2_server, "fastserve_host_kv_blocks", model="tiny_mlfq",
+                                            state="total") == 0:
+        time.sleep(0.2)
+    assert metric(smollm2_server, "fastserve_host_kv_blocks", model="tiny_mlfq", state="total") > 0
+    text = urllib.request.urlopen(smollm2_server.metrics_url, timeout=10).read().decode()
+    levels = {ln.split('level="')[1].split('"')[0] for ln in text.splitlines()
+              if ln.startswith("fastserve_scheduler_queue_length{") and 'model="tiny_mlfq"' in ln}
+    assert levels == {str(i) for i in range(8)}
+    assert metric(smollm2_server, "fastserve_scheduler_queue_length", model="smollm2", level="0") >= 0
