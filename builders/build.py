@@ -73,10 +73,10 @@ def engine_parameters(args: argparse.Namespace, dtype: str) -> dict[str, str]:
         "max_num_batched_tokens": str(args.max_num_batched_tokens),
         "max_queue_size": str(args.max_queue_size),
     }
-    if args.scheduler == "mlfq":
-        params.update(swap_space_gb=str(args.swap_space_gb), mlfq_levels=str(args.mlfq_levels),
-                      mlfq_base_quantum_s=str(args.mlfq_base_quantum), mlfq_ratio=str(args.mlfq_ratio),
-                      mlfq_starvation_s=str(args.mlfq_starvation))
+    # the MLFQ's settings always: the policy can be switched at load time
+    params.update(swap_space_gb=str(args.swap_space_gb), mlfq_levels=str(args.mlfq_levels),
+                  mlfq_base_quantum_s=str(args.mlfq_base_quantum), mlfq_ratio=str(args.mlfq_ratio),
+                  mlfq_starvation_s=str(args.mlfq_starvation))
     if args.device == "gpu":
         params["kv_cache_memory_fraction"] = str(args.kv_cache_memory_fraction)
     else:

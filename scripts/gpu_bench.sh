@@ -11,6 +11,9 @@
 #   throughput  256 x 256 -> 128 tokens, EOS ignored: engine vs transformers generate (b64) and
 #               generate_batch, and a single sequence against the weight-streaming time
 #   random      256 requests, input and output lengths uniform in 100..1024: engine vs generate (b64)
+#   mlfq        issue 7: swap/resume exactness on the GPU, then online load (80% short / 20% long outputs)
+#               against FCFS and MLFQ with the KV pool limited to 1,024 blocks, at 85% of the measured
+#               capacity ($MLFQ_LOAD, $MLFQ_ARRIVALS: poisson or bursty)
 #   triton      the same 256 x 256 -> 128 offline and through the packed tritonserver at 256 streams
 #               (.gpu/tritonserver-py3.12.tar.xz from ../shared/tools/pack-tritonserver.sh; the
 #               Python-backend stub needs numpy < 2, carried as .whl/numpy)
@@ -67,6 +70,17 @@ if want random; then
   llama
   bench --num-prompts 256 --input-len 100 --input-len-max 1024 --output-len 100 --output-len-max 1024 \
     --hf-batch-size 64 --repeats 3 --baseline-repeats 1 --baselines generate --out "$out/llama1b-random.json"
+fi
+if want mlfq; then
+  FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/engine/test_mlfq_gpu.py 2>&1 | tail -5
+  llama
+  # memory-bound, as in FastServe's setting: 1,024 KV blocks of 16 tokens hold about 18 long jobs
+  [[ -f $work/repo/llama1b_mem/config.pbtxt ]] || python3 builders/build.py --model $work/src --name llama1b_mem \
+    --repository $work/repo --device gpu --dtype bfloat16 --max-model-len 4096 --max-num-seqs 256 \
+    --max-num-batched-tokens 4096 --num-kv-blocks 1024 --swap-space-gb 8
+  python3 -m fastserve.cli bench --online --repository $work/repo --model llama1b_mem --device cuda --num-requests 800 \
+    --input-len 32 --input-len-max 256 --load ${MLFQ_LOAD:-0.85} --arrivals ${MLFQ_ARRIVALS:-poisson} \
+    --out "$out/online-llama1b-h100-mem.json"
 fi
 if want profile; then
   llama

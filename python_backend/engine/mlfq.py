@@ -84,6 +84,7 @@ class MLFQScheduler(Scheduler):
         self.num_swap_ins = 0
         self.num_recomputes = 0
         self.num_promotions = 0
+        self.num_pauses = 0  # token-level preemptions: a job left out of the batch, its KV kept
         self._order: list[Sequence] = []
         self._chosen: set[int] = set()
 
@@ -223,6 +224,8 @@ class MLFQScheduler(Scheduler):
                 batch.prefills.append((seq, n))
             else:
                 batch.decodes.append(seq)
+        self.num_pauses += sum(1 for s in order if id(s) in self._chosen and id(s) not in chosen
+                               and s.status is Status.RUNNING)
         self._order, self._chosen = order, chosen
         return batch
 
@@ -265,4 +268,4 @@ class MLFQScheduler(Scheduler):
                 "host_blocks_total": self.swapper.num_host_blocks if self.swapper else 0,
                 "preemptions": self.num_preemptions, "swap_outs": self.num_swap_outs,
                 "swap_ins": self.num_swap_ins, "recomputes": self.num_recomputes,
-                "promotions": self.num_promotions, "quanta_s": self.quanta}
+                "promotions": self.num_promotions, "pauses": self.num_pauses, "quanta_s": self.quanta}
