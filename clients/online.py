@@ -87,7 +87,11 @@ def run_engine_trace(folder: Path, cfg, trace: list[Job]) -> tuple[list[dict], f
 
     engine = Engine.launch(folder, cfg)
     try:
-        engine.generate(["warm up"], SamplingParams(max_tokens=4, temperature=0.0))
+        # warm up on a burst of the trace's own prompts: kernels compile and graphs are captured for the
+        # batch sizes the run will see, before anything is timed (otherwise the capacity run pays for it)
+        warm = [job.prompt for job in trace[:64]]
+        engine.generate(warm, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+        engine.blocks.reset_prefix_cache()
         done = threading.Event()
         remaining = [len(trace)]
         lock = threading.Lock()

@@ -79,7 +79,7 @@ if want mlfq; then
     --repository $work/repo --device gpu --dtype bfloat16 --max-model-len 4096 --max-num-seqs 256 \
     --max-num-batched-tokens 4096 --num-kv-blocks 1024 --swap-space-gb 8
   python3 -m fastserve.cli bench --online --repository $work/repo --model llama1b_mem --device cuda --num-requests 800 \
-    --input-len 32 --input-len-max 256 --load ${MLFQ_LOAD:-0.85} --arrivals ${MLFQ_ARRIVALS:-poisson} \
+    --input-len 32 --input-len-max 256 --load ${MLFQ_LOAD:-0.85} --arrivals ${MLFQ_ARRIVALS:-poisson} --policies ${MLFQ_POLICIES:-fcfs,mlfq} \
     --out "$out/online-llama1b-h100-mem.json"
 fi
 if want profile; then

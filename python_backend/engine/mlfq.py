@@ -60,6 +60,7 @@ class MLFQConfig:
     ratio: float = 2.0
     starvation_s: float = 30.0
     low_watermark: float = 0.02  # proactive swap-out below this share of free device blocks
+    high_watermark: float = 0.25  # proactive swap-in only while this share stays free (no thrashing)
 
 
 class MLFQScheduler(Scheduler):
@@ -236,9 +237,10 @@ class MLFQScheduler(Scheduler):
             return
         order, chosen = self._order, self._chosen
         low = max(1, int(self.cfg.low_watermark * self.blocks.num_blocks))
+        high = int(self.cfg.high_watermark * self.blocks.num_blocks)
         for seq in order:
             if seq.status is Status.SWAPPED and not seq.finished:
-                if self.blocks.num_free - seq.swapped_blocks < 2 * low:
+                if self.blocks.num_free - seq.swapped_blocks < high:
                     break
                 self._swap_in(seq)
         for seq in reversed(order):
