@@ -40,7 +40,13 @@ def parse_mix(text: str) -> list[tuple[float, int, int, str]]:
     for part in text.split(","):
         weight, _, span = part.partition(":")
         lo, _, hi = span.partition("-")
-        classes.append((float(weight), int(lo), int(hi or lo)))
+        try:
+            w, low, high = float(weight), int(lo), int(hi or lo)
+        except ValueError:
+            raise SystemExit(f"--mix {text!r}: each class is weight:low-high, e.g. 0.8:16-64") from None
+        if w <= 0 or not 1 <= low <= high:
+            raise SystemExit(f"--mix {text!r}: weights must be positive and 1 <= low <= high")
+        classes.append((w, low, high))
     classes.sort(key=lambda c: c[2])
     names = ["short", "long"] if len(classes) == 2 else [f"class-{i}" for i in range(len(classes))]
     return [(w, lo, hi, name) for (w, lo, hi), name in zip(classes, names)]

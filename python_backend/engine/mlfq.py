@@ -74,6 +74,10 @@ class MLFQScheduler(Scheduler):
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0
         self.cfg = cfg = config or MLFQConfig()
+        if cfg.levels < 1 or cfg.ratio < 1.0 or cfg.base_quantum_s < 0 or cfg.starvation_s <= 0:
+            raise ValueError(f"MLFQ settings: need mlfq_levels >= 1, mlfq_ratio >= 1, mlfq_base_quantum_s >= 0 and "
+                             f"mlfq_starvation_s > 0; got {cfg.levels}, {cfg.ratio}, {cfg.base_quantum_s}, "
+                             f"{cfg.starvation_s}")
         self.swapper = swapper
         self.profile = profile
         self.clock = clock

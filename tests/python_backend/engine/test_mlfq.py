@@ -140,3 +140,8 @@ def test_preempted_sequences_resume_token_for_token(smollm2_engine_dir, smollm2_
         assert state["swap_outs"] == 0 and state["recomputes"] > 0, state
     assert got == want
     assert engine.blocks.num_used == 0 and state["host_blocks_used"] == 0 and state["swapped"] == 0
+
+
+def test_bad_mlfq_settings_are_named():
+    with pytest.raises(ValueError, match="mlfq_levels >= 1"):
+        MLFQScheduler(BlockManager(8, 4), 2, 64, None, PrefillProfile(0.0, 0.01, 0.1), MLFQConfig(levels=0))
