@@ -66,7 +66,7 @@ def _quote(value: str) -> str:
 def render_config(s: EntrySettings) -> str:
     """config.pbtxt text for a decoupled Python-backend generate model."""
     lines = [
-        f"# Written by FastServe's builder; engine settings below can be overridden at load time.",
+        "# Written by FastServe's builder; engine settings below can be overridden at load time.",
         f"name: {_quote(s.name)}",
         'backend: "python"',
         f"max_batch_size: {s.max_batch_size}",

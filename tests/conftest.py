@@ -134,3 +134,40 @@ def smollm2_server(serving_repo):
     server = start_server(serving_repo)
     yield server
     server.stop()
+
+
+def run_staggered(engine, prompts: list[list[int]], params, every: int = 2, per_step: int = 1) -> list:
+    """Submit `per_step` prompts every `every` engine steps, so prefills, decodes (and, under the MLFQ,
+    preemptions) share iterations; results in prompt order."""
+    from python_backend.engine.engine import Result
+
+    results = [Result() for _ in prompts]
+    pending = list(enumerate(prompts))
+    step = 0
+    while pending or engine.has_work():
+        if step % every == 0:
+            for _ in range(min(per_step, len(pending))):
+                i, ids = pending.pop(0)
+                engine.add_request(f"r{i}", ids, params, results[i].collect)
+        engine.step()
+        step += 1
+    return results
+
+
+@pytest.fixture(scope="session")
+def small_gpu_engine_dir(tmp_path_factory) -> Path:
+    """A small random Llama-shaped model in float32, built for the GPU (GPU tests only)."""
+    import os
+
+    from builders.build import main as build
+    from builders.random_model import make
+
+    tok = os.environ.get("FASTSERVE_TEST_TOKENIZER")
+    if not tok:
+        pytest.skip("set FASTSERVE_TEST_TOKENIZER to a folder with tokenizer files")
+    tmp = tmp_path_factory.mktemp("small-gpu")
+    make("llama-3.2-1b", Path(tok), tmp / "src", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+         num_attention_heads=8, num_key_value_heads=2, head_dim=32, vocab_size=49152, tie_word_embeddings=False)
+    assert build(["--model", str(tmp / "src"), "--name", "m", "--repository", str(tmp / "repo"), "--device", "gpu",
+                  "--dtype", "float32", "--max-model-len", "1024"]) == 0
+    return tmp / "repo" / "m" / "1" / "engine"

@@ -29,7 +29,7 @@ from python_backend.engine.mlfq import MLFQConfig, MLFQScheduler, PrefillProfile
 from python_backend.engine.runner import DecodeGraphs, Runner
 from python_backend.engine.sampler import sample
 from python_backend.engine.scheduler import Policy, ScheduledBatch, Scheduler
-from python_backend.engine.sequence import RequestOutput, SamplingError, SamplingParams, Sequence, Status
+from python_backend.engine.sequence import RequestOutput, SamplingError, SamplingParams, Sequence
 from python_backend.models.llama import LlamaModel
 
 

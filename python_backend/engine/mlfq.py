@@ -207,11 +207,7 @@ class MLFQScheduler(Scheduler):
                     continue
                 self._swap_in(seq)
             if seq.status is Status.WAITING and not seq.block_table and self.blocks.enable_prefix_caching:
-                cached, hashes = self.blocks.match_prefix(seq.all_ids, seq.num_tokens - 1)
-                seq.block_table, seq.block_hashes = cached, hashes
-                seq.num_computed = len(cached) * self.blocks.block_size
-                if seq.num_preemptions == 0:
-                    seq.num_cached_tokens = seq.num_computed
+                self._take_cached_prefix(seq)
             n = min(seq.num_uncomputed, budget)
             need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
             if not self._make_room(need, protected, order) or not self._grow(seq, n):

@@ -82,6 +82,14 @@ class Scheduler:
         self.add(seq)
         batch.preempted.append(seq)
 
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """A sequence without blocks starts from the cached blocks of its longest computed prefix."""
+        cached, hashes = self.blocks.match_prefix(seq.all_ids, seq.num_tokens - 1)
+        seq.block_table, seq.block_hashes = cached, hashes
+        seq.num_computed = len(cached) * self.blocks.block_size
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed
+
     def _grow(self, seq: Sequence, num_new: int) -> bool:
         """Give `seq` the blocks for `num_new` more computed tokens; False when they are not free."""
         need = self.blocks.blocks_for(seq.num_computed + num_new) - len(seq.block_table)
@@ -120,11 +128,7 @@ class Scheduler:
         while self.waiting and seats > 0 and budget > 0:
             seq = self.waiting[0]
             if not seq.block_table and self.blocks.enable_prefix_caching:
-                cached, hashes = self.blocks.match_prefix(seq.all_ids, seq.num_tokens - 1)
-                seq.block_table, seq.block_hashes = cached, hashes
-                seq.num_computed = len(cached) * self.blocks.block_size
-                if seq.num_preemptions == 0:
-                    seq.num_cached_tokens = seq.num_computed
+                self._take_cached_prefix(seq)
             n = min(seq.num_uncomputed, budget)
             need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
             if need + self.watermark_blocks > self.blocks.num_free and self.running:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import queue
-import re
 import threading
 import time
 import urllib.error
@@ -22,7 +21,6 @@ from tests.conftest import prompt_ids
 
 def metric(server, name: str, **labels) -> float:
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):

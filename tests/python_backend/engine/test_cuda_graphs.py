@@ -1,7 +1,6 @@
 """Decode steps replayed as CUDA graphs give the same tokens as the eager path and transformers."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,19 +12,8 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory) -> Path:
-    from builders.build import main as build
-    from builders.random_model import make
-
-    tok = os.environ.get("FASTSERVE_TEST_TOKENIZER")
-    if not tok:
-        pytest.skip("set FASTSERVE_TEST_TOKENIZER to a folder with tokenizer files")
-    tmp = tmp_path_factory.mktemp("graphs")
-    make("llama-3.2-1b", Path(tok), tmp / "src", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-         num_attention_heads=8, num_key_value_heads=2, head_dim=32, vocab_size=49152, tie_word_embeddings=False)
-    assert build(["--model", str(tmp / "src"), "--name", "m", "--repository", str(tmp / "repo"), "--device", "gpu",
-                  "--dtype", "float32", "--max-model-len", "1024"]) == 0
-    return tmp / "repo" / "m" / "1" / "engine"
+def engine_dir(small_gpu_engine_dir) -> Path:
+    return small_gpu_engine_dir
 
 
 def test_graphs_match_eager_and_transformers(engine_dir):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from python_backend.engine.engine import Engine, EngineConfig, Result
+from python_backend.engine.engine import Engine, EngineConfig
 from python_backend.engine.sequence import SamplingParams
-from tests.conftest import build_entry, prompt_ids, save_tiny_model
+from tests.conftest import build_entry, prompt_ids, run_staggered, save_tiny_model
 
 
 def hf_greedy(model, ids: list[int], n: int, eos: int | None) -> list[int]:
@@ -18,27 +18,12 @@ def hf_greedy(model, ids: list[int], n: int, eos: int | None) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def run_staggered(engine: Engine, prompts: list[list[int]], params: SamplingParams, per_step: int = 3) -> list[Result]:
-    """Submit a few prompts every other step, so prefills and decodes share iterations."""
-    results = [Result() for _ in prompts]
-    pending = list(enumerate(prompts))
-    step = 0
-    while pending or engine.has_work():
-        if step % 2 == 0:
-            for _ in range(min(per_step, len(pending))):
-                i, ids = pending.pop(0)
-                engine.add_request(f"r{i}", ids, params, results[i].collect)
-        engine.step()
-        step += 1
-    return results
-
-
 def test_smollm2_matches_transformers_under_preemption(smollm2_engine_dir, smollm2_source, shared_prompts):
     source, tok = smollm2_source
     prompts = [prompt_ids(tok, p) for p in shared_prompts]
     # 40 blocks of 16 tokens cannot hold 32 sequences of up to ~130 tokens: preemption must happen
     engine = Engine(smollm2_engine_dir, EngineConfig(num_kv_blocks=40, max_num_batched_tokens=256, max_num_seqs=32))
-    results = run_staggered(engine, prompts, SamplingParams(max_tokens=64, temperature=0.0))
+    results = run_staggered(engine, prompts, SamplingParams(max_tokens=64, temperature=0.0), every=2, per_step=3)
     assert engine.scheduler.num_preemptions > 0, "the test meant to exercise preemption"
     assert engine.blocks.num_used == 0
     mismatches = []
@@ -58,7 +43,8 @@ def test_tiny_architectures_match_transformers(tmp_path, arch, smollm2_source, s
     engine = Engine(entry / "1" / "engine", EngineConfig(num_kv_blocks=24, max_num_batched_tokens=128))
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompts = [prompt_ids(tok, p) for p in shared_prompts[::3]]
-    results = run_staggered(engine, prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
+    results = run_staggered(engine, prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True), every=2,
+                            per_step=3)
     for ids, r in zip(prompts, results):
         assert r.token_ids == hf_greedy(hf, ids, 32, None)
     assert engine.blocks.num_used == 0

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from python_backend.engine.engine import Engine, EngineConfig, Result
+from python_backend.engine.engine import Engine, EngineConfig
 from python_backend.engine.kv_cache import BlockManager
 from python_backend.engine.mlfq import MLFQConfig, MLFQScheduler, PrefillProfile
 from python_backend.engine.scheduler import Policy, Scheduler
-from python_backend.engine.sequence import SamplingParams, Sequence, Status
-from tests.conftest import prompt_ids
+from python_backend.engine.sequence import SamplingParams, Sequence
+from tests.conftest import prompt_ids, run_staggered
 
 
 class Clock:
@@ -106,19 +106,6 @@ def test_request_priority_comes_before_the_queues():
 
 
 # ---- with the engine and SmolLM2: swap out, swap in, recompute ------------------------------------
-def _staggered(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[Result]:
-    results = [Result() for _ in prompts]
-    pending = list(enumerate(prompts))
-    step = 0
-    while pending or engine.has_work():
-        if step % 3 == 0 and pending:
-            i, ids = pending.pop(0)
-            engine.add_request(f"r{i}", ids, params, results[i].collect)
-        engine.step()
-        step += 1
-    return results
-
-
 @pytest.mark.parametrize("swap_space_gb,expect", [(1.0, "swap"), (1e-9, "recompute")])
 def test_preempted_sequences_resume_token_for_token(smollm2_engine_dir, smollm2_source, shared_prompts,
                                                     swap_space_gb, expect):
@@ -132,7 +119,7 @@ def test_preempted_sequences_resume_token_for_token(smollm2_engine_dir, smollm2_
     # sequences, so a preempted job's blocks must go to host memory (or be dropped) to make room
     engine = Engine(smollm2_engine_dir, EngineConfig(num_kv_blocks=18, policy="mlfq", swap_space_gb=swap_space_gb,
                                                      mlfq_base_quantum_s=0.05, max_num_seqs=4))
-    got = [r.token_ids for r in _staggered(engine, prompts, params)]
+    got = [r.token_ids for r in run_staggered(engine, prompts, params, every=3)]
     state = engine.scheduler.state()
     if expect == "swap":
         assert state["swap_outs"] > 0 and state["swap_ins"] > 0, state
