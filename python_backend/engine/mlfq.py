@@ -221,10 +221,7 @@ class MLFQScheduler(Scheduler):
             chosen.add(id(seq))
             seats -= 1
             budget -= n
-            if seq.in_prefill or n > 1:
-                batch.prefills.append((seq, n))
-            else:
-                batch.decodes.append(seq)
+            batch.add(seq, n)
         self.num_pauses += sum(1 for s in order if id(s) in self._chosen and id(s) not in chosen
                                and s.status is Status.RUNNING)
         self._order, self._chosen = order, chosen

@@ -34,6 +34,13 @@ class ScheduledBatch:
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # sequence, tokens this step
     preempted: list[Sequence] = field(default_factory=list)
 
+    def add(self, seq: Sequence, n: int) -> None:
+        """One token of a decoding sequence is a decode; anything else (prompt, recompute) a prefill."""
+        if seq.in_prefill or n > 1:
+            self.prefills.append((seq, n))
+        else:
+            self.decodes.append(seq)
+
     @property
     def num_tokens(self) -> int:
         return len(self.decodes) + sum(n for _, n in self.prefills)
@@ -119,10 +126,7 @@ class Scheduler:
                 continue
             seats -= 1
             budget -= n
-            if seq.in_prefill or n > 1:
-                batch.prefills.append((seq, n))
-            else:
-                batch.decodes.append(seq)
+            batch.add(seq, n)
         if batch.preempted:
             return batch  # memory is short: admit nothing new this step
         while self.waiting and seats > 0 and budget > 0:
