@@ -72,6 +72,7 @@ def engine_parameters(args: argparse.Namespace, dtype: str) -> dict[str, str]:
         "max_num_seqs": str(args.max_num_seqs),
         "max_num_batched_tokens": str(args.max_num_batched_tokens),
         "max_queue_size": str(args.max_queue_size),
+        "stream_interval": str(args.stream_interval),
     }
     # the MLFQ's settings always: the policy can be switched at load time
     params.update(swap_space_gb=str(args.swap_space_gb), mlfq_levels=str(args.mlfq_levels),
@@ -136,6 +137,8 @@ def build(args: argparse.Namespace) -> Path:
     dtype = DTYPES.get(args.dtype, None) if args.dtype != "auto" else ("bfloat16" if args.device == "gpu" else "float32")
     if dtype is None:
         raise BuildError(f"--dtype {args.dtype}: choose one of auto, {', '.join(sorted(set(DTYPES.values())))}")
+    if args.stream_interval < 1:
+        raise BuildError(f"--stream-interval {args.stream_interval}: must be at least 1")
     repository = Path(args.repository)
     entry = repository / args.name
     version = entry / "1"
@@ -205,10 +208,13 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
     p.add_argument("--max-queue-size", type=int, default=1024, help="waiting requests before UNAVAILABLE")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="streaming: send one response per this many tokens (fewer sends at high concurrency)")
     p.add_argument("--scheduler", choices=["fcfs", "mlfq"], default="fcfs",
                    help="scheduling policy: fcfs, or mlfq (FastServe's skip-join MLFQ with KV swapping)")
     p.add_argument("--swap-space-gb", type=float, default=4.0, help="mlfq: host memory for swapped-out KV (GiB)")
-    p.add_argument("--mlfq-levels", type=int, default=8, help="mlfq: number of queues")
+    p.add_argument("--mlfq-levels", type=int, default=0,
+                   help="mlfq: number of queues (0: enough to span 128 decode steps, measured at start-up)")
     p.add_argument("--mlfq-base-quantum", type=float, default=0.0,
                    help="mlfq: top queue's quantum in seconds (0: from the engine's start-up profile)")
     p.add_argument("--mlfq-ratio", type=float, default=2.0, help="mlfq: quantum growth per queue")

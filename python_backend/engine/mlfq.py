@@ -6,7 +6,11 @@ iteration, it can be preempted after any token, so this scheduler re-decides the
 iteration:
 
 - Queues 0..L-1 have quanta q_i = base * ratio**i seconds of service. A job is charged the duration
-  of every iteration it runs in; once it has used its queue's quantum it moves one queue down.
+  of every iteration it runs in; once it has used its queue's quantum it moves one queue down. By
+  default L is chosen so that the queues above the last span LONG_JOB_STEPS decode steps: a job still
+  running then is a long one, and the last queue runs long jobs in arrival order. More queues would
+  keep long jobs in least-attained-service order, which pauses the ones nearest completion for newer
+  ones: their mean completion time grows far beyond what the short jobs gain.
 - Skip-join: a new job enters the highest queue whose quantum covers its prefill time (estimated
   from its input length with the profile the engine measured at start-up), so a long prompt never
   enters queues it would fall out of at once.
@@ -53,9 +57,12 @@ class PrefillProfile:
         return cls(a=max(0.0, my - b * mx), b=b, decode_step=decode_step)
 
 
+LONG_JOB_STEPS = 128  # one-sequence decode steps of service after which a job counts as long
+
+
 @dataclass
 class MLFQConfig:
-    levels: int = 8
+    levels: int = 0  # 0: from the profile (see MLFQScheduler.__init__)
     base_quantum_s: float = 0.0  # 0: from the profile (see MLFQScheduler.__init__)
     ratio: float = 2.0
     starvation_s: float = 30.0
@@ -74,8 +81,8 @@ class MLFQScheduler(Scheduler):
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0
         self.cfg = cfg = config or MLFQConfig()
-        if cfg.levels < 1 or cfg.ratio < 1.0 or cfg.base_quantum_s < 0 or cfg.starvation_s <= 0:
-            raise ValueError(f"MLFQ settings: need mlfq_levels >= 1, mlfq_ratio >= 1, mlfq_base_quantum_s >= 0 and "
+        if cfg.levels < 0 or cfg.ratio < 1.0 or cfg.base_quantum_s < 0 or cfg.starvation_s <= 0:
+            raise ValueError(f"MLFQ settings: need mlfq_levels >= 0 (0: from the profile), mlfq_ratio >= 1, mlfq_base_quantum_s >= 0 and "
                              f"mlfq_starvation_s > 0; got {cfg.levels}, {cfg.ratio}, {cfg.base_quantum_s}, "
                              f"{cfg.starvation_s}")
         self.swapper = swapper
@@ -83,7 +90,7 @@ class MLFQScheduler(Scheduler):
         self.clock = clock
         # default base quantum: a 256-token prefill or four decode steps, whichever is longer
         base = cfg.base_quantum_s or max(profile.prefill_time(256), 4 * profile.decode_step)
-        self.quanta = [base * cfg.ratio ** i for i in range(cfg.levels)]
+        self.quanta = [base * cfg.ratio ** i for i in range(cfg.levels or self.auto_levels(base, cfg.ratio, profile))]
         self.jobs: list[Sequence] = []  # every unfinished sequence
         self.num_swap_outs = 0
         self.num_swap_ins = 0
@@ -92,6 +99,15 @@ class MLFQScheduler(Scheduler):
         self.num_pauses = 0  # token-level preemptions: a job left out of the batch, its KV kept
         self._order: list[Sequence] = []
         self._chosen: set[int] = set()
+
+    @staticmethod
+    def auto_levels(base: float, ratio: float, profile: PrefillProfile, cap: int = 16) -> int:
+        """The fewest queues whose quanta above the last cover LONG_JOB_STEPS one-sequence decode steps."""
+        span, levels = 0.0, 1
+        while span < LONG_JOB_STEPS * profile.decode_step and levels < cap:
+            span += base * ratio ** (levels - 1)
+            levels += 1
+        return levels
 
     # ---- queues ---------------------------------------------------------------------------------
     def key(self, seq: Sequence) -> tuple:

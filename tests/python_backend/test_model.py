@@ -118,6 +118,17 @@ def test_32_concurrent_streams_finish(smollm2_server):
     assert smollm2_server.is_ready()
 
 
+def test_stream_interval_sends_one_response_per_interval(smollm2_server):
+    """tiny_mlfq is built with --stream-interval 4: 10 tokens come in at most 3 responses, same text."""
+    texts, final, error = _stream_request(smollm2_server.grpc_url, "tiny_mlfq", "One two three", 10,
+                                          {"temperature": 0.0})
+    assert error is None and final
+    assert 1 <= len(texts) <= 3, texts
+    whole = Client(smollm2_server.grpc_url, "grpc", "tiny_mlfq").generate("One two three", max_tokens=10,
+                                                                         temperature=0.0, ignore_eos=True)
+    assert "".join(texts) == whole.text and whole.num_output_tokens == 10
+
+
 def test_cancelled_streams_free_their_blocks(smollm2_server):
     with ThreadPoolExecutor(50) as pool:
         results = list(pool.map(lambda i: _stream_request(smollm2_server.grpc_url, "smollm2",
@@ -254,5 +265,5 @@ def test_mlfq_entry_serves_priorities_and_reports_its_queues(smollm2_server):
     text = urllib.request.urlopen(smollm2_server.metrics_url, timeout=10).read().decode()
     levels = {ln.split('level="')[1].split('"')[0] for ln in text.splitlines()
               if ln.startswith("fastserve_scheduler_queue_length{") and 'model="tiny_mlfq"' in ln}
-    assert levels == {str(i) for i in range(8)}
+    assert levels == {str(i) for i in range(5)}  # --mlfq-levels 5 reached the engine
     assert metric(smollm2_server, "fastserve_scheduler_queue_length", model="smollm2", level="0") >= 0

@@ -6,7 +6,7 @@ import pytest
 
 from python_backend.engine.engine import Engine, EngineConfig
 from python_backend.engine.kv_cache import BlockManager
-from python_backend.engine.mlfq import MLFQConfig, MLFQScheduler, PrefillProfile
+from python_backend.engine.mlfq import LONG_JOB_STEPS, MLFQConfig, MLFQScheduler, PrefillProfile
 from python_backend.engine.scheduler import Policy, Scheduler
 from python_backend.engine.sequence import SamplingParams, Sequence
 from tests.conftest import prompt_ids, run_staggered
@@ -83,6 +83,27 @@ def test_skip_join_places_long_prompts_below_the_top_queue():
     assert [s for s, _ in batch.prefills][0] is short  # the top queue goes first
 
 
+def test_default_queues_end_where_long_jobs_begin():
+    profile = PrefillProfile(a=0.0, b=0.001, decode_step=0.01)
+    sched = MLFQScheduler(BlockManager(8, 4), 2, 64, None, profile, MLFQConfig(base_quantum_s=0.1, ratio=2.0))
+    above_last = sum(sched.quanta[:-1])
+    assert above_last >= LONG_JOB_STEPS * profile.decode_step > above_last - sched.quanta[-2]
+    assert sched.quanta == [0.1, 0.2, 0.4, 0.8, 1.6]  # 3.1 s above the last queue covers 128 x 10 ms
+
+
+def test_long_jobs_in_the_last_queue_keep_arrival_order():
+    """A newer long job pauses an older one only while it passes through the queues above the last;
+    there, arrival order holds, so the job nearest completion is not kept waiting."""
+    clock = Clock()
+    profile = PrefillProfile(a=0.0, b=0.01, decode_step=0.05)  # 128 steps: 6.4 s, so quanta 1, 2, 4 | 8
+    sched = MLFQScheduler(BlockManager(256, 4, enable_prefix_caching=False), 1, 64, None, profile,
+                          MLFQConfig(base_quantum_s=1.0, ratio=2.0, starvation_s=1e9), clock=clock)
+    assert sched.quanta == [1.0, 2.0, 4.0, 8.0]
+    done, runs = _simulate(sched, {0: [_job(0, 4, 60)], 40: [_job(1, 4, 60)]}, clock)
+    assert done["j0"] < done["j1"]
+    assert len([it for it in runs["j1"] if it < done["j0"]]) == 7  # 1 + 2 + 4 s, then j0 ran on
+
+
 def test_no_job_waits_beyond_the_starvation_bound():
     clock = Clock()
     sched = _mlfq(clock, seats=1, starvation=6.0)
@@ -130,5 +151,5 @@ def test_preempted_sequences_resume_token_for_token(smollm2_engine_dir, smollm2_
 
 
 def test_bad_mlfq_settings_are_named():
-    with pytest.raises(ValueError, match="mlfq_levels >= 1"):
-        MLFQScheduler(BlockManager(8, 4), 2, 64, None, PrefillProfile(0.0, 0.01, 0.1), MLFQConfig(levels=0))
+    with pytest.raises(ValueError, match="mlfq_levels >= 0"):
+        MLFQScheduler(BlockManager(8, 4), 2, 64, None, PrefillProfile(0.0, 0.01, 0.1), MLFQConfig(levels=-1))
