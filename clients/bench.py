@@ -176,11 +176,46 @@ def run_triton(args: argparse.Namespace, prompts: list[str], lengths: list[int])
     server.start(timeout=900)
     try:
         Client(server.grpc_url, "grpc", args.model).generate("warm up", max_tokens=4, temperature=0.0)
-        runs = [load(server.grpc_url, args.model, prompts, lengths, args.concurrency, args.client_procs)
-                for _ in range(max(1, args.repeats))]
+        load(server.grpc_url, args.model, prompts, lengths, args.concurrency, args.client_procs)  # warm, untimed
+        runs = []
+        for _ in range(max(1, args.repeats)):
+            before = _scrape(server.metrics_url)
+            runs.append(load(server.grpc_url, args.model, prompts, lengths, args.concurrency, args.client_procs))
+            runs[-1]["server"] = _server_view(before, _scrape(server.metrics_url))
     finally:
         server.stop()
     return median_of(runs)
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Prometheus text -> {series: value}, summed over label sets (one model is loaded)."""
+    import urllib.request
+
+    totals: dict[str, float] = {}
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+        if line and not line.startswith("#"):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def _server_view(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Where the time went, as the server saw it during one run: Triton's queue before execute(), the
+    engine's time to first token (from execute()), and how many execute() calls took the requests."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+
+    def mean(total: str, count: str) -> float | None:
+        return d[total] / d[count] if d.get(count) else None
+
+    return {"execute_calls": d.get("nv_inference_exec_count"), "requests": d.get("nv_inference_request_success"),
+            "triton_queue_s": (mean("nv_inference_queue_duration_us", "nv_inference_request_success") or 0) / 1e6,
+            "engine_ttft_s": mean("fastserve_time_to_first_token_seconds_sum",
+                                  "fastserve_time_to_first_token_seconds_count"),
+            "engine_e2e_s": mean("fastserve_request_latency_seconds_sum", "fastserve_request_latency_seconds_count"),
+            "engine_itl_s": mean("fastserve_inter_token_latency_seconds_sum",
+                                 "fastserve_inter_token_latency_seconds_count"),
+            "responses_with_tokens": d.get("fastserve_inter_token_latency_seconds_count", 0)
+            + d.get("fastserve_time_to_first_token_seconds_count", 0)}
 
 
 def _stream_all(url: str, model: str, work: list[tuple[str, int]], concurrency: int) -> tuple[list[dict], list[str]]:
@@ -272,7 +307,8 @@ def load(url: str, model: str, prompts: list[str], lengths: list[int], concurren
             itls.append((t[-1] - t[0]) / (r["tokens"] - 1))
     return {
         "seconds": elapsed, "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / elapsed,
-        "requests": len(records), "errors": len(errors), "concurrency": concurrency, "client_processes": procs,
+        "requests": len(records), "errors": len(errors), "error_samples": sorted(set(errors))[:3],
+        "concurrency": concurrency, "client_processes": procs,
         "ttft_s": percentiles([r["times"][0] - r["sent"] for r in records if r["times"]]),
         "itl_s": percentiles(itls), "jct_s": percentiles([r["end"] - r["sent"] for r in records]),
     }
@@ -361,7 +397,7 @@ def offline(args: argparse.Namespace) -> dict:
                               args.output_len, mean_output_tokens=statistics.fmean(lengths))
     print(f"engine: {args.num_prompts} prompts, {statistics.fmean(lengths):.0f} tokens each on average, {reps} runs ...",
           flush=True)
-    engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up, as the server's
+    run_engine(engine, prompts, lengths)  # warm-up, untimed: first shapes compile and allocate
     result["systems"]["fastserve"] = median_of([run_engine(engine, prompts, lengths) for _ in range(reps)])
     if args.single:
         result["single_sequence"] = single_sequence(engine, prompts[0], args.output_len)

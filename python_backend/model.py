@@ -2,7 +2,8 @@
 
 execute() checks each request, hands it to the engine and returns at once. The engine thread puts
 outputs in a queue; a response thread sends them with each request's response sender, watches for
-cancelled requests, and keeps the metrics, so the engine never waits on a slow client.
+cancelled requests, and keeps the metrics, so the engine never waits on a slow client. One thread
+only: the Python backend of nvidia-pytriton 0.7 crashes the server when two threads send at once.
 """
 from __future__ import annotations
 
@@ -96,9 +97,10 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(str(e)) from None
         self.metrics = Metrics(pb_utils, args["model_name"], args["model_version"])
         self._ids = itertools.count()
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
+        self._new_tokens = 0  # generation tokens not yet added to the counter (one metric call per tick)
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._responder = threading.Thread(target=self._respond_loop, name="fastserve-responses", daemon=True)
         self._responder.start()
 
@@ -169,6 +171,7 @@ class TritonPythonModel:
                 next_poll = now + _CANCEL_POLL_S
                 try:
                     self._poll_cancelled()
+                    self._flush_token_count()
                     self.metrics.engine_state(self.engine)
                 except Exception as e:
                     pb_utils.Logger.log_error(f"fastserve: response thread: {type(e).__name__}: {e}")
@@ -185,6 +188,12 @@ class TritonPythonModel:
                     a.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 except Exception:
                     pass
+
+    def _flush_token_count(self) -> None:
+        with self._lock:
+            n, self._new_tokens = self._new_tokens, 0
+        if n:
+            self.metrics.generation_tokens.increment(n)
 
     def _poll_cancelled(self) -> None:
         with self._lock:
@@ -207,7 +216,8 @@ class TritonPythonModel:
             else:
                 self.metrics.itl.observe((now - a.last_token_time) / n_new)
             a.last_token_time = now
-            self.metrics.generation_tokens.increment(n_new)
+            with self._lock:
+                self._new_tokens += n_new
         if out.finished:
             with self._lock:
                 self._active.pop(out.request_id, None)
@@ -245,3 +255,4 @@ class TritonPythonModel:
         self.engine.shutdown()  # requests in flight end as 'cancelled' and get their FINAL flag
         self._outbox.put(_STOP)
         self._responder.join(timeout=30)
+        self._flush_token_count()

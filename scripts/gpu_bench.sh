@@ -120,7 +120,7 @@ if want triton; then
   for interval in ${TRITON_STREAM_INTERVALS:-1 4}; do  # tokens per streamed response
     sed -i '/key: "stream_interval"/d' "$cfg"
     echo "parameters { key: \"stream_interval\" value: { string_value: \"$interval\" } }" >> "$cfg"
-    bench --triton --concurrency 256 --num-prompts 256 --input-len 256 --output-len 128 --repeats 3 --baselines "" \
+    bench --triton --concurrency 256 --num-prompts 256 --input-len 256 --output-len 128 --repeats 5 --baselines "" \
       --out "$out/llama1b-triton-interval$interval.json" || echo "triton bench failed (stream_interval $interval)"
   done
 fi
