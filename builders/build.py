@@ -73,6 +73,7 @@ def engine_parameters(args: argparse.Namespace, dtype: str) -> dict[str, str]:
         "max_num_batched_tokens": str(args.max_num_batched_tokens),
         "max_queue_size": str(args.max_queue_size),
         "stream_interval": str(args.stream_interval),
+        "engine_process": "true" if args.engine_process else "false",
     }
     # the MLFQ's settings always: the policy can be switched at load time
     params.update(swap_space_gb=str(args.swap_space_gb), mlfq_levels=str(args.mlfq_levels),
@@ -210,6 +211,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-size", type=int, default=1024, help="waiting requests before UNAVAILABLE")
     p.add_argument("--stream-interval", type=int, default=1,
                    help="streaming: send one response per this many tokens (fewer sends at high concurrency)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine loop in a process of its own, off the Triton stub's interpreter lock "
+                        "(--no-engine-process: on a thread of the stub)")
     p.add_argument("--scheduler", choices=["fcfs", "mlfq"], default="fcfs",
                    help="scheduling policy: fcfs, or mlfq (FastServe's skip-join MLFQ with KV swapping)")
     p.add_argument("--swap-space-gb", type=float, default=4.0, help="mlfq: host memory for swapped-out KV (GiB)")

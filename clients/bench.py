@@ -214,8 +214,7 @@ def _server_view(before: dict[str, float], after: dict[str, float]) -> dict:
             "engine_e2e_s": mean("fastserve_request_latency_seconds_sum", "fastserve_request_latency_seconds_count"),
             "engine_itl_s": mean("fastserve_inter_token_latency_seconds_sum",
                                  "fastserve_inter_token_latency_seconds_count"),
-            "responses_with_tokens": d.get("fastserve_inter_token_latency_seconds_count", 0)
-            + d.get("fastserve_time_to_first_token_seconds_count", 0)}
+            "responses": d.get("fastserve_responses_total")}
 
 
 def _stream_all(url: str, model: str, work: list[tuple[str, int]], concurrency: int) -> tuple[list[dict], list[str]]:

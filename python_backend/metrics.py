@@ -19,8 +19,11 @@ class Metrics:
             return family(name, description, mf.HISTOGRAM).Metric(labels=labels, buckets=LATENCY_BUCKETS)
 
         self.ttft = histogram("fastserve_time_to_first_token_seconds", "Time from arrival to the first new token")
-        self.itl = histogram("fastserve_inter_token_latency_seconds", "Time between consecutive new tokens")
+        self.itl = histogram("fastserve_inter_token_latency_seconds", "Mean time between consecutive new tokens of "
+                             "a request, observed once per request")
         self.e2e = histogram("fastserve_request_latency_seconds", "Time from arrival to the last token")
+        self.responses = family("fastserve_responses_total", "Responses sent (streamed deltas and final "
+                                "answers)", mf.COUNTER).Metric(labels=labels)
         self.prompt_tokens = family("fastserve_prompt_tokens_total", "Prompt tokens received",
                                     mf.COUNTER).Metric(labels=labels)
         self.generation_tokens = family("fastserve_generation_tokens_total", "Tokens generated",
@@ -49,44 +52,40 @@ class Metrics:
         self.recomputes = family("fastserve_recomputes_total", "Preempted sequences whose KV cache was dropped, to "
                                  "be recomputed", mf.COUNTER).Metric(labels=labels)
         self._last: dict[str, int] = {}
+        self._gauges: dict[int, float] = {}  # the last value set, per gauge
         finish = family("fastserve_request_finish_total", "Finished requests by reason", mf.COUNTER)
         self._finish_family = finish
         self._labels = labels
         self._finish: dict[str, object] = {}
-        self._last_preemptions = 0
-        self._last_prefix_hits = 0
 
-    def finished(self, reason: str) -> None:
+    def finished(self, reason: str, n: int = 1) -> None:
         metric = self._finish.get(reason)
         if metric is None:
             metric = self._finish[reason] = self._finish_family.Metric(labels={**self._labels, "reason": reason})
-        metric.increment(1)
+        metric.increment(n)
 
-    def engine_state(self, engine) -> None:
-        """Gauges and the counters the engine keeps itself; called from the response thread."""
-        sched = engine.scheduler
-        self.waiting.set(len(sched.waiting))
-        self.running.set(len(sched.running))
-        self.kv_used.set(engine.blocks.num_used)
-        self.kv_total.set(engine.blocks.num_blocks)
-        n = sched.num_preemptions
-        if n > self._last_preemptions:
-            self.preemptions.increment(n - self._last_preemptions)
-            self._last_preemptions = n
-        state = sched.state()
+    def engine_state(self, state: dict) -> None:
+        """Gauges and the counters the engine keeps itself, from Engine.snapshot(). Only changed values
+        are set: each metric call is a round trip to the server."""
+        self._set(self.waiting, state["waiting"])
+        self._set(self.running, state["running"])
+        self._set(self.kv_used, state["kv_used"])
+        self._set(self.kv_total, state["kv_total"])
         for level, n in enumerate(state["queue_lengths"]):
             while len(self._queues) <= level:
                 self._queues.append(self._queue_family.Metric(labels={**self._labels, "level": str(len(self._queues))}))
-            self._queues[level].set(n)
-        self.swapped.set(state["swapped"])
-        self.host_used.set(state["host_blocks_used"])
-        self.host_total.set(state["host_blocks_total"])
-        for key, counter in (("swap_outs", self.swap_outs), ("swap_ins", self.swap_ins),
-                             ("recomputes", self.recomputes)):
+            self._set(self._queues[level], n)
+        self._set(self.swapped, state["swapped"])
+        self._set(self.host_used, state["host_blocks_used"])
+        self._set(self.host_total, state["host_blocks_total"])
+        for key, counter in (("preemptions", self.preemptions), ("swap_outs", self.swap_outs),
+                             ("swap_ins", self.swap_ins), ("recomputes", self.recomputes),
+                             ("prefix_hit_tokens", self.prefix_hit_tokens)):
             if state[key] > self._last.get(key, 0):
                 counter.increment(state[key] - self._last.get(key, 0))
                 self._last[key] = state[key]
-        hits = sched.prefix_hit_tokens
-        if hits > self._last_prefix_hits:
-            self.prefix_hit_tokens.increment(hits - self._last_prefix_hits)
-            self._last_prefix_hits = hits
+
+    def _set(self, gauge, value) -> None:
+        if self._gauges.get(id(gauge)) != value:
+            gauge.set(value)
+            self._gauges[id(gauge)] = value

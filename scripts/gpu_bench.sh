@@ -18,7 +18,8 @@
 #               against FCFS and MLFQ with the KV pool limited to 1,024 blocks, at 85% of the measured
 #               capacity ($MLFQ_LOAD, $MLFQ_ARRIVALS: poisson or bursty, $MLFQ_POLICIES: the order)
 #   triton      the same 256 x 256 -> 128 offline and through the packed tritonserver at 256 streams,
-#               one response per token and per 4 tokens ($TRITON_STREAM_INTERVALS)
+#               the engine in its own process or on the stub's thread, one response per token or per 4
+#               ($TRITON_RUNS: where:interval pairs; $TRITON_REPEATS)
 #               (.gpu/tritonserver-py3.12.tar.xz from ../shared/tools/pack-tritonserver.sh; the
 #               Python-backend stub needs numpy < 2, carried as .whl/numpy, in an environment of its
 #               own that leaves out the image's packages built on numpy 2: scripts/stub_site.py)
@@ -117,10 +118,13 @@ if want triton; then
   mkdir -p /tmp/ts && tar -xJf .gpu/tritonserver-py3.12.tar.xz -C /tmp/ts
   export FASTSERVE_TRITONSERVER=/tmp/ts/tritonserver.sh
   cfg=$work/repo/llama1b/config.pbtxt
-  for interval in ${TRITON_STREAM_INTERVALS:-1 4}; do  # tokens per streamed response
-    sed -i '/key: "stream_interval"/d' "$cfg"
+  # where the engine loop runs (process: its own; thread: the stub's) and tokens per streamed response
+  for run in ${TRITON_RUNS:-process:1 process:4 thread:1}; do
+    where=${run%%:*} interval=${run##*:}
+    sed -i '/key: "stream_interval"/d; /key: "engine_process"/d' "$cfg"
     echo "parameters { key: \"stream_interval\" value: { string_value: \"$interval\" } }" >> "$cfg"
-    bench --triton --concurrency 256 --num-prompts 256 --input-len 256 --output-len 128 --repeats 5 --baselines "" \
-      --out "$out/llama1b-triton-interval$interval.json" || echo "triton bench failed (stream_interval $interval)"
+    echo "parameters { key: \"engine_process\" value: { string_value: \"$([[ $where == process ]] && echo true || echo false)\" } }" >> "$cfg"
+    bench --triton --concurrency 256 --num-prompts 256 --input-len 256 --output-len 128 --repeats ${TRITON_REPEATS:-5} \
+      --baselines "" --out "$out/llama1b-triton-$where-interval$interval.json" || echo "triton bench failed ($run)"
   done
 fi

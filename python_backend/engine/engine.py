@@ -37,6 +37,24 @@ class Overloaded(RuntimeError):
     """Too many requests waiting; the client should retry later."""
 
 
+def check_request(ids: list[int], params: SamplingParams, max_model_len: int, in_flight: int,
+                  max_queue_size: int) -> None:
+    """Raise SamplingError for a request that cannot be served (the message is for the client) and
+    Overloaded when the queue is full. Shared by the engine and the process that fronts it."""
+    params.validate()
+    if not ids:
+        raise SamplingError("the prompt is empty")
+    if len(ids) >= max_model_len:
+        raise SamplingError(f"the prompt has {len(ids)} tokens; this model's context is {max_model_len} "
+                            f"tokens, which must also hold at least one new token")
+    room = max_model_len - len(ids)
+    if params.max_tokens > room:
+        raise SamplingError(f"max_tokens={params.max_tokens} does not fit: the prompt has {len(ids)} tokens and "
+                            f"the context is {max_model_len}, leaving room for {room}")
+    if in_flight >= max_queue_size:
+        raise Overloaded(f"{max_queue_size} requests are already queued; retry later")
+
+
 @dataclass
 class EngineConfig:
     device: str = "cpu"
@@ -137,6 +155,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.last_error: BaseException | None = None
+        self.on_flush: Callable[[], object] | None = None  # after each step's outputs are handed out
 
     @classmethod
     def from_folder(cls, folder: str | Path, **overrides) -> "Engine":
@@ -201,19 +220,8 @@ class Engine:
                     on_output: Callable[[RequestOutput], object] | None = None, priority: int = 0) -> Sequence:
         """Check and queue a request; returns at once. Raises SamplingError for a request that cannot
         be served (the message is for the client) and Overloaded when the queue is full."""
-        params.validate()
         ids = self.encode(prompt)
-        if not ids:
-            raise SamplingError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise SamplingError(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
-                                f"tokens, which must also hold at least one new token")
-        room = self.max_model_len - len(ids)
-        if params.max_tokens > room:
-            raise SamplingError(f"max_tokens={params.max_tokens} does not fit: the prompt has {len(ids)} tokens and "
-                                f"the context is {self.max_model_len}, leaving room for {room}")
-        if len(self._seqs) + self._pending >= self.config.max_queue_size:
-            raise Overloaded(f"{self.config.max_queue_size} requests are already queued; retry later")
+        check_request(ids, params, self.max_model_len, len(self._seqs) + self._pending, self.config.max_queue_size)
         seq = Sequence(request_id=request_id, prompt_ids=ids, params=params, on_output=on_output, priority=priority)
         if params.seed is not None and not params.greedy:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -249,6 +257,13 @@ class Engine:
                 seq = self._seqs.get(item)
                 if seq is not None:
                     self._finish(seq, "cancelled")
+
+    def snapshot(self) -> dict:
+        """The scheduler's and the KV cache's state as plain numbers, for metrics."""
+        sched = self.scheduler
+        return {**sched.state(), "waiting": len(sched.waiting), "running": len(sched.running),
+                "kv_used": self.blocks.num_used, "kv_total": self.blocks.num_blocks,
+                "prefix_hit_tokens": sched.prefix_hit_tokens}
 
     # ---- the loop -------------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -335,6 +350,8 @@ class Engine:
             self._emit(seq, RequestOutput(seq.request_id, delta, [token], False, None, len(seq.prompt_ids), n_out,
                                           seq.num_cached_tokens,
                                           [logprob] if params.logprobs and logprob is not None else None))
+        if unsent and self.on_flush is not None:
+            self.on_flush()
         return bool(unsent)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -402,15 +419,20 @@ class Engine:
             self._thread.start()
         return self
 
+    def step_or_fail(self) -> bool:
+        """step(), except that an error ends the requests in flight instead of the loop: a server
+        keeps serving new requests after one bad iteration."""
+        try:
+            return self.step()
+        except Exception as e:
+            self.last_error = e
+            for seq in list(self._seqs.values()):
+                self._finish(seq, "error")
+            return False
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                busy = self.step()
-            except Exception as e:  # fail the requests in flight, keep serving new ones
-                self.last_error = e
-                for seq in list(self._seqs.values()):
-                    self._finish(seq, "error")
-                busy = False
+            busy = self.step_or_fail()
             if not busy:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()

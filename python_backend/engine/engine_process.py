@@ -1,0 +1,261 @@
+"""The engine in a process of its own, so the server's interpreter lock serves only requests and responses.
+
+Inside Triton's Python stub, execute(), the response thread and the engine loop share one GIL. On an
+H100 at 256 streams the loop makes about 28,000 tokens a second and is busy in Python most of each
+step; the response thread, whose every send waits on the server and then on the GIL again, got
+about 300 sends a second and the engine itself slowed to half its offline speed (results/
+llama1b-h100-triton-interval1.json). vLLM runs its engine core in a separate process for the same
+reason. Here the child runs the loop alone on its main thread: it reads commands between steps and
+sends each step's outputs as one message while the GPU computes the next step. The parent
+tokenizes, checks requests (so a bad one is refused at once, with the same messages as the engine),
+and hands outputs to each request's callback from a reader thread.
+
+    engine = EngineProcess("model_repository/smollm2/1/engine", EngineConfig())
+    engine.add_request("r1", "Hello", SamplingParams(max_tokens=8), on_output=print)
+    engine.shutdown()
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Callable
+
+from python_backend.engine.engine import Engine, EngineConfig, check_request
+from python_backend.engine.engine_folder import open_engine_folder
+from python_backend.engine.sequence import RequestOutput, SamplingError, SamplingParams
+
+_STATE_INTERVAL_S = 0.05  # how often the child sends the scheduler's state for the metrics
+_IDLE_WAIT_S = 0.05
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process could not start, or has exited."""
+
+
+def python_executable() -> str:
+    """An interpreter for the child. In Triton's stub sys.executable is the stub binary, not Python;
+    $FASTSERVE_PYTHON, then python3 on PATH (serve.py puts the project's interpreter first)."""
+    chosen = os.environ.get("FASTSERVE_PYTHON")
+    if chosen:
+        return chosen
+    if Path(sys.executable or "").name.startswith("python"):
+        return sys.executable
+    found = shutil.which("python3") or shutil.which("python")
+    if not found:
+        raise EngineProcessError("no Python interpreter for the engine process: set FASTSERVE_PYTHON")
+    return found
+
+
+class EngineProcess:
+    """Engine's request interface (add_request, abort, snapshot, shutdown, tokenizer) over a child process."""
+
+    def __init__(self, folder: str | Path, config: EngineConfig | None = None, start_timeout_s: float = 1800.0):
+        from transformers import AutoTokenizer
+
+        self.config = config or EngineConfig()
+        self.folder = open_engine_folder(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder.path))
+        if not hasattr(sys, "argv"):  # an embedded interpreter may have none; spawn reads it
+            sys.argv = [""]
+        ctx = mp.get_context("spawn")
+        ctx.set_executable(python_executable())
+        cmd_r, self._cmd = ctx.Pipe(duplex=False)
+        self._out, out_w = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_child_main, args=(str(self.folder.path), self.config, cmd_r, out_w),
+                                 name="fastserve-engine", daemon=True)
+        self._proc.start()
+        cmd_r.close()
+        out_w.close()
+        ready = self._wait_ready(start_timeout_s)
+        self.max_model_len: int = ready["max_model_len"]
+        self._state: dict = ready["state"]
+        self._callbacks: dict[str, Callable[[RequestOutput], object] | None] = {}
+        self._lock = threading.Lock()  # the callbacks and the command pipe
+        self._dead: str | None = None
+        self._stopping = False
+        self._reader = threading.Thread(target=self._read_loop, name="fastserve-engine-reader", daemon=True)
+        self._reader.start()
+
+    def _wait_ready(self, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._out.poll(0.5):
+                try:
+                    kind, payload = self._out.recv()
+                except EOFError:
+                    break
+                if kind == "ready":
+                    return payload
+                self._proc.join(timeout=10)
+                raise EngineProcessError(payload)
+            if not self._proc.is_alive():
+                break
+        self._proc.join(timeout=1)
+        if self._proc.is_alive():
+            self._proc.kill()
+            raise EngineProcessError(f"the engine process was not ready after {timeout_s:.0f} s")
+        raise EngineProcessError(f"the engine process exited (code {self._proc.exitcode}) before it was ready")
+
+    # ---- requests -------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=False).input_ids
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    on_output: Callable[[RequestOutput], object] | None = None, priority: int = 0) -> None:
+        """Check and queue a request; returns at once. Raises like Engine.add_request, and
+        EngineProcessError once the engine process has exited."""
+        ids = self.encode(prompt)
+        with self._lock:
+            if self._dead is not None:
+                raise EngineProcessError(self._dead)
+            check_request(ids, params, self.max_model_len, len(self._callbacks), self.config.max_queue_size)
+            if request_id in self._callbacks:
+                raise SamplingError(f"request id {request_id!r} is already running")
+            self._callbacks[request_id] = on_output
+            self._cmd.send(("add", request_id, ids, params, priority))
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the next iteration; its callback gets a final 'cancelled' output."""
+        with self._lock:
+            if self._dead is None and request_id in self._callbacks:
+                self._cmd.send(("abort", request_id))
+
+    def snapshot(self) -> dict:
+        """The newest scheduler and KV-cache state the child sent (at most ~50 ms old)."""
+        return self._state
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._callbacks)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    # ---- outputs --------------------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                kind, payload = self._out.recv()
+            except (EOFError, OSError):
+                break
+            if kind == "out":
+                outputs, state = payload
+                if state is not None:
+                    self._state = state
+                for out in outputs:
+                    self._deliver(out)
+            elif kind == "stopped":
+                break
+        self._proc.join(timeout=5)
+        with self._lock:
+            if not self._stopping:
+                self._dead = f"the engine process exited (code {self._proc.exitcode}); reload the model"
+            orphans, self._callbacks = list(self._callbacks.items()), {}
+        reason = "cancelled" if self._stopping else "error"
+        for rid, callback in orphans:
+            if callback is not None:
+                try:
+                    callback(RequestOutput(rid, "", [], True, reason, 0, 0, error=self._dead))
+                except Exception:
+                    pass
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            callback = self._callbacks.pop(out.request_id, None) if out.finished else \
+                self._callbacks.get(out.request_id)
+        if callback is None:
+            return
+        try:
+            callback(out)
+        except Exception:  # a broken callback must not stop the others
+            if not out.finished:
+                self.abort(out.request_id)
+
+    # ---- stopping -------------------------------------------------------------------------------
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Stop the child; requests still in flight end as 'cancelled'."""
+        with self._lock:
+            self._stopping = True
+            if self._dead is None:
+                try:
+                    self._cmd.send(("stop", None))
+                except OSError:
+                    pass
+        self._reader.join(timeout=timeout_s)
+        self._proc.join(timeout=timeout_s)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=5)
+        self._cmd.close()
+        self._out.close()
+
+
+class _Outbox:
+    """The child's outputs since the last message; sent as one message per step."""
+
+    def __init__(self, conn: Connection, engine: Engine):
+        self.conn = conn
+        self.engine = engine
+        self.outputs: list[RequestOutput] = []
+        self.next_state = 0.0
+
+    def put(self, out: RequestOutput) -> None:
+        self.outputs.append(out)
+
+    def send(self) -> None:
+        now = time.monotonic()
+        state = None
+        if now >= self.next_state:
+            self.next_state = now + _STATE_INTERVAL_S
+            state = self.engine.snapshot()
+        if self.outputs or state is not None:
+            outputs, self.outputs = self.outputs, []
+            self.conn.send(("out", (outputs, state)))
+
+
+def _child_main(folder: str, config: EngineConfig, cmd: Connection, out: Connection) -> None:
+    """The engine loop, single-threaded: commands in between steps, outputs out once per step."""
+    try:
+        engine = Engine(folder, config)
+    except BaseException as e:
+        out.send(("failed", f"the engine did not start: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        return
+    box = _Outbox(out, engine)
+    engine.on_flush = box.send  # inside step(), while the GPU runs the step just launched
+    out.send(("ready", {"max_model_len": engine.max_model_len, "state": engine.snapshot()}))
+    try:
+        while True:
+            while cmd.poll():
+                kind, *args = cmd.recv()
+                if kind == "stop":
+                    engine.shutdown()
+                    box.send()
+                    out.send(("stopped", None))
+                    return
+                if kind == "add":
+                    _add(engine, box, *args)
+                elif kind == "abort":
+                    engine.abort(args[0])
+            busy = engine.step_or_fail()
+            box.send()
+            if not busy and not engine.has_work():
+                wait([cmd], timeout=_IDLE_WAIT_S)
+    except (EOFError, OSError, BrokenPipeError):
+        return  # the server went away
+
+
+def _add(engine: Engine, box: _Outbox, request_id: str, ids: list[int], params: SamplingParams, priority: int) -> None:
+    try:
+        engine.add_request(request_id, ids, params, box.put, priority)
+    except Exception as e:  # checked in the parent already; this is a race (a full queue) or a bug
+        box.put(RequestOutput(request_id, "", [], True, "error", len(ids), 0, error=str(e)))

@@ -1,0 +1,124 @@
+"""The engine in its own process: the same outputs as in this one, refusals at once, and no request
+left hanging when the process ends (asked to, or killed)."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from python_backend.engine.engine import Engine, EngineConfig, Result
+from python_backend.engine.engine_process import EngineProcess, EngineProcessError
+from python_backend.engine.sequence import SamplingError, SamplingParams
+from tests.conftest import build_entry, save_tiny_model
+
+PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3, 4,", "Hello"]
+CONFIG = dict(num_kv_blocks=256, max_num_seqs=4, max_queue_size=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine_dir(tmp_path_factory, smollm2_source):
+    tmp = tmp_path_factory.mktemp("tiny-proc")
+    folder = save_tiny_model(tmp / "src", "llama", smollm2_source[1], seed=7)
+    return build_entry(tmp / "repo", str(folder), "tiny") / "1" / "engine"
+
+
+@pytest.fixture(scope="module")
+def proc(tiny_engine_dir):
+    engine = EngineProcess(tiny_engine_dir, EngineConfig(**CONFIG))
+    yield engine
+    engine.shutdown()
+
+
+def _submit(engine, prompts: list[str], params: SamplingParams, prefix: str) -> list[Result]:
+    results = [Result() for _ in prompts]
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{prefix}{i}", p, params, results[i].collect)
+    for r in results:
+        assert r.done.wait(120), "no final output within 120 s"
+    return results
+
+
+def test_same_greedy_output_as_in_process(proc, tiny_engine_dir):
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    local = Engine(tiny_engine_dir, EngineConfig(**CONFIG)).generate(PROMPTS, params)
+    remote = _submit(proc, PROMPTS, params, "same-")
+    for a, b in zip(local, remote):
+        assert b.finish_reason == "length" and len(b.token_ids) == 24
+        assert b.token_ids == a.token_ids
+        assert b.text == a.text
+    assert proc.in_flight == 0
+
+
+def test_bad_requests_are_refused_at_once_with_the_engines_messages(proc):
+    with pytest.raises(SamplingError, match="prompt is empty"):
+        proc.add_request("bad-empty", "", SamplingParams())
+    with pytest.raises(SamplingError, match="temperature must be >= 0"):
+        proc.add_request("bad-temp", "hi", SamplingParams(temperature=-1.0))
+    with pytest.raises(SamplingError, match="this model's context is"):
+        proc.add_request("bad-long", list(range(1, proc.max_model_len + 5)), SamplingParams())
+    assert proc.in_flight == 0
+    ok = _submit(proc, ["still serving"], SamplingParams(max_tokens=4, temperature=0.0), "after-bad-")
+    assert ok[0].finish_reason == "length"
+
+
+def test_a_full_queue_is_overloaded_and_the_queue_drains(proc):
+    from python_backend.engine.engine import Overloaded
+
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    results = [Result() for _ in range(CONFIG["max_queue_size"])]
+    for i, r in enumerate(results):
+        proc.add_request(f"full-{i}", "count with me", params, r.collect)
+    with pytest.raises(Overloaded):
+        proc.add_request("full-extra", "one more", params)
+    for i in range(len(results)):
+        proc.abort(f"full-{i}")
+    for r in results:
+        assert r.done.wait(60) and r.finish_reason == "cancelled"
+    assert proc.in_flight == 0
+
+
+def test_state_reaches_the_parent(proc):
+    """The gauges follow the child within a tick: after the requests above, nothing runs or holds blocks."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while proc.snapshot()["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    state = proc.snapshot()
+    assert state["kv_total"] == CONFIG["num_kv_blocks"] and state["running"] == 0 and state["waiting"] == 0
+    assert {"waiting", "kv_used", "queue_lengths", "preemptions", "prefix_hit_tokens"} <= set(state)
+
+
+def test_killed_engine_fails_requests_in_flight_and_refuses_new_ones(tiny_engine_dir):
+    engine = EngineProcess(tiny_engine_dir, EngineConfig(**CONFIG))
+    first = threading.Event()
+    result = Result()
+
+    def collect(out):
+        result.collect(out)
+        first.set()
+
+    engine.add_request("k0", "a long story", SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True), collect)
+    assert first.wait(60)
+    os.kill(engine.pid, signal.SIGKILL)
+    assert result.done.wait(30), "the request in flight was left hanging"
+    assert result.finish_reason == "error" and "engine process exited" in result.error
+    with pytest.raises(EngineProcessError, match="exited"):
+        engine.add_request("k1", "anyone there?", SamplingParams())
+    engine.shutdown()
+
+
+def test_shutdown_cancels_requests_in_flight_and_ends_the_process(tiny_engine_dir):
+    engine = EngineProcess(tiny_engine_dir, EngineConfig(**CONFIG))
+    result = Result()
+    engine.add_request("s0", "go on", SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True), result.collect)
+    engine.shutdown()
+    assert result.done.is_set() and result.finish_reason == "cancelled"
+    assert not engine._proc.is_alive()
+
+
+def test_an_engine_that_cannot_start_is_named(tiny_engine_dir):
+    with pytest.raises(EngineProcessError, match="scheduler policy 'bogus'"):
+        EngineProcess(tiny_engine_dir, EngineConfig(num_kv_blocks=64, policy="bogus"))
