@@ -217,8 +217,11 @@ def _server_view(before: dict[str, float], after: dict[str, float]) -> dict:
             "responses": d.get("fastserve_responses_total")}
 
 
-def _stream_all(url: str, model: str, work: list[tuple[str, int]], concurrency: int) -> tuple[list[dict], list[str]]:
-    """Closed loop in one process: `concurrency` threads, each streaming one request at a time."""
+def _stream_all(url: str, model: str, work: list[tuple[str, int]], concurrency: int, on_open, go
+                ) -> tuple[list[dict], list[str]]:
+    """Closed loop in one process: `concurrency` threads, each streaming one request at a time over
+    a stream of its own, opened before the clock starts (on_open() is called once all are open; the
+    requests start at go.set()), as a benchmark's users hold their connections."""
     from clients.client import Client
 
     client = Client(url, "grpc", model)
@@ -251,20 +254,30 @@ def _stream_all(url: str, model: str, work: list[tuple[str, int]], concurrency: 
             with lock:
                 records.append({"sent": sent, "times": times, "end": time.perf_counter(), "tokens": n_out})
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    def connected_worker() -> None:
+        try:
+            client.connect()
+        except Exception as e:
+            with lock:
+                errors.append(f"connect: {e}")
+        opened.wait()
+        go.wait()
+        worker()
+
+    opened = threading.Barrier(concurrency + 1)
+    threads = [threading.Thread(target=connected_worker, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
+    opened.wait()
+    on_open()
     for t in threads:
         t.join()
+    client.close()
     return records, errors
 
 
 def _client_process(url, model, work, concurrency, ready, go, results) -> None:
-    import clients.client  # noqa: F401  (imported before the start signal, not timed)
-
-    ready.put(True)
-    go.wait()
-    results.put(_stream_all(url, model, work, concurrency))
+    results.put(_stream_all(url, model, work, concurrency, lambda: ready.put(True), go))
 
 
 def load(url: str, model: str, prompts: list[str], lengths: list[int], concurrency: int, procs: int = 0) -> dict:
@@ -277,7 +290,14 @@ def load(url: str, model: str, prompts: list[str], lengths: list[int], concurren
     procs = max(1, min(procs or -(-concurrency // 64), concurrency))
     start = time.perf_counter()
     if procs == 1:
-        records, errors = _stream_all(url, model, work, concurrency)
+        go = threading.Event()
+
+        def begin() -> None:
+            nonlocal start
+            start = time.perf_counter()
+            go.set()
+
+        records, errors = _stream_all(url, model, work, concurrency, begin, go)
     else:
         ctx = mp.get_context("spawn")
         ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()

@@ -56,12 +56,64 @@ def _settings(max_tokens: int, stop: list[str] | None, kw: dict) -> dict:
     return settings
 
 
+class _GrpcStream:
+    """One open bidirectional stream, reused by one thread for one request after another: opening a
+    channel and a stream per request cost more than a whole short request at 256 streams."""
+
+    def __init__(self, url: str):
+        import tritonclient.grpc as grpcclient
+
+        self.responses: queue.SimpleQueue = queue.SimpleQueue()
+        self.client = grpcclient.InferenceServerClient(url)
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+
+    def close(self, cancel: bool = False) -> None:
+        try:
+            self.client.stop_stream(cancel_requests=cancel)
+        finally:
+            self.client.close()
+
+
 class Client:
+    """Safe to share between threads. Over gRPC each request opens a stream of its own, unless its
+    thread called connect(): then the thread's requests reuse one stream until close()."""
+
     def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", model: str = "smollm2",
                  timeout: float = 600.0):
         if protocol not in ("grpc", "http"):
             raise ValueError("protocol must be 'grpc' or 'http'")
         self.url, self.protocol, self.model, self.timeout = url, protocol, model, timeout
+        self._local = threading.local()
+        self._streams: set[_GrpcStream] = set()
+        self._streams_lock = threading.Lock()
+
+    def connect(self) -> None:
+        """Open a gRPC stream that this thread's requests reuse until close() (load generators,
+        long-lived apps). Open streams keep the interpreter from exiting: close() them."""
+        if self.protocol == "grpc" and getattr(self._local, "stream", None) is None:
+            stream = self._local.stream = _GrpcStream(self.url)
+            with self._streams_lock:
+                self._streams.add(stream)
+
+    def close(self) -> None:
+        """Close every gRPC stream this client opened."""
+        with self._streams_lock:
+            streams, self._streams = self._streams, set()
+        for stream in streams:
+            stream.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _discard(self, stream: _GrpcStream, cancel: bool) -> None:
+        if getattr(self._local, "stream", None) is stream:
+            self._local.stream = None
+        with self._streams_lock:
+            self._streams.discard(stream)
+        stream.close(cancel)
 
     # ---- gRPC -----------------------------------------------------------------------------------
     def _grpc_inputs(self, module, prompt: str, settings: dict, chat: bool):
@@ -87,19 +139,24 @@ class Client:
     def _grpc_stream(self, prompt: str, settings: dict, chat: bool) -> Iterator[dict]:
         import tritonclient.grpc as grpcclient
 
-        responses: queue.SimpleQueue = queue.SimpleQueue()
-        client = grpcclient.InferenceServerClient(self.url)
-        client.start_stream(callback=lambda result, error: responses.put((result, error)),
-                            stream_timeout=self.timeout)
+        kept = getattr(self._local, "stream", None)
+        stream = kept or _GrpcStream(self.url)
+        request_id = uuid.uuid4().hex
+        done = False
         try:
             inputs, params = self._grpc_inputs(grpcclient, prompt, settings, chat)
-            client.async_stream_infer(self.model, inputs, request_id=uuid.uuid4().hex, parameters=params,
-                                      enable_empty_final_response=True)
+            stream.client.async_stream_infer(self.model, inputs, request_id=request_id, parameters=params,
+                                             enable_empty_final_response=True)
             while True:
-                result, error = responses.get(timeout=self.timeout)
+                try:
+                    result, error = stream.responses.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise GenerateError(f"no response within {self.timeout:.0f} s") from None
                 if error is not None:
                     raise GenerateError(str(error))
                 response = result.get_response()
+                if response.id != request_id:
+                    continue  # a late response of an earlier request on this stream
                 final = response.parameters.get("triton_final_response")
                 is_final = bool(final and final.bool_param)
                 if result.as_numpy("text_output") is not None:
@@ -107,10 +164,14 @@ class Client:
                            **{k: _first(result.as_numpy(k)) for k in
                               ("finish_reason", "num_input_tokens", "num_output_tokens")}}
                 if is_final:
+                    done = True
                     return
         finally:
-            client.stop_stream(cancel_requests=True)
-            client.close()
+            if kept is None:
+                stream.close(cancel=not done)
+            elif not done:  # abandoned or failed: cancel what is in flight; reconnect for the next request
+                self._discard(stream, cancel=True)
+                self.connect()
 
     # ---- HTTP -----------------------------------------------------------------------------------
     def _http_body(self, prompt: str, settings: dict, chat: bool) -> bytes:

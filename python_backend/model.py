@@ -115,24 +115,37 @@ class TritonPythonModel:
         self._tally: dict[str, int] = {}
         self._poll_cursor = 0
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._executing = threading.Event()  # set while execute() runs
         self._responder = threading.Thread(target=self._respond_loop, name="fastserve-responses", daemon=True)
         self._responder.start()
 
     # ---- requests in ----------------------------------------------------------------------------
     def execute(self, requests: list) -> None:
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                self._admit(request, sender)
-            except SamplingError as e:
-                self._fail(sender, str(e), pb_utils.TritonError.INVALID_ARG)
-            except (Overloaded, EngineProcessError) as e:
-                self._fail(sender, str(e), pb_utils.TritonError.UNAVAILABLE)
-            except Exception as e:  # never let one request take the model down
-                self._fail(sender, f"internal error: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
+        """Parse every request, then hand the valid ones to the engine in one call (one tokenizer
+        batch, one message to the engine process). The response thread holds back its sends
+        meanwhile: they compete for the GIL, and at 256 streams they kept new requests waiting."""
+        self._executing.set()
+        try:
+            admitted: list[tuple[str, _Active]] = []
+            for request in requests:
+                sender = request.get_response_sender()
+                try:
+                    admitted.append(self._parse(request, sender))
+                except Exception as e:
+                    self._refuse(sender, e)
+            if admitted:
+                errors = self.engine.add_requests([(rid, a.prompt, a.req.params, self._outbox.put, a.req.priority)
+                                                   for rid, a in admitted])
+                for (rid, a), error in zip(admitted, errors):
+                    if error is not None:
+                        with self._lock:
+                            self._active.pop(rid, None)
+                        self._refuse(a.sender, error)
+        finally:
+            self._executing.clear()
         return None
 
-    def _admit(self, request, sender) -> None:
+    def _parse(self, request, sender) -> tuple[str, _Active]:
         inputs = {t.name(): t.as_numpy() for t in request.inputs()}
         try:
             parameters = json.loads(request.parameters() or "{}")
@@ -147,14 +160,18 @@ class TritonPythonModel:
                                                                add_generation_prompt=True)
         rid = f"t{next(self._ids)}"
         active = _Active(sender=sender, request=request, req=req, prompt=prompt, arrival=time.perf_counter())
-        with self._lock:
+        with self._lock:  # known before the engine can answer
             self._active[rid] = active
-        try:
-            self.engine.add_request(rid, prompt, req.params, self._outbox.put, priority=req.priority)
-        except BaseException:
-            with self._lock:
-                self._active.pop(rid, None)
-            raise
+        return rid, active
+
+    def _refuse(self, sender, error: Exception) -> None:
+        """A request that will not run: a clear error for its client; the server keeps serving."""
+        if isinstance(error, SamplingError):
+            self._fail(sender, str(error), pb_utils.TritonError.INVALID_ARG)
+        elif isinstance(error, (Overloaded, EngineProcessError)):
+            self._fail(sender, str(error), pb_utils.TritonError.UNAVAILABLE)
+        else:  # never let one request take the model down
+            self._fail(sender, f"internal error: {type(error).__name__}: {error}", pb_utils.TritonError.INTERNAL)
 
     @staticmethod
     def _fail(sender, message: str, code) -> None:
@@ -174,6 +191,7 @@ class TritonPythonModel:
             if item is not None:
                 batch, stop = _drain(self._outbox, item)
                 for out in batch:
+                    self._yield_to_execute()
                     try:
                         self._respond(out)
                     except Exception as e:  # a dropped client: stop its sequence, keep serving the rest
@@ -189,6 +207,12 @@ class TritonPythonModel:
                     self.metrics.engine_state(self.engine.snapshot())
                 except Exception as e:
                     pb_utils.Logger.log_error(f"fastserve: response thread: {type(e).__name__}: {e}")
+
+    def _yield_to_execute(self) -> None:
+        """Wait (up to 0.2 s) while execute() admits requests."""
+        deadline = time.perf_counter() + 0.2
+        while self._executing.is_set() and time.perf_counter() < deadline:
+            time.sleep(0.0002)
 
     def _drop(self, out: RequestOutput, error: Exception) -> None:
         """Sending failed: stop the sequence and, if this was its end, still close the stream."""

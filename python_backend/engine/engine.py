@@ -232,6 +232,19 @@ class Engine:
         self._wake.set()
         return seq
 
+    def add_requests(self, items: list[tuple[str, str | list[int], SamplingParams, Callable | None, int]]
+                     ) -> list[Exception | None]:
+        """add_request for each (id, prompt, params, on_output, priority); per item, None or the
+        error that refused it."""
+        errors: list[Exception | None] = []
+        for rid, prompt, params, on_output, priority in items:
+            try:
+                self.add_request(rid, prompt, params, on_output, priority)
+                errors.append(None)
+            except Exception as e:
+                errors.append(e)
+        return errors
+
     def abort(self, request_id: str) -> None:
         """Stop a request at the next iteration; its callback gets a final 'cancelled' output."""
         self._inbox.put(("abort", request_id))

@@ -123,6 +123,33 @@ class EngineProcess:
             self._callbacks[request_id] = on_output
             self._cmd.send(("add", request_id, ids, params, priority))
 
+    def add_requests(self, items: list[tuple[str, str | list[int], SamplingParams, Callable | None, int]]
+                     ) -> list[Exception | None]:
+        """Many requests at once: one tokenizer call and one message. Per item, None or the error
+        that refused it (the others still run)."""
+        texts = [p for _, p, _, _, _ in items if isinstance(p, str)]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False).input_ids if texts else [])
+        errors: list[Exception | None] = []
+        batch = []
+        with self._lock:
+            for rid, prompt, params, on_output, priority in items:
+                ids = next(encoded) if isinstance(prompt, str) else list(prompt)
+                try:
+                    if self._dead is not None:
+                        raise EngineProcessError(self._dead)
+                    check_request(ids, params, self.max_model_len, len(self._callbacks), self.config.max_queue_size)
+                    if rid in self._callbacks:
+                        raise SamplingError(f"request id {rid!r} is already running")
+                except Exception as e:
+                    errors.append(e)
+                    continue
+                self._callbacks[rid] = on_output
+                batch.append((rid, ids, params, priority))
+                errors.append(None)
+            if batch:
+                self._cmd.send(("add_many", batch))
+        return errors
+
     def abort(self, request_id: str) -> None:
         """Stop a request at the next iteration; its callback gets a final 'cancelled' output."""
         with self._lock:
@@ -244,6 +271,9 @@ def _child_main(folder: str, config: EngineConfig, cmd: Connection, out: Connect
                     return
                 if kind == "add":
                     _add(engine, box, *args)
+                elif kind == "add_many":
+                    for item in args[0]:
+                        _add(engine, box, *item)
                 elif kind == "abort":
                     engine.abort(args[0])
             busy = engine.step_or_fail()

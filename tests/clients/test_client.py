@@ -41,6 +41,21 @@ def test_async_api(smollm2_server):
     assert chat.num_output_tokens <= 8
 
 
+def test_a_connected_thread_reuses_its_stream_and_replaces_an_abandoned_one(smollm2_server):
+    with Client(smollm2_server.grpc_url, "grpc", "smollm2") as c:
+        c.connect()
+        first = c._local.stream
+        a = c.generate("The capital of France is", max_tokens=5, temperature=0.0)
+        b = c.generate("The capital of France is", max_tokens=5, temperature=0.0)
+        assert c._local.stream is first and a.text == b.text and b.num_output_tokens == 5
+        pieces = c.stream("Count slowly to a thousand:", 2000, ignore_eos=True)
+        next(pieces)
+        pieces.close()  # abandoned mid-stream: the request is cancelled with its stream
+        assert c._local.stream is not first
+        assert c.generate("The capital of France is", max_tokens=5, temperature=0.0).text == a.text
+    assert not c._streams
+
+
 def test_errors_surface_as_generate_error(smollm2_server):
     for protocol, url in (("grpc", smollm2_server.grpc_url), ("http", smollm2_server.http_url)):
         with pytest.raises(GenerateError, match="top_p"):

@@ -122,3 +122,21 @@ def test_shutdown_cancels_requests_in_flight_and_ends_the_process(tiny_engine_di
 def test_an_engine_that_cannot_start_is_named(tiny_engine_dir):
     with pytest.raises(EngineProcessError, match="scheduler policy 'bogus'"):
         EngineProcess(tiny_engine_dir, EngineConfig(num_kv_blocks=64, policy="bogus"))
+
+
+def test_a_batch_of_requests_refuses_only_its_bad_ones(proc, tiny_engine_dir):
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    results = [Result() for _ in range(4)]
+    items = [("batch-0", PROMPTS[0], params, results[0].collect, 0),
+             ("batch-1", "", params, results[1].collect, 0),
+             ("batch-2", PROMPTS[2], SamplingParams(top_p=0.0), results[2].collect, 0),
+             ("batch-3", [5, 6, 7], params, results[3].collect, 1)]
+    errors = proc.add_requests(items)
+    assert errors[0] is None and errors[3] is None
+    assert isinstance(errors[1], SamplingError) and "empty" in str(errors[1])
+    assert isinstance(errors[2], SamplingError) and "top_p" in str(errors[2])
+    for i in (0, 3):
+        assert results[i].done.wait(60) and len(results[i].token_ids) == 6
+    local = Engine(tiny_engine_dir, EngineConfig(**CONFIG)).generate([PROMPTS[0], [5, 6, 7]], params)
+    assert [results[0].token_ids, results[3].token_ids] == [r.token_ids for r in local]
+    assert proc.in_flight == 0
