@@ -73,6 +73,12 @@ def output_lengths(num: int, output_len: int, output_len_max: int, seed: int) ->
     return [rng.randint(output_len, max(output_len, output_len_max)) for _ in range(num)]
 
 
+def salted(prompts: list[str], tag: str) -> list[str]:
+    """The prompts of one run, made distinct from every other run's by a leading tag, so that no run
+    is served from the prefix cache that an earlier run filled (offline and through Triton alike)."""
+    return [f"[{tag}] {p}" for p in prompts]
+
+
 def run_engine(engine, prompts: list[str], lengths: list[int]) -> dict:
     engine.blocks.reset_prefix_cache()  # repeated runs send the same prompts: no reuse across runs
     seqs = []
@@ -176,11 +182,13 @@ def run_triton(args: argparse.Namespace, prompts: list[str], lengths: list[int])
     server.start(timeout=900)
     try:
         Client(server.grpc_url, "grpc", args.model).generate("warm up", max_tokens=4, temperature=0.0)
-        load(server.grpc_url, args.model, prompts, lengths, args.concurrency, args.client_procs)  # warm, untimed
+        load(server.grpc_url, args.model, salted(prompts, "warm-up"), lengths, args.concurrency,
+             args.client_procs)  # untimed
         runs = []
-        for _ in range(max(1, args.repeats)):
+        for i in range(max(1, args.repeats)):
             before = _scrape(server.metrics_url)
-            runs.append(load(server.grpc_url, args.model, prompts, lengths, args.concurrency, args.client_procs))
+            runs.append(load(server.grpc_url, args.model, salted(prompts, f"run {i}"), lengths, args.concurrency,
+                             args.client_procs))
             runs[-1]["server"] = _server_view(before, _scrape(server.metrics_url))
     finally:
         server.stop()
@@ -405,7 +413,8 @@ def offline(args: argparse.Namespace) -> dict:
         "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
                      "input_len_max": args.input_len_max or args.input_len, "output_len": args.output_len,
                      "seed": args.seed, "ignore_eos": True,
-                     "mean_prompt_tokens": statistics.fmean(len(engine.encode(p)) for p in prompts)},
+                     "mean_prompt_tokens": statistics.fmean(len(engine.encode(p)) for p in salted(prompts, "run 0")),
+                     "prompts": "run i's prompts lead with the tag '[run i] ' (no prefix-cache reuse across runs)"},
         "command": " ".join(sys.argv),
         "systems": {},
     }
@@ -416,8 +425,9 @@ def offline(args: argparse.Namespace) -> dict:
                               args.output_len, mean_output_tokens=statistics.fmean(lengths))
     print(f"engine: {args.num_prompts} prompts, {statistics.fmean(lengths):.0f} tokens each on average, {reps} runs ...",
           flush=True)
-    run_engine(engine, prompts, lengths)  # warm-up, untimed: first shapes compile and allocate
-    result["systems"]["fastserve"] = median_of([run_engine(engine, prompts, lengths) for _ in range(reps)])
+    run_engine(engine, salted(prompts, "warm-up"), lengths)  # untimed: first shapes compile and allocate
+    result["systems"]["fastserve"] = median_of([run_engine(engine, salted(prompts, f"run {i}"), lengths)
+                                                for i in range(reps)])
     if args.single:
         result["single_sequence"] = single_sequence(engine, prompts[0], args.output_len)
     save(result, args.out)
