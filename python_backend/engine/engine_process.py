@@ -113,15 +113,9 @@ class EngineProcess:
                     on_output: Callable[[RequestOutput], object] | None = None, priority: int = 0) -> None:
         """Check and queue a request; returns at once. Raises like Engine.add_request, and
         EngineProcessError once the engine process has exited."""
-        ids = self.encode(prompt)
-        with self._lock:
-            if self._dead is not None:
-                raise EngineProcessError(self._dead)
-            check_request(ids, params, self.max_model_len, len(self._callbacks), self.config.max_queue_size)
-            if request_id in self._callbacks:
-                raise SamplingError(f"request id {request_id!r} is already running")
-            self._callbacks[request_id] = on_output
-            self._cmd.send(("add", request_id, ids, params, priority))
+        error = self.add_requests([(request_id, prompt, params, on_output, priority)])[0]
+        if error is not None:
+            raise error
 
     def add_requests(self, items: list[tuple[str, str | list[int], SamplingParams, Callable | None, int]]
                      ) -> list[Exception | None]:
