@@ -134,8 +134,11 @@ class TritonPythonModel:
                 except Exception as e:
                     self._refuse(sender, e)
             if admitted:
-                errors = self.engine.add_requests([(rid, a.prompt, a.req.params, self._outbox.put, a.req.priority)
-                                                   for rid, a in admitted])
+                try:
+                    errors = self.engine.add_requests([(rid, a.prompt, a.req.params, self._outbox.put,
+                                                        a.req.priority) for rid, a in admitted])
+                except Exception as e:  # every request still gets an answer
+                    errors = [e] * len(admitted)
                 for (rid, a), error in zip(admitted, errors):
                     if error is not None:
                         with self._lock:

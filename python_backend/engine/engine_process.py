@@ -3,12 +3,14 @@
 Inside Triton's Python stub, execute(), the response thread and the engine loop share one GIL. On an
 H100 at 256 streams the loop makes about 28,000 tokens a second and is busy in Python most of each
 step; the response thread, whose every send waits on the server and then on the GIL again, got
-about 300 sends a second and the engine itself slowed to half its offline speed (results/
-llama1b-h100-triton-interval1.json). vLLM runs its engine core in a separate process for the same
+about 300 sends a second and the engine itself slowed to half its offline speed (README, issue 6).
+vLLM runs its engine core in a separate process for the same
 reason. Here the child runs the loop alone on its main thread: it reads commands between steps and
 sends each step's outputs as one message while the GPU computes the next step. The parent
 tokenizes, checks requests (so a bad one is refused at once, with the same messages as the engine),
-and hands outputs to each request's callback from a reader thread.
+and hands outputs to each request's callback from a reader thread. Commands go out through a
+sender thread, so no caller ever blocks on the pipe: a caller blocked there while holding the lock
+the reader needs, with the child blocked sending to that reader, would stop both processes.
 
     engine = EngineProcess("model_repository/smollm2/1/engine", EngineConfig())
     engine.add_request("r1", "Hello", SamplingParams(max_tokens=8), on_output=print)
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import sys
 import threading
@@ -80,8 +83,11 @@ class EngineProcess:
         self._lock = threading.Lock()  # the callbacks and the command pipe
         self._dead: str | None = None
         self._stopping = False
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read_loop, name="fastserve-engine-reader", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="fastserve-engine-sender", daemon=True)
         self._reader.start()
+        self._sender.start()
 
     def _wait_ready(self, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -104,11 +110,6 @@ class EngineProcess:
         raise EngineProcessError(f"the engine process exited (code {self._proc.exitcode}) before it was ready")
 
     # ---- requests -------------------------------------------------------------------------------
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=False).input_ids
-        return list(prompt)
-
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     on_output: Callable[[RequestOutput], object] | None = None, priority: int = 0) -> None:
         """Check and queue a request; returns at once. Raises like Engine.add_request, and
@@ -141,14 +142,14 @@ class EngineProcess:
                 batch.append((rid, ids, params, priority))
                 errors.append(None)
             if batch:
-                self._cmd.send(("add_many", batch))
+                self._commands.put(("add_many", batch))
         return errors
 
     def abort(self, request_id: str) -> None:
         """Stop a request at the next iteration; its callback gets a final 'cancelled' output."""
         with self._lock:
             if self._dead is None and request_id in self._callbacks:
-                self._cmd.send(("abort", request_id))
+                self._commands.put(("abort", request_id))
 
     def snapshot(self) -> dict:
         """The newest scheduler and KV-cache state the child sent (at most ~50 ms old)."""
@@ -161,6 +162,16 @@ class EngineProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid
+
+    def _send_loop(self) -> None:
+        while True:
+            command = self._commands.get()
+            if command is None:
+                return
+            try:
+                self._cmd.send(command)
+            except OSError:  # the child is gone; the reader fails what is in flight
+                return
 
     # ---- outputs --------------------------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -208,10 +219,9 @@ class EngineProcess:
         with self._lock:
             self._stopping = True
             if self._dead is None:
-                try:
-                    self._cmd.send(("stop", None))
-                except OSError:
-                    pass
+                self._commands.put(("stop", None))
+            self._commands.put(None)
+        self._sender.join(timeout=timeout_s)
         self._reader.join(timeout=timeout_s)
         self._proc.join(timeout=timeout_s)
         if self._proc.is_alive():
@@ -263,9 +273,7 @@ def _child_main(folder: str, config: EngineConfig, cmd: Connection, out: Connect
                     box.send()
                     out.send(("stopped", None))
                     return
-                if kind == "add":
-                    _add(engine, box, *args)
-                elif kind == "add_many":
+                if kind == "add_many":
                     for item in args[0]:
                         _add(engine, box, *item)
                 elif kind == "abort":

@@ -140,3 +140,31 @@ def test_a_batch_of_requests_refuses_only_its_bad_ones(proc, tiny_engine_dir):
     local = Engine(tiny_engine_dir, EngineConfig(**CONFIG)).generate([PROMPTS[0], [5, 6, 7]], params)
     assert [results[0].token_ids, results[3].token_ids] == [r.token_ids for r in local]
     assert proc.in_flight == 0
+
+
+def test_submitting_never_waits_on_an_engine_whose_outputs_back_up(tiny_engine_dir):
+    """A slow consumer fills the output pipe and the child blocks sending; a large batch submitted
+    then must not block the caller (which once held the lock the reader needed: both processes stopped)."""
+    import time
+
+    engine = EngineProcess(tiny_engine_dir, EngineConfig(num_kv_blocks=512, max_num_seqs=4, max_queue_size=128))
+    try:
+        def slow(out):
+            time.sleep(0.02)
+
+        long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        for i in range(4):
+            engine.add_request(f"slow-{i}", f"story {i}", long, slow)
+        time.sleep(3)  # the engine outruns the consumer: the pipe to the parent fills
+        big = [(f"big-{i}", list(range(1, 480)), SamplingParams(max_tokens=1), None, 0) for i in range(100)]
+        answers: list = []
+        submit = threading.Thread(target=lambda: answers.append(engine.add_requests(big)), daemon=True)
+        submit.start()
+        submit.join(timeout=2.0)
+        assert not submit.is_alive(), "add_requests blocked behind the engine's backed-up outputs"
+        assert answers == [[None] * 100]
+        for i in range(4):
+            engine.abort(f"slow-{i}")
+    finally:
+        engine.shutdown(timeout_s=120)
+    assert not engine._proc.is_alive()
