@@ -64,6 +64,12 @@ def median_of(runs: list[dict]) -> dict:
     ordered = sorted(runs, key=lambda r: r["output_tokens_per_s"])
     best = dict(ordered[len(ordered) // 2])
     best["runs_output_tokens_per_s"] = [r["output_tokens_per_s"] for r in runs]
+    if all("ttft_s" in r for r in runs):  # what sets a slow run apart: late first tokens or slow steps
+        pick = lambda r, key, q: r[key].get(q) and round(r[key][q], 5)  # noqa: E731
+        best["runs_summary"] = [{"tok_s": round(r["output_tokens_per_s"]), "ttft_p50_s": pick(r, "ttft_s", "p50"),
+                                 "ttft_p99_s": pick(r, "ttft_s", "p99"), "itl_p50_s": pick(r, "itl_s", "p50"),
+                                 **({"responses": r["server"].get("responses")} if "server" in r else {})}
+                                for r in runs]
     return best
 
 

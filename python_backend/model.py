@@ -116,6 +116,8 @@ class TritonPythonModel:
         self._poll_cursor = 0
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._executing = threading.Event()  # set while execute() runs
+        # one thread sends: sends from several threads at once crashed tritonserver 2.51's Python backend
+        # (SIGSEGV in libtriton_python.so), so more senders are not an option for more throughput
         self._responder = threading.Thread(target=self._respond_loop, name="fastserve-responses", daemon=True)
         self._responder.start()
 

@@ -23,6 +23,8 @@
 #               (.gpu/tritonserver-py3.12.tar.xz from ../shared/tools/pack-tritonserver.sh; the
 #               Python-backend stub needs numpy < 2, carried as .whl/numpy, in an environment of its
 #               own that leaves out the image's packages built on numpy 2: scripts/stub_site.py)
+#   tprofile    where the server's time goes at 256 streams: scripts/triton_profile.py samples the stub and
+#               the engine process with py-spy (a py-spy wheel carried in .whl/small) during one run
 set -euo pipefail
 tok=${1:?tokenizer folder}
 out=${2:?output folder}
@@ -101,8 +103,8 @@ if want profile; then
   llama
   python3 scripts/gpu_profile_step.py $work/repo/llama1b/1/engine --out "$out/profile-single.json"
 fi
-if want triton; then
-  llama
+triton_env() {  # the packed tritonserver and the stub's environment, once
+  [[ -n ${FASTSERVE_TRITONSERVER:-} ]] && return
   if compgen -G ".whl/numpy/*.whl" >/dev/null; then
     # the stub's own environment: numpy 1.x (its tensor ABI) and the host's packages but those built on numpy 2
     python3 -m venv --without-pip /tmp/stubenv  # python3 is itself a venv: its packages come in by a .pth
@@ -117,6 +119,10 @@ if want triton; then
   fi
   mkdir -p /tmp/ts && tar -xJf .gpu/tritonserver-py3.12.tar.xz -C /tmp/ts
   export FASTSERVE_TRITONSERVER=/tmp/ts/tritonserver.sh
+}
+if want triton; then
+  llama
+  triton_env
   cfg=$work/repo/llama1b/config.pbtxt
   # where the engine loop runs (process: its own; thread: the stub's) and tokens per streamed response
   for run in ${TRITON_RUNS:-process:1 process:4 thread:1}; do
@@ -127,4 +133,11 @@ if want triton; then
     bench --triton --concurrency 256 --num-prompts 256 --input-len 256 --output-len 128 --repeats ${TRITON_REPEATS:-5} \
       --baselines "" --out "$out/llama1b-triton-$where-interval$interval.json" || echo "triton bench failed ($run)"
   done
+fi
+if want tprofile; then
+  llama
+  triton_env
+  sed -i '/key: "stream_interval"/d; /key: "engine_process"/d' $work/repo/llama1b/config.pbtxt  # the defaults
+  python3 scripts/triton_profile.py --repository $work/repo --model llama1b --tokenizer "$tok" --out "$out/tprofile" \
+    --runs ${TPROFILE_RUNS:-3} --py-spy /tmp/site/bin/py-spy 2>&1 | grep -v Warning | tail -60
 fi

@@ -77,6 +77,7 @@ class EngineConfig:
     kernels: bool = True  # the Triton attention and fused kernels (GPU only; the PyTorch reference otherwise)
     cuda_graphs: bool = True  # decode steps as CUDA graphs (GPU only)
     max_graph_batch: int = 256  # larger decode batches run eagerly
+    capture_graphs_at_start: bool = True  # every decode graph before serving, not on first use
     num_threads: int = 0  # CPU threads for torch; 0 leaves torch's default
     seed: int = 0
 
@@ -138,6 +139,10 @@ class Engine:
             graphs = DecodeGraphs(self.model, self.pool, scratch_block=num_blocks, max_batch=cfg.max_graph_batch)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.runner = Runner(self.model, self.pool, graphs)
+        if graphs is not None and cfg.capture_graphs_at_start:
+            start = time.perf_counter()
+            self.graphs_captured = graphs.capture_all(cfg.max_num_seqs, -(-self.max_model_len // cfg.block_size))
+            self.graph_capture_s = time.perf_counter() - start
         self.scheduler = self._scheduler(cfg, per_block)
         self.eos_ids = self.folder.eos_token_ids or ([self.tokenizer.eos_token_id]
                                                      if self.tokenizer.eos_token_id is not None else [])

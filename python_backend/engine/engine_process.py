@@ -6,7 +6,7 @@ step; the response thread, whose every send waits on the server and then on the 
 about 300 sends a second and the engine itself slowed to half its offline speed (README, issue 6).
 vLLM runs its engine core in a separate process for the same
 reason. Here the child runs the loop alone on its main thread: it reads commands between steps and
-sends each step's outputs as one message while the GPU computes the next step. The parent
+hands each step's outputs, while the GPU computes the next step, to a thread that sends them. The parent
 tokenizes, checks requests (so a bad one is refused at once, with the same messages as the engine),
 and hands outputs to each request's callback from a reader thread. Commands go out through a
 sender thread, so no caller ever blocks on the pipe: a caller blocked there while holding the lock
@@ -184,8 +184,8 @@ class EngineProcess:
                 outputs, state = payload
                 if state is not None:
                     self._state = state
-                for out in outputs:
-                    self._deliver(out)
+                for fields in outputs:
+                    self._deliver(RequestOutput(*fields))
             elif kind == "stopped":
                 break
         self._proc.join(timeout=5)
@@ -231,19 +231,35 @@ class EngineProcess:
         self._out.close()
 
 
+def _encode(out: RequestOutput) -> tuple:
+    """A plain tuple pickles about four times faster than the dataclass (256 outputs: ~45 us, not ~200)."""
+    return (out.request_id, out.text, out.token_ids, out.finished, out.finish_reason, out.num_input_tokens,
+            out.num_output_tokens, out.num_cached_tokens, out.logprobs, out.error)
+
+
 class _Outbox:
-    """The child's outputs since the last message; sent as one message per step."""
+    """The child's side of the output pipe. The engine hands each step's outputs over and goes on; a
+    thread of its own sends them, everything waiting as one message. So a parent slow to read (its
+    GIL busy with responses) delays delivery but never the engine: with the engine writing the pipe
+    itself, a full pipe stopped the decode loop."""
 
     def __init__(self, conn: Connection, engine: Engine):
         self.conn = conn
         self.engine = engine
-        self.outputs: list[RequestOutput] = []
+        self.outputs: list[tuple] = []  # the engine thread's, since its last hand-over
         self.next_state = 0.0
+        self._cond = threading.Condition()
+        self._queue: list[list] = []  # messages in order; outputs handed over while one waits join it
+        self._closing = False
+        self.broken = False  # the parent is gone
+        self._thread = threading.Thread(target=self._send_loop, name="fastserve-outbox", daemon=True)
+        self._thread.start()
 
     def put(self, out: RequestOutput) -> None:
-        self.outputs.append(out)
+        self.outputs.append(_encode(out))
 
     def send(self) -> None:
+        """Hand over this step's outputs (and, every _STATE_INTERVAL_S, the scheduler's state)."""
         now = time.monotonic()
         state = None
         if now >= self.next_state:
@@ -251,11 +267,47 @@ class _Outbox:
             state = self.engine.snapshot()
         if self.outputs or state is not None:
             outputs, self.outputs = self.outputs, []
-            self.conn.send(("out", (outputs, state)))
+            with self._cond:
+                last = self._queue[-1] if self._queue else None
+                if last is not None and last[0] == "out":
+                    last[1] += outputs
+                    last[2] = state if state is not None else last[2]
+                else:
+                    self._queue.append(["out", outputs, state])
+                self._cond.notify()
+
+    def post(self, kind: str, payload) -> None:
+        """A message of its own, sent after every output handed over before it."""
+        with self._cond:
+            self._queue.append([kind, payload])
+            self._cond.notify()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout=timeout_s)
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._queue or self._closing):
+                    self._cond.wait()
+                queue_, self._queue = self._queue, []
+                closing = self._closing
+            try:
+                for item in queue_:
+                    self.conn.send(("out", (item[1], item[2])) if item[0] == "out" else tuple(item))
+            except (OSError, BrokenPipeError, EOFError):
+                self.broken = True
+                return
+            if closing and not queue_:
+                return
 
 
 def _child_main(folder: str, config: EngineConfig, cmd: Connection, out: Connection) -> None:
-    """The engine loop, single-threaded: commands in between steps, outputs out once per step."""
+    """The engine loop on the main thread: commands in between steps, outputs handed to the outbox
+    once per step."""
     try:
         engine = Engine(folder, config)
     except BaseException as e:
@@ -263,15 +315,16 @@ def _child_main(folder: str, config: EngineConfig, cmd: Connection, out: Connect
         return
     box = _Outbox(out, engine)
     engine.on_flush = box.send  # inside step(), while the GPU runs the step just launched
-    out.send(("ready", {"max_model_len": engine.max_model_len, "state": engine.snapshot()}))
+    box.post("ready", {"max_model_len": engine.max_model_len, "state": engine.snapshot()})
     try:
-        while True:
+        while not box.broken:
             while cmd.poll():
                 kind, *args = cmd.recv()
                 if kind == "stop":
                     engine.shutdown()
                     box.send()
-                    out.send(("stopped", None))
+                    box.post("stopped", None)
+                    box.close()
                     return
                 if kind == "add_many":
                     for item in args[0]:

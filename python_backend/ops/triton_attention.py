@@ -90,7 +90,7 @@ def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     return q
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb"])  # the table width varies step to step: one compiled variant
 def _decode_kernel(Q, K, V, TABLES, LENS, OUT, O_PART, LSE_PART, scale,
                    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb,
                    stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
@@ -193,7 +193,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb"])
 def _prefill_kernel(Q, K, V, OUT, TABLES, CU_Q, CTX, scale,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_ot, stride_oh,
                     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,

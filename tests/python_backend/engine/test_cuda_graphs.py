@@ -26,8 +26,10 @@ def test_graphs_match_eager_and_transformers(engine_dir):
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     graphed = Engine(engine_dir, EngineConfig(device="cuda", num_kv_blocks=128))
     eager = Engine(engine_dir, EngineConfig(device="cuda", num_kv_blocks=128, cuda_graphs=False))
+    captured = dict(graphed.runner.graphs.graphs)
+    assert captured, "no decode graph was captured at start-up"
     with_graphs = [r.token_ids for r in graphed.generate(prompts, params)]
-    assert graphed.runner.graphs.graphs, "no decode step went through a graph"
+    assert graphed.runner.graphs.graphs == captured, "serving met a decode shape not captured at start-up"
     assert with_graphs == [r.token_ids for r in eager.generate(prompts, params)]
     hf = AutoModelForCausalLM.from_pretrained(engine_dir, dtype=torch.float32).cuda().eval()
     for ids, got in zip(prompts[:4], with_graphs):
