@@ -49,6 +49,14 @@ class _Active:
     done: bool = False
 
 
+@dataclass
+class _Refusal:
+    """A request execute() turned away; the response thread sends the error (see _respond_loop)."""
+
+    sender: object
+    error: Exception
+
+
 def _tensor(name: str, value, dtype) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
 
@@ -60,22 +68,27 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
                          b.num_input_tokens, b.num_output_tokens, b.num_cached_tokens, logprobs, b.error)
 
 
-def _drain(outbox: queue.SimpleQueue, first: RequestOutput) -> tuple[list[RequestOutput], bool]:
-    """Everything queued now, one output per request. When sending falls behind the engine, streams
-    get fewer, larger deltas instead of a growing backlog."""
-    merged: dict[str, RequestOutput] = {first.request_id: first}
+def _drain(outbox: queue.SimpleQueue, first) -> tuple[list[RequestOutput | _Refusal], bool]:
+    """Everything queued now: refusals, then one output per request. When sending falls behind the
+    engine, streams get fewer, larger deltas instead of a growing backlog."""
+    merged: dict[str, RequestOutput] = {}
+    refusals: list[_Refusal] = []
     stop = False
+    item = first
     while True:
+        if item is _STOP:
+            stop = True
+            break
+        if isinstance(item, _Refusal):
+            refusals.append(item)
+        else:
+            prev = merged.get(item.request_id)
+            merged[item.request_id] = item if prev is None else _merge(prev, item)
         try:
             item = outbox.get_nowait()
         except queue.Empty:
             break
-        if item is _STOP:
-            stop = True
-            break
-        prev = merged.get(item.request_id)
-        merged[item.request_id] = item if prev is None else _merge(prev, item)
-    return list(merged.values()), stop
+    return [*refusals, *merged.values()], stop
 
 
 class TritonPythonModel:
@@ -116,8 +129,8 @@ class TritonPythonModel:
         self._poll_cursor = 0
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._executing = threading.Event()  # set while execute() runs
-        # one thread sends: sends from several threads at once crashed tritonserver 2.51's Python backend
-        # (SIGSEGV in libtriton_python.so), so more senders are not an option for more throughput
+        # every response, refusals from execute() included, is sent by this one thread: sends from two
+        # threads at once crashed tritonserver 2.51's Python backend (SIGSEGV in libtriton_python.so)
         self._responder = threading.Thread(target=self._respond_loop, name="fastserve-responses", daemon=True)
         self._responder.start()
 
@@ -134,7 +147,7 @@ class TritonPythonModel:
                 try:
                     admitted.append(self._parse(request, sender))
                 except Exception as e:
-                    self._refuse(sender, e)
+                    self._outbox.put(_Refusal(sender, e))
             if admitted:
                 try:
                     errors = self.engine.add_requests([(rid, a.prompt, a.req.params, self._outbox.put,
@@ -145,7 +158,7 @@ class TritonPythonModel:
                     if error is not None:
                         with self._lock:
                             self._active.pop(rid, None)
-                        self._refuse(a.sender, error)
+                        self._outbox.put(_Refusal(a.sender, error))
         finally:
             self._executing.clear()
         return None
@@ -197,6 +210,12 @@ class TritonPythonModel:
                 batch, stop = _drain(self._outbox, item)
                 for out in batch:
                     self._yield_to_execute()
+                    if isinstance(out, _Refusal):
+                        try:
+                            self._refuse(out.sender, out.error)
+                        except Exception as e:
+                            pb_utils.Logger.log_warn(f"fastserve: refusing a request failed: {e}")
+                        continue
                     try:
                         self._respond(out)
                     except Exception as e:  # a dropped client: stop its sequence, keep serving the rest
