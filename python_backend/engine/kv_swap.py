@@ -43,17 +43,30 @@ class KVSwapper:
         shape = (len(self.pool.k), 2, n, *k0.shape[1:])
         return torch.empty(shape, dtype=k0.dtype, pin_memory=self.cuda)
 
+    def _side_index(self, blocks: list[int]) -> torch.Tensor:
+        """The block ids on the device, copied on the side stream from pinned memory (call inside it).
+        Made with torch.tensor(..., device=...) on the compute stream instead, the copy waited for
+        the step in flight: every swap stalled the host for a whole step (H100, 1,024 blocks: 5,272
+        swaps made MLFQ's run 107 s against FCFS's 17 s)."""
+        host = torch.tensor(blocks, dtype=torch.long).pin_memory()
+        idx = host.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        self._keep.append((event, host))  # the pinned ids must outlive their copy
+        return idx
+
     def swap_out(self, blocks: list[int]) -> torch.Tensor:
         """Copy these device blocks to a new host buffer; the blocks may be reused once fence() has run."""
         buf = self._buffer(len(blocks))
-        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the last step wrote them
             with torch.cuda.stream(self.stream):
+                idx = self._side_index(blocks)
                 for i, (k, v) in enumerate(zip(self.pool.k, self.pool.v)):
                     buf[i, 0].copy_(k.index_select(0, idx), non_blocking=True)
                     buf[i, 1].copy_(v.index_select(0, idx), non_blocking=True)
         else:
+            idx = torch.tensor(blocks, dtype=torch.long)
             for i, (k, v) in enumerate(zip(self.pool.k, self.pool.v)):
                 torch.index_select(k, 0, idx, out=buf[i, 0])
                 torch.index_select(v, 0, idx, out=buf[i, 1])
@@ -64,9 +77,9 @@ class KVSwapper:
 
     def swap_in(self, buf: torch.Tensor, blocks: list[int]) -> None:
         """Copy a host buffer into these (newly allocated) device blocks and give back its host blocks."""
-        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
         if self.cuda:
             with torch.cuda.stream(self.stream):
+                idx = self._side_index(blocks)
                 for i, (k, v) in enumerate(zip(self.pool.k, self.pool.v)):
                     k.index_copy_(0, idx, buf[i, 0].to(self.device, non_blocking=True))
                     v.index_copy_(0, idx, buf[i, 1].to(self.device, non_blocking=True))
@@ -74,6 +87,7 @@ class KVSwapper:
                 event.record(self.stream)
             self._keep.append((event, buf))  # the host buffer must outlive its copy
         else:
+            idx = torch.tensor(blocks, dtype=torch.long)
             for i, (k, v) in enumerate(zip(self.pool.k, self.pool.v)):
                 k.index_copy_(0, idx, buf[i, 0])
                 v.index_copy_(0, idx, buf[i, 1])

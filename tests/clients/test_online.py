@@ -53,3 +53,16 @@ def test_online_run_compares_policies_and_writes_json_and_plot(tmp_path, smollm2
     assert "quanta_s" in result["policies"]["mlfq"]["scheduler"]
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert json.loads(out.read_text())["policies"]["fcfs"]["requests"] == 12
+
+
+def test_capacity_counts_completions_while_requests_wait_not_the_drain():
+    from clients.online import saturated_rate
+
+    # admitted at 10 per second for 10 s, each done 1 s later; one long job runs alone until 100 s
+    records = [{"admitted_at": i / 10, "finished_at": i / 10 + 1.0} for i in range(100)]
+    records.append({"admitted_at": 0.0, "finished_at": 100.0})
+    rate, how = saturated_rate(records, span=100.0)
+    assert 9.0 < rate < 11.0 and "waited" in how  # the whole run would say 1.01 per second
+    few = records[:5] + [records[-1]]
+    rate, how = saturated_rate(few, span=100.0)
+    assert rate == len(few) / 100.0 and "whole run" in how
