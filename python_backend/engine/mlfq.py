@@ -271,7 +271,7 @@ class MLFQScheduler(Scheduler):
         if seq in self.jobs:
             self.jobs.remove(seq)
         if seq.status is Status.SWAPPED and self.swapper is not None:
-            self.swapper.drop(seq.swapped_blocks)
+            self.swapper.drop(seq.swap_buffer)
             seq.swap_buffer = None
             seq.swapped_blocks = 0
         self._free(seq)
