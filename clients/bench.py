@@ -424,6 +424,9 @@ def offline(args: argparse.Namespace) -> dict:
         "command": " ".join(sys.argv),
         "systems": {},
     }
+    if engine.gemv_timings:
+        result["decode_gemv"] = {"chosen": {f"{name}/{rows}": vars(c) for (name, rows), c in engine.model.gemv.items()},
+                                 "seconds_per_call": engine.gemv_timings}
     reps = max(1, args.repeats)
     base_reps = max(1, args.baseline_repeats or reps)
     lengths = output_lengths(args.num_prompts, args.output_len, args.output_len_max, args.seed)

@@ -66,7 +66,7 @@ llama() {  # the Llama-3.2-1B-shaped random model, as a repository entry served 
 }
 
 if want kernels; then
-  FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/ops/test_triton_kernels.py \
+  FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/ops/test_triton_kernels.py tests/python_backend/ops/test_gemv.py tests/python_backend/ops/test_argmax.py \
     tests/python_backend/engine/test_kernel_path.py tests/python_backend/engine/test_cuda_graphs.py 2>&1 | tail -15
 fi
 if want exact; then

@@ -1,5 +1,5 @@
 """Where a single sequence's decode step goes on the GPU: kernel times (eager, under torch.profiler)
-against the step's wall time with and without CUDA graphs.
+against the step's wall time with and without CUDA graphs, and with the decode GEMV kernel or cuBLAS.
 
     python3 scripts/gpu_profile_step.py ENGINE_DIR --out profile.json
 """
@@ -33,10 +33,14 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     result: dict = {"gpu": torch.cuda.get_device_name(0)}
-    for graphs in (True, False):
-        eng = Engine(args.engine_dir, EngineConfig(device="cuda", cuda_graphs=graphs, num_kv_blocks=2048))
+    for graphs, gemv in ((True, False), (True, True), (False, True)):
+        eng = Engine(args.engine_dir, EngineConfig(device="cuda", cuda_graphs=graphs, num_kv_blocks=2048,
+                                                   decode_gemv=gemv))
         step_time(eng, 16)
-        result[f"step_s_graphs_{graphs}"] = step_time(eng)
+        result[f"step_s_graphs_{graphs}_gemv_{gemv}"] = step_time(eng)
+        if gemv:
+            result["gemv_chosen"] = {f"{name}/{rows}": vars(c) for (name, rows), c in eng.model.gemv.items()}
+            result["gemv_seconds_per_call"] = eng.gemv_timings
         if not graphs:
             steps = 32
             seq = eng.add_request("prof", list(range(1000, 1256)), SamplingParams(max_tokens=steps + 2, temperature=0.0,

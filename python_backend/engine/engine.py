@@ -76,6 +76,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kernels: bool = True  # the Triton attention and fused kernels (GPU only; the PyTorch reference otherwise)
     cuda_graphs: bool = True  # decode steps as CUDA graphs (GPU only)
+    decode_gemv: bool = True  # GPU kernels: time the GEMV kernel against cuBLAS at start-up for 1-4 rows
     max_graph_batch: int = 256  # larger decode batches run eagerly
     capture_graphs_at_start: bool = True  # every decode graph before serving, not on first use
     num_threads: int = 0  # CPU threads for torch; 0 leaves torch's default
@@ -124,6 +125,9 @@ class Engine:
         max_len = cfg.max_model_len or meta.get("max_model_len") or 4096
         self.model = LlamaModel.load(self.folder.path, self.dtype, self.device, max_len, kernels=cfg.kernels)
         mcfg = self.model.cfg
+        self.gemv_timings: dict[str, dict[str, float]] = {}
+        if self.device.type == "cuda" and self.model.kernels and cfg.decode_gemv:
+            self.gemv_timings = self.model.tune_decode_gemv()
         if mcfg.sliding_window and max_len > mcfg.sliding_window:
             max_len = mcfg.sliding_window  # beyond the window we would attend too far back
         per_block = KVPool.bytes_per_block(mcfg.num_layers, cfg.block_size, mcfg.num_kv_heads, mcfg.head_dim, self.dtype)

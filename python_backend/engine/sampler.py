@@ -59,7 +59,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],
             s = seqs[i]
             if s.params.min_tokens and len(s.output_ids) < s.params.min_tokens and eos_ids:
                 logits[i, eos_ids] = float("-inf")
-    chosen = logits.max(-1).indices  # max is several times faster than argmax on CPU; same first index
+    if logits.is_cuda:
+        from python_backend.ops.argmax import argmax_rows
+
+        chosen = argmax_rows(logits)
+    else:
+        chosen = logits.max(-1).indices  # max is several times faster than argmax on CPU; same first index
     if all(s.params.greedy for s in seqs):
         final = logits
     else:

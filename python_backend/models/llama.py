@@ -174,6 +174,7 @@ class LlamaModel:
             self._pack_weights()
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.gemv: dict[tuple[str, int], object] = {}  # (projection, rows) -> GemvConfig; absent: cuBLAS
 
     def _pack_weights(self) -> None:
         def pack(w: torch.Tensor) -> torch.Tensor:
@@ -184,6 +185,39 @@ class LlamaModel:
             layer.gate_up_w, layer.down_w = pack(layer.gate_up_w), pack(layer.down_w)
         self.lm_head = pack(self.lm_head)  # a copy when tied: the embedding lookup needs the plain layout
         self._linear = _packed_linear
+
+    def tune_decode_gemv(self) -> dict[str, dict[str, float]]:
+        """Choose, per projection and decode batch of 1, 2 or 4 rows, between cuBLAS and the GEMV
+        kernel's configurations by timing both on this device with this model's own weights (CUDA
+        graphs over all layers, as a decode step runs them). Returns the timings."""
+        from python_backend.ops import gemv
+
+        groups = {"qkv": ([la.qkv_w for la in self.layers], False), "o": ([la.o_w for la in self.layers], False),
+                  "gate_up": ([la.gate_up_w for la in self.layers], False),
+                  "down": ([la.down_w for la in self.layers], True), "lm_head": ([self.lm_head], False)}
+        timings = {}
+        for name, (weights, silu_mul) in groups.items():
+            for rows in (1, 2, 4):
+                config, timings[f"{name}/{rows}"] = gemv.choose(weights, rows, silu_mul)
+                if config is not None:
+                    self.gemv[(name, rows)] = config
+        return timings
+
+    def _proj(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              silu_mul: bool = False) -> torch.Tensor:
+        """One projection of the kernel path: the GEMV kernel where tune_decode_gemv chose it for
+        this many rows, cuBLAS otherwise (with silu_mul, x is the gate-up output)."""
+        rows = x.shape[0]
+        config = self.gemv.get((name, 1 << max(0, (rows - 1).bit_length()))) if 0 < rows <= 4 else None
+        if config is not None:
+            from python_backend.ops.gemv import gemv
+
+            return gemv(x, weight, bias, silu_mul=silu_mul, config=config)
+        if silu_mul:
+            from python_backend.ops import fused
+
+            x = fused.silu_mul(x)
+        return F.linear(x, weight, bias)
 
     @classmethod
     def load(cls, folder: Path, dtype: torch.dtype, device: torch.device, max_len: int,
@@ -234,7 +268,7 @@ class LlamaModel:
         x = fused.rms_norm(residual, self.layers[0].ln1, eps)
         out = None
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
+            qkv = self._proj("qkv", x, layer.qkv_w, layer.qkv_b)
             if layer.q_norm is not None:
                 nq = cfg.num_heads + cfg.num_kv_heads
                 qk = qkv[:, : self.q_size + self.kv_size].view(t, nq, cfg.head_dim)
@@ -249,13 +283,13 @@ class LlamaModel:
             if t > nd:
                 ta.prefill_attention(q[nd:], k_cache[i], v_cache[i], meta.prefill_block_tables, meta.prefill_cu_q,
                                      meta.prefill_context_lens, meta.prefill_max_q, self.scale, out=attn[nd:])
-            o = F.linear(attn.view(t, self.q_size), layer.o_w)
+            o = self._proj("o", attn.view(t, self.q_size), layer.o_w)
             x, residual = fused.add_rms_norm(o, residual, layer.ln2, eps)
-            out = F.linear(fused.silu_mul(F.linear(x, layer.gate_up_w)), layer.down_w)
+            out = self._proj("down", self._proj("gate_up", x, layer.gate_up_w), layer.down_w, silu_mul=True)
             if i + 1 < len(self.layers):
                 x, residual = fused.add_rms_norm(out, residual, self.layers[i + 1].ln1, eps)
         x, _ = fused.add_rms_norm(out.index_select(0, logit_rows), residual.index_select(0, logit_rows), self.norm, eps)
-        return F.linear(x, self.lm_head).float()
+        return self._proj("lm_head", x, self.lm_head).float()
 
     def _pre_attention(self, h, ln1, qkv_w, qkv_b, q_norm, k_norm, cos, sin, eps: float):
         """Norm, fused QKV projection, optional q/k norms, and one rotary pass over q and k together."""

@@ -1,0 +1,127 @@
+"""Matrix-vector products for decode steps of a few rows, as a Triton kernel (GPU; also runs in
+Triton's interpreter).
+
+A decode step of one to four sequences reads every weight once and does almost no arithmetic, so
+its time is the time to stream the weights. cuBLAS reaches only about 55% of the H100's bandwidth on
+the attention projections at one row (results/llama1b-h100-single-step-profile.json). This kernel
+gives each program a few whole output rows, streams their weights along K in wide vector loads and
+keeps the few input rows in registers. The down projection can take the gate-up output directly and
+apply SiLU-and-multiply as it loads it, which saves a launch and a round trip through memory; its
+rounding is that of fused.silu_mul, step for step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from python_backend.ops import fused
+
+MAX_ROWS = 4  # more rows than this are a small GEMM: cuBLAS's tensor cores win there
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 8
+    block_k: int = 512
+    num_warps: int = 4
+
+
+@triton.jit
+def _gemv_kernel(X, W, B, OUT, M, N, K, stride_x, stride_w, stride_o,
+                 M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, M_PAD)
+    mask_n = n < N
+    mask_m = m < M
+    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = k < K
+        w = tl.load(W + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                    other=0.0).to(tl.float32)
+        xm = mask_m[:, None] & mask_k[None, :]
+        if SILU_MUL:  # X holds (gate, up) side by side: silu(gate) * up, rounded as fused.silu_mul rounds it
+            gate = tl.load(X + m[:, None] * stride_x + k[None, :], mask=xm, other=0.0).to(tl.float32)
+            up = tl.load(X + m[:, None] * stride_x + K + k[None, :], mask=xm, other=0.0).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(OUT.dtype.element_ty).to(tl.float32)
+            x = (act * up).to(OUT.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(X + m[:, None] * stride_x + k[None, :], mask=xm, other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(B + n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + m[:, None] * stride_o + n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS) @ weight[N, K]^T (+ bias) -> [M, N], like F.linear. With silu_mul, x is
+    [M, 2K] (gate, up) and the product is taken with silu(gate) * up."""
+    m = x.shape[0]
+    n, k = weight.shape
+    if m > MAX_ROWS:
+        raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {m}")
+    if x.shape[1] != (2 * k if silu_mul else k) or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"gemv shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, silu_mul={silu_mul}")
+    cfg = config or GemvConfig()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        M_PAD=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=min(cfg.block_k, triton.next_power_of_2(k)),
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, num_warps=cfg.num_warps)
+    return out
+
+
+CANDIDATES = (GemvConfig(8, 512, 4), GemvConfig(16, 256, 4), GemvConfig(4, 1024, 4), GemvConfig(16, 512, 8))
+
+
+def time_per_call(weights: list[torch.Tensor], rows: int, config: GemvConfig | None, silu_mul: bool = False,
+                  replays: int = 5) -> float:
+    """Seconds per product of `rows` rows with each of `weights` in turn (as the layers use them, so
+    no weight is still in L2), under a CUDA graph as in a decode step; config None is F.linear."""
+    n, k = weights[0].shape
+    x = torch.randn(rows, 2 * k if silu_mul else k, device=weights[0].device, dtype=weights[0].dtype)
+
+    def calls() -> None:
+        for w in weights:
+            if config is not None:
+                gemv(x, w, silu_mul=silu_mul, config=config)
+            else:
+                F.linear(fused.silu_mul(x) if silu_mul else x, w)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        calls()  # compiles, and cuBLAS's workspace, outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays / len(weights)
+
+
+def choose(weights: list[torch.Tensor], rows: int, silu_mul: bool = False,
+           candidates: tuple[GemvConfig, ...] = CANDIDATES) -> tuple[GemvConfig | None, dict[str, float]]:
+    """The fastest way to take these products on this device: one of the candidate configs, or None
+    where cuBLAS is faster. Also returns every timing, for the record."""
+    times = {"cublas": time_per_call(weights, rows, None, silu_mul)}
+    for cfg in candidates:
+        times[f"{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}"] = time_per_call(weights, rows, cfg, silu_mul)
+    best = min(times, key=times.get)
+    return (None if best == "cublas" else next(c for c in candidates
+                                                if f"{c.block_n}x{c.block_k}w{c.num_warps}" == best)), times
