@@ -97,8 +97,10 @@ class MLFQScheduler(Scheduler):
         self.num_recomputes = 0
         self.num_promotions = 0
         self.num_pauses = 0  # token-level preemptions: a job left out of the batch, its KV kept
-        self._order: list[Sequence] = []
+        self._order: list[Sequence] = []  # this iteration's jobs, most urgent first
         self._chosen: set[int] = set()
+        self._cursor = -1  # _make_room's next candidate victim, walking back from the end of _order
+        self._evictable_from: list[int] = [0]
 
     @staticmethod
     def auto_levels(base: float, ratio: float, profile: PrefillProfile, cap: int = 16) -> int:
@@ -185,16 +187,25 @@ class MLFQScheduler(Scheduler):
         victim.num_preemptions += 1
         self.num_preemptions += 1
 
-    def _make_room(self, need: int, protected: set[int], order: list[Sequence]) -> bool:
-        """Free `need` device blocks by evicting the least urgent paused jobs (never a protected one)."""
+    def _make_room(self, need: int, position: int) -> bool:
+        """Free `need` device blocks by evicting running jobs ranked after `position` in this
+        iteration's order, least urgent first; a job never takes memory from a more urgent one.
+        Jobs after `position` are untouched until the loop reaches them, so one cursor walking back
+        from the end serves the whole iteration (a scan per job was quadratic in the queue: with
+        hundreds waiting on the H100 the host time per step grew to tens of milliseconds and
+        throughput fell to a quarter of FCFS's). Evicts nothing unless the need can be met."""
         if need <= self.blocks.num_free:
             return True
-        for victim in reversed(order):
-            if self.blocks.num_free >= need:
-                break
-            if id(victim) in protected or victim.status is not Status.RUNNING or not victim.block_table:
-                continue
-            self._evict(victim)
+        order, cursor = self._order, self._cursor
+        reachable = self._evictable_from[position + 1] - self._evictable_from[cursor + 1]
+        if need > self.blocks.num_free + reachable:
+            return False
+        while self.blocks.num_free < need and cursor > position:
+            victim = order[cursor]
+            if victim.status is Status.RUNNING and victim.block_table:
+                self._evict(victim)
+            cursor -= 1
+        self._cursor = cursor
         return self.blocks.num_free >= need
 
     def _swap_in(self, seq: Sequence) -> None:
@@ -211,22 +222,27 @@ class MLFQScheduler(Scheduler):
         now = self.clock()
         self._promote_starved(now)
         order = sorted(self.jobs, key=self.key)
+        self._order, self._cursor = order, len(order) - 1
+        # device blocks held by running jobs at each position and after it: what eviction can reach
+        self._evictable_from = [0] * (len(order) + 1)
+        for i in range(len(order) - 1, -1, -1):
+            held = len(order[i].block_table) if order[i].status is Status.RUNNING else 0
+            self._evictable_from[i] = self._evictable_from[i + 1] + held
         batch = ScheduledBatch()
         budget, seats = self.max_num_batched_tokens, self.max_num_seqs
         chosen: set[int] = set()
-        for seq in order:
+        for i, seq in enumerate(order):
             if seats == 0 or budget == 0:
                 break
-            protected = chosen | {id(seq)}
             if seq.status is Status.SWAPPED:
-                if not self._make_room(seq.swapped_blocks, protected, order):
+                if not self._make_room(seq.swapped_blocks, i):
                     continue
                 self._swap_in(seq)
             if seq.status is Status.WAITING and not seq.block_table and self.blocks.enable_prefix_caching:
                 self._take_cached_prefix(seq)
             n = min(seq.num_uncomputed, budget)
             need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
-            if not self._make_room(need, protected, order) or not self._grow(seq, n):
+            if not self._make_room(need, i) or not self._grow(seq, n):
                 if seq.status is Status.WAITING:
                     self._free(seq)  # give back prefix blocks taken above
                 continue
@@ -240,7 +256,7 @@ class MLFQScheduler(Scheduler):
             batch.add(seq, n)
         self.num_pauses += sum(1 for s in order if id(s) in self._chosen and id(s) not in chosen
                                and s.status is Status.RUNNING)
-        self._order, self._chosen = order, chosen
+        self._chosen = chosen
         return batch
 
     def proactive(self) -> None:

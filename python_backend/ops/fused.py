@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from python_backend.ops.rounding import rounded
+
 
 @triton.jit
 def _add_rms_norm_kernel(X, RES, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, n, eps,
@@ -21,11 +23,12 @@ def _add_rms_norm_kernel(X, RES, W, OUT, RES_OUT, stride_x, stride_r, stride_o, 
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(RES + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-        tl.store(RES_OUT + row * stride_ro + cols, x, mask=mask)
-    xf = x.to(tl.float32)
+        xf = rounded(x.to(tl.float32) + r.to(tl.float32), X.dtype.element_ty)
+        tl.store(RES_OUT + row * stride_ro + cols, xf.to(X.dtype.element_ty), mask=mask)
+    else:
+        xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / n + eps)
-    y = (xf * rstd).to(X.dtype.element_ty).to(tl.float32)
+    y = rounded(xf * rstd, X.dtype.element_ty)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + row * stride_o + cols, (y * w).to(OUT.dtype.element_ty), mask=mask)
 
@@ -58,7 +61,7 @@ def _silu_mul_kernel(X, OUT, stride_x, stride_o, n, BLOCK: tl.constexpr):
     mask = cols < n
     gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(X + row * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(OUT.dtype.element_ty).to(tl.float32)
+    act = rounded(gate / (1.0 + tl.exp(-gate)), OUT.dtype.element_ty)
     tl.store(OUT + row * stride_o + cols, (act * up).to(OUT.dtype.element_ty), mask=mask)
 
 

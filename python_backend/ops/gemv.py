@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from python_backend.ops import fused
+from python_backend.ops.rounding import rounded
 
 MAX_ROWS = 4  # more rows than this are a small GEMM: cuBLAS's tensor cores win there
 
@@ -48,8 +49,8 @@ def _gemv_kernel(X, W, B, OUT, M, N, K, stride_x, stride_w, stride_o,
         if SILU_MUL:  # X holds (gate, up) side by side: silu(gate) * up, rounded as fused.silu_mul rounds it
             gate = tl.load(X + m[:, None] * stride_x + k[None, :], mask=xm, other=0.0).to(tl.float32)
             up = tl.load(X + m[:, None] * stride_x + K + k[None, :], mask=xm, other=0.0).to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(OUT.dtype.element_ty).to(tl.float32)
-            x = (act * up).to(OUT.dtype.element_ty).to(tl.float32)
+            act = rounded(gate / (1.0 + tl.exp(-gate)), OUT.dtype.element_ty)
+            x = rounded(act * up, OUT.dtype.element_ty)
         else:
             x = tl.load(X + m[:, None] * stride_x + k[None, :], mask=xm, other=0.0).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from python_backend.ops.rounding import rounded
+
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -39,7 +41,7 @@ def _precision(dtype: torch.dtype) -> str:
 def _rotate(a, b, cos, sin, dtype: tl.constexpr):
     """a*cos - b*sin, each product rounded to the model's dtype as transformers' (q*cos + rotate_half(q)*sin)
     rounds it: in bfloat16 that rounding decides near-tied greedy choices."""
-    return ((a * cos).to(dtype).to(tl.float32) - (b * sin).to(dtype).to(tl.float32)).to(dtype)
+    return (rounded(a * cos, dtype) - rounded(b * sin, dtype)).to(dtype)
 
 
 @triton.jit

@@ -7,8 +7,8 @@ import pytest
 from python_backend.engine.engine import Engine, EngineConfig
 from python_backend.engine.kv_cache import BlockManager
 from python_backend.engine.mlfq import LONG_JOB_STEPS, MLFQConfig, MLFQScheduler, PrefillProfile
-from python_backend.engine.scheduler import Policy, Scheduler
-from python_backend.engine.sequence import SamplingParams, Sequence
+from python_backend.engine.scheduler import Policy, ScheduledBatch, Scheduler
+from python_backend.engine.sequence import SamplingParams, Sequence, Status
 from tests.conftest import prompt_ids, run_staggered
 
 
@@ -128,6 +128,44 @@ def test_request_priority_comes_before_the_queues():
 
 # ---- with the engine and SmolLM2: swap out, swap in, recompute ------------------------------------
 @pytest.mark.parametrize("swap_space_gb,expect", [(1.0, "swap"), (1e-9, "recompute")])
+class CountingBlocks(BlockManager):
+    """Counts how often the scheduler looks at the free-block count: its work per iteration."""
+
+    looks = 0
+
+    @property
+    def num_free(self) -> int:
+        CountingBlocks.looks += 1
+        return super().num_free
+
+
+def test_a_full_memory_iteration_does_work_linear_in_the_queue_and_takes_from_no_more_urgent_job():
+    """Memory full of running jobs and a long queue: one iteration looks at each job a bounded number
+    of times (it was a scan of all jobs per waiting job, which on the H100 made the host the
+    bottleneck), and a waiting job evicts only jobs ranked after it."""
+    profile = PrefillProfile(a=0.0, b=0.01, decode_step=0.25)
+    blocks = CountingBlocks(64, 4, enable_prefix_caching=False)
+    sched = MLFQScheduler(blocks, 512, 100000, None, profile,
+                          MLFQConfig(levels=4, base_quantum_s=1.0, ratio=2.0), clock=Clock())
+    running = [_job(i, 15, 100) for i in range(16)]  # 16 x 4 blocks (room for one more token each): the pool
+    for seq in running:
+        sched.add(seq)
+    assert len(sched.schedule().prefills) == 16
+    sched.after_step(ScheduledBatch(prefills=[(s, 15) for s in running]))
+    for seq in running:
+        seq.output_ids.append(7)
+        seq.queue_level = 3  # long jobs, sunk to the last queue
+    waiting = [_job(100 + i, 16, 4) for i in range(2000)]
+    for seq in waiting:
+        sched.add(seq)
+        seq.queue_level = 3  # arrived after the running jobs, in the same queue: ranked after them
+    CountingBlocks.looks = 0
+    batch = sched.schedule()
+    assert CountingBlocks.looks < 10 * len(sched.jobs)
+    assert sorted(s.request_id for s in batch.decodes) == sorted(s.request_id for s in running)
+    assert not batch.prefills and all(s.status is Status.RUNNING for s in running)
+
+
 def test_preempted_sequences_resume_token_for_token(smollm2_engine_dir, smollm2_source, shared_prompts,
                                                     swap_space_gb, expect):
     _, tok = smollm2_source
