@@ -127,7 +127,6 @@ def test_request_priority_comes_before_the_queues():
 
 
 # ---- with the engine and SmolLM2: swap out, swap in, recompute ------------------------------------
-@pytest.mark.parametrize("swap_space_gb,expect", [(1.0, "swap"), (1e-9, "recompute")])
 class CountingBlocks(BlockManager):
     """Counts how often the scheduler looks at the free-block count: its work per iteration."""
 
@@ -166,6 +165,7 @@ def test_a_full_memory_iteration_does_work_linear_in_the_queue_and_takes_from_no
     assert not batch.prefills and all(s.status is Status.RUNNING for s in running)
 
 
+@pytest.mark.parametrize("swap_space_gb,expect", [(1.0, "swap"), (1e-9, "recompute")])
 def test_preempted_sequences_resume_token_for_token(smollm2_engine_dir, smollm2_source, shared_prompts,
                                                     swap_space_gb, expect):
     _, tok = smollm2_source
