@@ -5,10 +5,14 @@ Run-to-completion FCFS makes short jobs wait behind long ones. Since a job makes
 iteration, it can be preempted after any token, so this scheduler re-decides the whole batch every
 iteration:
 
-- Queues 0..L-1 have quanta q_i = base * ratio**i seconds of service. A job is charged the duration
-  of every iteration it runs in; once it has used its queue's quantum it moves one queue down. By
-  default L is chosen so that the queues above the last span LONG_JOB_STEPS decode steps: a job still
-  running then is a long one, and the last queue runs long jobs in arrival order. More queues would
+- Queues 0..L-1 have quanta q_i = base * ratio**i seconds of service. A job is charged its own
+  service: what its tokens of the iteration would take alone by the start-up profile (a one-sequence
+  decode step per token, the prefill time of its chunk), not the iteration's wall time, which grows
+  with the batch. Charged wall time, short jobs on the H100 under load used up the upper queues'
+  quanta within tens of tokens, sank among the long jobs and became the first victims of eviction.
+  Once a job has used its queue's quantum it moves one queue down. By default L is chosen so that
+  the queues above the last span LONG_JOB_STEPS decode steps: a job still running then is a long
+  one, and the last queue runs long jobs in arrival order. More queues would
   keep long jobs in least-attained-service order, which pauses the ones nearest completion for newer
   ones: their mean completion time grows far beyond what the short jobs gain.
 - Skip-join: a new job enters the highest queue whose quantum covers its prefill time (estimated
@@ -153,11 +157,14 @@ class MLFQScheduler(Scheduler):
         return counts
 
     def charge(self, batch: ScheduledBatch, seconds: float) -> None:
-        """Every job in the iteration used `seconds` of service; demote those past their quantum."""
-        for seq in [*batch.decodes, *(s for s, _ in batch.prefills)]:
+        """Charge every job of the iteration its own service (see the module docstring; `seconds`, the
+        iteration's wall time, is shared by the whole batch) and demote those past their quantum."""
+        work = [(seq, self.profile.decode_step) for seq in batch.decodes]
+        work += [(seq, self.profile.prefill_time(n)) for seq, n in batch.prefills]
+        for seq, used in work:
             if seq.finished:
                 continue
-            seq.quantum_used += seconds
+            seq.quantum_used += used
             if seq.quantum_used >= self.quanta[seq.queue_level] and seq.queue_level < len(self.quanta) - 1:
                 seq.queue_level += 1
                 seq.quantum_used = 0.0

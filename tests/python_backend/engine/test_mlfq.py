@@ -95,13 +95,14 @@ def test_long_jobs_in_the_last_queue_keep_arrival_order():
     """A newer long job pauses an older one only while it passes through the queues above the last;
     there, arrival order holds, so the job nearest completion is not kept waiting."""
     clock = Clock()
-    profile = PrefillProfile(a=0.0, b=0.01, decode_step=0.05)  # 128 steps: 6.4 s, so quanta 1, 2, 4 | 8
+    profile = PrefillProfile(a=0.0, b=0.01, decode_step=1.0)  # a job is charged 1 s per decode step
     sched = MLFQScheduler(BlockManager(256, 4, enable_prefix_caching=False), 1, 64, None, profile,
-                          MLFQConfig(base_quantum_s=1.0, ratio=2.0, starvation_s=1e9), clock=clock)
+                          MLFQConfig(levels=4, base_quantum_s=1.0, ratio=2.0, starvation_s=1e9), clock=clock)
     assert sched.quanta == [1.0, 2.0, 4.0, 8.0]
     done, runs = _simulate(sched, {0: [_job(0, 4, 60)], 40: [_job(1, 4, 60)]}, clock)
     assert done["j0"] < done["j1"]
-    assert len([it for it in runs["j1"] if it < done["j0"]]) == 7  # 1 + 2 + 4 s, then j0 ran on
+    # its prefill (0.04 s) and 1 + 2 + 4 decode steps in the upper queues, then j0 ran on
+    assert len([it for it in runs["j1"] if it < done["j0"]]) == 8
 
 
 def test_no_job_waits_beyond_the_starvation_bound():
@@ -191,3 +192,17 @@ def test_preempted_sequences_resume_token_for_token(smollm2_engine_dir, smollm2_
 def test_bad_mlfq_settings_are_named():
     with pytest.raises(ValueError, match="mlfq_levels >= 0"):
         MLFQScheduler(BlockManager(8, 4), 2, 64, None, PrefillProfile(0.0, 0.01, 0.1), MLFQConfig(levels=-1))
+
+
+def test_a_job_is_charged_its_own_service_not_the_batch_wall_time():
+    """In a big batch an iteration takes long; a short job's demotion must not depend on that."""
+    profile = PrefillProfile(a=0.0, b=0.01, decode_step=0.25)
+    sched = _mlfq(Clock())
+    sched.profile = profile
+    seq = _job(0, 8, 40)
+    sched.add(seq)
+    sched.charge(ScheduledBatch(prefills=[(seq, 8)]), seconds=50.0)
+    assert seq.queue_level == 0 and seq.quantum_used == pytest.approx(0.08)
+    for _ in range(4):
+        sched.charge(ScheduledBatch(decodes=[seq]), seconds=50.0)
+    assert seq.queue_level == 1 and seq.quantum_used == 0.0  # 0.08 + 4 x 0.25 s used the 1 s quantum
