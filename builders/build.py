@@ -78,7 +78,7 @@ def engine_parameters(args: argparse.Namespace, dtype: str) -> dict[str, str]:
     # the MLFQ's settings always: the policy can be switched at load time
     params.update(swap_space_gb=str(args.swap_space_gb), mlfq_levels=str(args.mlfq_levels),
                   mlfq_base_quantum_s=str(args.mlfq_base_quantum), mlfq_ratio=str(args.mlfq_ratio),
-                  mlfq_starvation_s=str(args.mlfq_starvation))
+                  mlfq_starvation_s=str(args.mlfq_starvation), mlfq_senior_s=str(args.mlfq_senior))
     if args.device == "gpu":
         params["kv_cache_memory_fraction"] = str(args.kv_cache_memory_fraction)
     else:
@@ -224,6 +224,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlfq-ratio", type=float, default=2.0, help="mlfq: quantum growth per queue")
     p.add_argument("--mlfq-starvation", type=float, default=30.0,
                    help="mlfq: seconds without running before a job returns to the top queue")
+    p.add_argument("--mlfq-senior", type=float, default=0.0,
+                   help="mlfq: seconds in the system after which a job runs ahead of the queues until it ends (0: off)")
     p.add_argument("--force", action="store_true", help="rebuild even when source and settings are unchanged")
 
 

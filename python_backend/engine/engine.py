@@ -72,6 +72,7 @@ class EngineConfig:
     mlfq_base_quantum_s: float = 0.0  # 0: from the start-up profile
     mlfq_ratio: float = 2.0
     mlfq_starvation_s: float = 30.0
+    mlfq_senior_s: float = 0.0  # 0: off; else seconds in the system after which a job runs ahead of the queues
     swap_space_gb: float = 4.0  # host memory for swapped-out KV blocks (MLFQ)
     enable_prefix_caching: bool = True
     kernels: bool = True  # the Triton attention and fused kernels (GPU only; the PyTorch reference otherwise)
@@ -177,7 +178,7 @@ class Engine:
             host_blocks = int(cfg.swap_space_gb * (1 << 30) // bytes_per_block)
             swapper = KVSwapper(self.pool, host_blocks, self.device) if host_blocks > 0 else None
             mlfq = MLFQConfig(levels=cfg.mlfq_levels, base_quantum_s=cfg.mlfq_base_quantum_s, ratio=cfg.mlfq_ratio,
-                              starvation_s=cfg.mlfq_starvation_s)
+                              starvation_s=cfg.mlfq_starvation_s, senior_s=cfg.mlfq_senior_s)
             return MLFQScheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, swapper,
                                  self._profile(), mlfq)
         raise ValueError(f"scheduler policy {cfg.policy!r} is not available (fcfs, mlfq)")

@@ -27,6 +27,9 @@ iteration:
   free blocks allow, and when free blocks run low the least urgent paused jobs are swapped out ahead
   of need.
 - A job that has not run for `starvation_s` goes back to the top queue.
+- Optionally (`senior_s` > 0), a job in the system longer than `senior_s` becomes senior: it runs
+  ahead of every queue, seniors in arrival order, until it finishes. MLFQ favours short jobs at the
+  long ones' expense; this bounds how far the longest fall behind FCFS, which is what sets the p99.
 """
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ class MLFQConfig:
     base_quantum_s: float = 0.0  # 0: from the profile (see MLFQScheduler.__init__)
     ratio: float = 2.0
     starvation_s: float = 30.0
+    senior_s: float = 0.0  # 0: no seniority (see the module docstring)
     low_watermark: float = 0.02  # proactive swap-out below this share of free device blocks
     high_watermark: float = 0.25  # proactive swap-in only while this share stays free (no thrashing)
 
@@ -85,10 +89,10 @@ class MLFQScheduler(Scheduler):
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0
         self.cfg = cfg = config or MLFQConfig()
-        if cfg.levels < 0 or cfg.ratio < 1.0 or cfg.base_quantum_s < 0 or cfg.starvation_s <= 0:
+        if cfg.levels < 0 or cfg.ratio < 1.0 or cfg.base_quantum_s < 0 or cfg.starvation_s <= 0 or cfg.senior_s < 0:
             raise ValueError(f"MLFQ settings: need mlfq_levels >= 0 (0: from the profile), mlfq_ratio >= 1, mlfq_base_quantum_s >= 0 and "
-                             f"mlfq_starvation_s > 0; got {cfg.levels}, {cfg.ratio}, {cfg.base_quantum_s}, "
-                             f"{cfg.starvation_s}")
+                             f"mlfq_starvation_s > 0 and mlfq_senior_s >= 0; got {cfg.levels}, {cfg.ratio}, "
+                             f"{cfg.base_quantum_s}, {cfg.starvation_s}, {cfg.senior_s}")
         self.swapper = swapper
         self.profile = profile
         self.clock = clock
@@ -100,6 +104,7 @@ class MLFQScheduler(Scheduler):
         self.num_swap_ins = 0
         self.num_recomputes = 0
         self.num_promotions = 0
+        self.num_seniors = 0
         self.num_pauses = 0  # token-level preemptions: a job left out of the batch, its KV kept
         self._order: list[Sequence] = []  # this iteration's jobs, most urgent first
         self._chosen: set[int] = set()
@@ -117,7 +122,7 @@ class MLFQScheduler(Scheduler):
 
     # ---- queues ---------------------------------------------------------------------------------
     def key(self, seq: Sequence) -> tuple:
-        return (seq.priority, seq.queue_level, seq.arrival_index)
+        return (seq.priority, not seq.senior, 0 if seq.senior else seq.queue_level, seq.arrival_index)
 
     def entry_level(self, num_prompt_tokens: int) -> int:
         """Skip-join: the highest queue whose quantum covers the job's estimated prefill time."""
@@ -131,7 +136,7 @@ class MLFQScheduler(Scheduler):
         seq.status = Status.WAITING
         seq.queue_level = self.entry_level(len(seq.prompt_ids))
         seq.quantum_used = 0.0
-        seq.last_run = self.clock()
+        seq.last_run = seq.joined_at = self.clock()
         self.jobs.append(seq)
 
     @property
@@ -170,7 +175,11 @@ class MLFQScheduler(Scheduler):
                 seq.quantum_used = 0.0
 
     def _promote_starved(self, now: float) -> None:
+        senior_s = self.cfg.senior_s
         for seq in self.jobs:
+            if senior_s and not seq.senior and now - seq.joined_at > senior_s:
+                seq.senior = True
+                self.num_seniors += 1
             if now - seq.last_run > self.cfg.starvation_s and seq.queue_level > 0:
                 seq.queue_level = 0
                 seq.quantum_used = 0.0
@@ -306,4 +315,5 @@ class MLFQScheduler(Scheduler):
                 "host_blocks_total": self.swapper.num_host_blocks if self.swapper else 0,
                 "preemptions": self.num_preemptions, "swap_outs": self.num_swap_outs,
                 "swap_ins": self.num_swap_ins, "recomputes": self.num_recomputes,
-                "promotions": self.num_promotions, "pauses": self.num_pauses, "quanta_s": self.quanta}
+                "promotions": self.num_promotions, "seniors": self.num_seniors, "pauses": self.num_pauses,
+                "quanta_s": self.quanta}

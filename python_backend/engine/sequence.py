@@ -127,6 +127,8 @@ class Sequence:
     queue_level: int = 0
     quantum_used: float = 0.0  # seconds of service in the current queue
     last_run: float = 0.0
+    joined_at: float = 0.0  # the scheduler's clock when the job arrived
+    senior: bool = False  # in the system longer than the senior bound: runs ahead of the queues
     swap_buffer: Any = None  # the K/V in host memory while SWAPPED (kv_swap.py)
     swapped_blocks: int = 0
 

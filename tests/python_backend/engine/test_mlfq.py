@@ -118,6 +118,26 @@ def test_no_job_waits_beyond_the_starvation_bound():
     assert sched.num_promotions > 0
 
 
+def test_a_senior_job_runs_ahead_of_the_queues_until_it_ends():
+    """With senior_s set, a job in the system that long is no longer paused for newer short jobs."""
+    clock = Clock()
+    profile = PrefillProfile(a=0.0, b=0.01, decode_step=0.25)
+    sched = MLFQScheduler(BlockManager(256, 4, enable_prefix_caching=False), 1, 64, None, profile,
+                          MLFQConfig(levels=6, base_quantum_s=1.0, ratio=2.0, starvation_s=1e9, senior_s=10.0),
+                          clock=clock)
+    arrivals = {0: [_job(0, 4, 40)], **{t: [_job(t, 4, 3)] for t in range(2, 200, 2)}}
+    done, runs = _simulate(sched, arrivals, clock, iterations=300)
+    its = runs["j0"]
+    after = [it for it in its if it > 10]
+    assert after and after == list(range(after[0], done["j0"] + 1))  # every iteration from then on
+    assert after[0] <= 12 and sched.num_seniors >= 1
+    assert any(b - a > 1 for a, b in zip(its, its[1:]) if a < 10)  # before, short jobs paused it
+    without = _mlfq(Clock(), seats=1)
+    done_without, _ = _simulate(without, {0: [_job(0, 4, 40)], **{t: [_job(t, 4, 3)] for t in range(2, 200, 2)}},
+                                without.clock, iterations=300)
+    assert done["j0"] < done_without.get("j0", float("inf"))  # without: paused for every short job
+
+
 def test_request_priority_comes_before_the_queues():
     sched = _mlfq(Clock(), seats=1)
     low, high = _job(0, 4, 4), _job(1, 4, 4)
