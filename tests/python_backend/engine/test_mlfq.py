@@ -212,6 +212,8 @@ def test_preempted_sequences_resume_token_for_token(smollm2_engine_dir, smollm2_
 def test_bad_mlfq_settings_are_named():
     with pytest.raises(ValueError, match="mlfq_levels >= 0"):
         MLFQScheduler(BlockManager(8, 4), 2, 64, None, PrefillProfile(0.0, 0.01, 0.1), MLFQConfig(levels=-1))
+    with pytest.raises(ValueError, match="mlfq_senior_s >= 0; got .* -1.0"):
+        MLFQScheduler(BlockManager(8, 4), 2, 64, None, PrefillProfile(0.0, 0.01, 0.1), MLFQConfig(senior_s=-1.0))
 
 
 def test_a_job_is_charged_its_own_service_not_the_batch_wall_time():
