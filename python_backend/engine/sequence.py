@@ -126,6 +126,7 @@ class Sequence:
     # MLFQ bookkeeping (mlfq.py); unused by FCFS
     queue_level: int = 0
     quantum_used: float = 0.0  # seconds of service in the current queue
+    home_level: int = 0  # the queue a starved job was promoted from, which it returns to after one quantum
     last_run: float = 0.0
     joined_at: float = 0.0  # the scheduler's clock when the job arrived
     senior: bool = False  # in the system longer than the senior bound: runs ahead of the queues

@@ -88,7 +88,7 @@ def test_default_queues_end_where_long_jobs_begin():
     sched = MLFQScheduler(BlockManager(8, 4), 2, 64, None, profile, MLFQConfig(base_quantum_s=0.1, ratio=2.0))
     above_last = sum(sched.quanta[:-1])
     assert above_last >= LONG_JOB_STEPS * profile.decode_step > above_last - sched.quanta[-2]
-    assert sched.quanta == [0.1, 0.2, 0.4, 0.8, 1.6]  # 3.1 s above the last queue covers 128 x 10 ms
+    assert sched.quanta == [0.1, 0.2, 0.4, 0.8]  # 0.7 s above the last queue covers 64 x 10 ms
 
 
 def test_long_jobs_in_the_last_queue_keep_arrival_order():
@@ -116,6 +116,29 @@ def test_no_job_waits_beyond_the_starvation_bound():
     assert "j0" in done
     assert max(gaps) <= 6 + 1, gaps  # promoted once it had waited the bound, and run at the next iteration
     assert sched.num_promotions > 0
+
+
+def test_a_promoted_job_gets_one_top_quantum_then_returns_to_its_queue():
+    """Promotion guarantees a starved job service; it does not restart its descent through every
+    queue, which would run a long job ahead of the short ones for all the upper quanta."""
+    clock = Clock()
+    sched = _mlfq(clock, seats=1, starvation=6.0)
+    job = _job(0, 4, 100)
+    sched.add(job)
+    job.queue_level = 4
+    clock.now = 7.0
+    batch = sched.schedule()
+    assert job.queue_level == 0 and sched.num_promotions == 1 and batch.prefills[0][0] is job
+    sched.after_step(batch)
+    job.output_ids.append(7)
+    sched.charge(batch, 1.0)  # its prefill: 0.04 s of the 1 s top quantum
+    assert job.queue_level == 0
+    for _ in range(4):  # decode steps of 0.25 s use up the top quantum
+        batch = sched.schedule()
+        sched.after_step(batch)
+        job.output_ids.append(7)
+        sched.charge(batch, 1.0)
+    assert job.queue_level == 4 and job.quantum_used == 0.0
 
 
 def test_a_senior_job_runs_ahead_of_the_queues_until_it_ends():

@@ -1,0 +1,133 @@
+"""Replay an online trace through the real schedulers (scheduler.py, mlfq.py) on a virtual clock,
+with step times from a cost model instead of a model. Minutes of CPU benchmark become a second, so
+scheduler settings can be compared over many traces before a real run; the real runs decide.
+
+    python scripts/sim_schedule.py --rate 0.289 --seeds 20 --variant levels=0 --variant senior=20
+
+Cost model (seconds): a step costs `base + per_seq * decodes + per_token * prefill_tokens`; the
+defaults are SmolLM2 bf16 on the two-core CPU machine (one-sequence decode step 25.7 ms, two 33 ms,
+prefill 16 ms + 0.3 ms/token, from results/online-smollm2-cpu-2seats-rate0.289-own-service.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clients.online import parse_mix  # noqa: E402
+from python_backend.engine.kv_cache import BlockManager  # noqa: E402
+from python_backend.engine.mlfq import MLFQConfig, MLFQScheduler, PrefillProfile  # noqa: E402
+from python_backend.engine.scheduler import Scheduler  # noqa: E402
+from python_backend.engine.sequence import SamplingParams, Sequence  # noqa: E402
+
+
+def trace(n: int, rate: float, mix: str, seed: int, in_lo: int, in_hi: int) -> list[tuple[float, int, int, str]]:
+    """(arrival, prompt tokens, output tokens, class) with Poisson arrivals."""
+    classes = parse_mix(mix)
+    rng = random.Random(seed)
+    total = sum(w for w, *_ in classes)
+    t, jobs = 0.0, []
+    for _ in range(n):
+        if jobs:
+            t += rng.expovariate(rate)
+        x, acc = rng.random() * total, 0.0
+        for w, lo, hi, name in classes:
+            acc += w
+            if x <= acc:
+                break
+        jobs.append((t, rng.randint(in_lo, in_hi), rng.randint(lo, hi), name))
+    return jobs
+
+
+class SizeOracle(MLFQScheduler):
+    """A bound no size-blind policy can beat on the short jobs: two classes by the job's true output
+    length (short first, each class in arrival order), preempting as MLFQ does."""
+
+    def key(self, seq: Sequence) -> tuple:
+        return (seq.params.max_tokens > self.short_max, seq.arrival_index)
+
+
+def simulate(jobs, policy: str, args, mlfq: MLFQConfig) -> dict:
+    now = [0.0]
+    blocks = BlockManager(args.kv_blocks, 16, enable_prefix_caching=False)
+    profile = PrefillProfile(a=args.prefill_a, b=args.prefill_b, decode_step=args.base + args.per_seq)
+    if policy == "fcfs":
+        sched = Scheduler(blocks, args.seats, args.token_budget)
+    else:
+        kind = SizeOracle if policy == "oracle" else MLFQScheduler
+        sched = kind(blocks, args.seats, args.token_budget, None, profile, mlfq, clock=lambda: now[0])
+        sched.short_max = max(hi for _, _, hi, name in parse_mix(args.mix) if name == "short")
+    seqs, i, done = [], 0, []
+    while len(done) < len(jobs):
+        while i < len(jobs) and jobs[i][0] <= now[0]:
+            at, n_in, n_out, kind = jobs[i]
+            seq = Sequence(request_id=str(i), prompt_ids=[1] * n_in, params=SamplingParams(max_tokens=n_out),
+                           arrival_index=i)
+            seq.timing.arrival = at
+            seq.kind = kind
+            sched.add(seq)
+            seqs.append(seq)
+            i += 1
+        batch = sched.schedule()
+        if batch.empty:
+            now[0] = jobs[i][0]
+            continue
+        cost = args.base + args.per_seq * len(batch.decodes) + sum(args.prefill_a + args.prefill_b * n
+                                                                   for _, n in batch.prefills)
+        now[0] += cost
+        sched.after_step(batch)
+        made = list(batch.decodes) + [s for s, _ in batch.prefills if s.num_computed == s.num_tokens]
+        for seq in made:
+            seq.output_ids.append(0)
+            if len(seq.output_ids) >= seq.params.max_tokens:
+                seq.timing.finished = now[0]
+                sched.finish(seq)
+                done.append(seq)
+        sched.charge(batch, cost)
+    jct = sorted(s.timing.finished - s.timing.arrival for s in seqs)
+    span = max(s.timing.finished for s in seqs) - min(s.timing.arrival for s in seqs)
+    return {"mean": statistics.fmean(jct), "p99": jct[min(len(jct) - 1, int(0.99 * len(jct)))],
+            "tok_s": sum(len(s.output_ids) for s in seqs) / span}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rate", type=float, default=0.289)
+    ap.add_argument("--num-requests", type=int, default=120)
+    ap.add_argument("--mix", default="0.8:16-64,0.2:512-1024")
+    ap.add_argument("--input-len", type=int, nargs=2, default=(32, 128))
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--seats", type=int, default=2)
+    ap.add_argument("--token-budget", type=int, default=512)
+    ap.add_argument("--kv-blocks", type=int, default=100000)
+    ap.add_argument("--base", type=float, default=0.0184)
+    ap.add_argument("--per-seq", type=float, default=0.0073)
+    ap.add_argument("--prefill-a", type=float, default=0.016)
+    ap.add_argument("--prefill-b", type=float, default=0.0003)
+    ap.add_argument("--variant", action="append", default=[],
+                    help="MLFQ settings as key=value,... over MLFQConfig fields (e.g. levels=5,senior_s=20)")
+    args = ap.parse_args()
+    variants = (args.variant or [""]) + ["oracle"]
+    rows = {v: [] for v in variants}
+    for seed in range(args.seeds):
+        jobs = trace(args.num_requests, args.rate, args.mix, seed, *args.input_len)
+        f = simulate(jobs, "fcfs", args, MLFQConfig())
+        for v in variants:
+            kw = {k: float(x) if k != "levels" else int(x)
+                  for k, x in (p.split("=") for p in v.split(",") if p and v != "oracle")}
+            m = simulate(jobs, "oracle" if v == "oracle" else "mlfq", args, MLFQConfig(**kw))
+            rows[v].append({"mean_ratio": f["mean"] / m["mean"], "p99_ratio": f["p99"] / m["p99"],
+                            "tput_ratio": m["tok_s"] / f["tok_s"]})
+    out = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {
+        "seeds_meeting_all": sum(r["mean_ratio"] >= 2 and r["p99_ratio"] >= 1 and r["tput_ratio"] >= 0.95 for r in rs)}
+        for v, rs in rows.items()}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
