@@ -13,6 +13,8 @@
 #   throughput  256 x 256 -> 128 tokens, EOS ignored: engine vs transformers generate (b64) and
 #               generate_batch, and a single sequence against the weight-streaming time
 #   random      256 requests, input and output lengths uniform in 100..1024: engine vs generate (b64)
+#   seats       issue 7 with two decode seats and ample KV (queueing for a seat), at $SEATS_RATE requests/s
+#   gemvsweep   the decode GEMV kernel's configurations against cuBLAS on the 1B shapes (gpu_gemv_sweep.py)
 #   profile     one sequence's decode step: kernel times and graphed/eager step time (gpu_profile_step.py)
 #   mlfq        issue 7: swap/resume exactness on the GPU, then online load (80% short / 20% long outputs)
 #               against FCFS and MLFQ with the KV pool limited to 1,024 blocks, at 85% of the measured
@@ -98,6 +100,19 @@ if want mlfq; then
   python3 -m fastserve.cli bench --online --repository $work/repo --model llama1b_mem --device cuda --num-requests 800 \
     --input-len 32 --input-len-max 256 --load ${MLFQ_LOAD:-0.85} --arrivals ${MLFQ_ARRIVALS:-poisson} --policies ${MLFQ_POLICIES:-fcfs,mlfq} \
     --out "$out/online-llama1b-h100-mem.json"
+fi
+if want seats; then
+  # seat-limited: two decode seats and ample KV, so queueing for a seat dominates as in the CPU run
+  llama
+  [[ -f $work/repo/llama1b_s2/config.pbtxt ]] || python3 builders/build.py --model $work/src --name llama1b_s2 \
+    --repository $work/repo --device gpu --dtype bfloat16 --max-model-len 4096 --max-num-seqs 2 \
+    --max-num-batched-tokens 4096
+  python3 -m fastserve.cli bench --online --repository $work/repo --model llama1b_s2 --device cuda --num-requests 300 \
+    --input-len 32 --input-len-max 256 --rate ${SEATS_RATE:-6.06} --policies ${MLFQ_POLICIES:-fcfs,mlfq} \
+    --out "$out/online-llama1b-h100-2seats.json" | tail -12
+fi
+if want gemvsweep; then
+  python3 scripts/gpu_gemv_sweep.py --out "$out/gemv-sweep.json"
 fi
 if want profile; then
   llama

@@ -27,7 +27,7 @@ from python_backend.engine.kv_cache import BlockManager, KVPool
 from python_backend.engine.kv_swap import KVSwapper
 from python_backend.engine.mlfq import MLFQConfig, MLFQScheduler, PrefillProfile
 from python_backend.engine.runner import DecodeGraphs, Runner
-from python_backend.engine.sampler import sample
+from python_backend.engine.sampler import greedy, sample
 from python_backend.engine.scheduler import Policy, ScheduledBatch, Scheduler
 from python_backend.engine.sequence import RequestOutput, SamplingError, SamplingParams, Sequence
 from python_backend.models.llama import LlamaModel
@@ -80,6 +80,7 @@ class EngineConfig:
     decode_gemv: bool = True  # GPU kernels: time the GEMV kernel against cuBLAS at start-up for 1-4 rows
     max_graph_batch: int = 256  # larger decode batches run eagerly
     capture_graphs_at_start: bool = True  # every decode graph before serving, not on first use
+    run_ahead: str = "auto"  # launch the next decode step before reading this one's tokens: auto (GPU), on, off
     num_threads: int = 0  # CPU threads for torch; 0 leaves torch's default
     seed: int = 0
 
@@ -105,6 +106,7 @@ class EngineConfig:
 @dataclass
 class EngineStats:
     steps: int = 0
+    steps_ahead: int = 0  # decode steps launched before the previous step's tokens were read
     prompt_tokens: int = 0
     generation_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)
@@ -149,6 +151,10 @@ class Engine:
             self.graphs_captured = graphs.capture_all(cfg.max_num_seqs, -(-self.max_model_len // cfg.block_size))
             self.graph_capture_s = time.perf_counter() - start
         self.scheduler = self._scheduler(cfg, per_block)
+        if cfg.run_ahead not in ("auto", "on", "off"):
+            raise ValueError(f"parameter run_ahead={cfg.run_ahead!r}: auto, on or off")
+        self.run_ahead = cfg.run_ahead == "on" or (cfg.run_ahead == "auto" and self.device.type == "cuda")
+        self._ahead: tuple[ScheduledBatch, torch.Tensor, float] | None = None  # a step launched ahead
         self.eos_ids = self.folder.eos_token_ids or ([self.tokenizer.eos_token_id]
                                                      if self.tokenizer.eos_token_id is not None else [])
         self.stats = EngineStats()
@@ -290,7 +296,7 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self._seqs) or self._pending > 0 or bool(self._unsent)
+        return bool(self._seqs) or self._pending > 0 or bool(self._unsent) or self._ahead is not None
 
     def step(self) -> bool:
         """One iteration; False when there was nothing to do.
@@ -299,8 +305,18 @@ class Engine:
         step's tokens are detokenized, checked for stop strings and sent (`_flush`); only then does
         sampling wait for the GPU. A stop string is therefore found one step late; the token made
         meanwhile for that sequence is dropped. Length and EOS ends are found at once, so a finished
-        sequence never takes a place in the next batch."""
+        sequence never takes a place in the next batch.
+
+        A step launched ahead (_launch_ahead) is finished here first: its sequences are counted one
+        token further, those that ended meanwhile (EOS, a stop string, cancelled) drop their token."""
         self._drain_inbox()
+        if self._ahead is not None:
+            launched, logits, start = self._ahead
+            self._ahead = None
+            live = ScheduledBatch(decodes=[s for s in launched.decodes if not s.finished])
+            self.scheduler.after_step(live)
+            self.stats.steps += 1
+            return self._complete(live, logits, launched.decodes, start)
         batch = self.scheduler.schedule()
         if batch.empty:
             return self._flush()
@@ -314,15 +330,55 @@ class Engine:
         self.scheduler.proactive()
         self.stats.steps += 1
         self.stats.prompt_tokens += sum(n for _, n in batch.prefills)
+        return self._complete(batch, logits, sampled, start)
+
+    def _complete(self, batch: ScheduledBatch, logits: torch.Tensor | None, sampled: list[Sequence],
+                  start: float) -> bool:
+        """Send the previous step's tokens while this one computes, then take this step's tokens."""
         self._flush()
         if sampled:
-            ids, logprobs = sample(logits, sampled, self.eos_ids, self._generator)
+            ahead = self._launch_ahead(batch, logits, sampled)
+            if ahead is not None:
+                ids, logprobs = ahead.tolist(), None
+            else:
+                ids, logprobs = sample(logits, sampled, self.eos_ids, self._generator)
             now = time.perf_counter()
             for i, (seq, token) in enumerate(zip(sampled, ids)):
                 if not seq.finished:
                     self._append(seq, token, None if logprobs is None else logprobs[i], now)
         self.scheduler.charge(batch, time.perf_counter() - start)
         return True
+
+    def _launch_ahead(self, batch: ScheduledBatch, logits: torch.Tensor, sampled: list[Sequence]
+                      ) -> torch.Tensor | None:
+        """When the next step is sure to be this batch again, one more token for each sequence: launch
+        it now, its input tokens this step's greedy choices still on the device, and return those
+        choices (None where the next step is not sure). The GPU then never waits for the host between
+        steps: on the H100 a one-sequence step spent ~0.13 ms of 1.41 ms idle while the host read the
+        token, scheduled and copied the next inputs.
+
+        Sure means: only decodes, all greedy with nothing the sampler adjusts per step (penalties,
+        logprobs, min_tokens), none can end by length at this token, no request waiting or arriving,
+        and a block free for each sequence's next token."""
+        if not self.run_ahead or batch.prefills or self._pending or not self._inbox.empty():
+            return None
+        seqs = batch.decodes
+        if len(seqs) != len(sampled) or self.scheduler.num_unfinished != len(seqs):
+            return None
+        for seq in seqs:
+            p = seq.params
+            if (seq.finished or not p.greedy or p.logprobs or p.uses_penalties or p.min_tokens > len(seq.output_ids)
+                    or len(seq.output_ids) + 2 > p.max_tokens or seq.num_tokens + 2 > self.max_model_len):
+                return None
+        if not self.scheduler.reserve_next(seqs):
+            return None
+        ids = greedy(logits)
+        start = time.perf_counter()
+        launched = ScheduledBatch(decodes=list(seqs))
+        next_logits, _ = self.runner.run(launched, decode_ids=ids)
+        self._ahead = (launched, next_logits, start)
+        self.stats.steps_ahead += 1
+        return ids
 
     def _append(self, seq: Sequence, token: int, logprob: float | None, now: float) -> None:
         """Record a new token; end the sequence now if it made EOS or reached its length. Text and
@@ -449,6 +505,7 @@ class Engine:
             return self.step()
         except Exception as e:
             self.last_error = e
+            self._ahead = None
             for seq in list(self._seqs.values()):
                 self._finish(seq, "error")
             return False
@@ -468,6 +525,7 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
         self._drain_inbox()
+        self._ahead = None  # its tokens are not sent: its sequences end here as cancelled
         self._flush()
         for seq in list(self._seqs.values()):
             self._finish(seq, "cancelled")

@@ -68,8 +68,11 @@ class DecodeGraphs:
              "tables": torch.full((batch, width), self.scratch, dtype=torch.long, device=dev),
              "rows": torch.arange(batch, device=dev),
              "splits": ta_num_splits(batch, self.model.cfg.num_kv_heads, self.num_sms) if self.kernels else 1,
-             "host_vec": torch.empty(4, batch, dtype=torch.long).pin_memory(),
-             "host_tables": torch.empty(batch, width, dtype=torch.long).pin_memory()}
+             # two sets of pinned inputs, used in turn: a step run ahead (Engine.run_ahead) fills one while
+             # the other may still be waiting to be copied for the step before it
+             "host": [(torch.empty(4, batch, dtype=torch.long).pin_memory(),
+                       torch.empty(batch, width, dtype=torch.long).pin_memory()) for _ in range(2)],
+             "turn": 0}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -100,24 +103,31 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.model.device)
         return len(self.graphs)
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+    def run(self, ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], tables: list[list[int]],
             lengths: list[int]) -> torch.Tensor:
-        n = len(ids)
+        """One decode step; `ids` may be a device tensor (the tokens of a step not yet read back)."""
+        n = len(positions)
         batch = graph_batch(n)
         step = self.width_step
         width = -(-max(len(t) for t in tables) // step) * step
         g = self.graphs.get((batch, width))
         if g is None:
             g = self.graphs[(batch, width)] = self._capture(batch, width)
-        vec = g["host_vec"].numpy()  # the previous step's copies are done: its logits were read
-        vec[0, :n], vec[1, :n], vec[2, :n], vec[3, :n] = ids, positions, slots, lengths
+        # this set's last copies were for the step before the previous one, whose tokens have been read
+        host_vec, host_tables = g["host"][g["turn"]]
+        g["turn"] ^= 1
+        vec = host_vec.numpy()
+        vec[0, :n] = 0 if isinstance(ids, torch.Tensor) else ids
+        vec[1, :n], vec[2, :n], vec[3, :n] = positions, slots, lengths
         vec[0, n:], vec[1, n:], vec[2, n:], vec[3, n:] = 0, 0, self.scratch * self.block_size, 1
-        tab = g["host_tables"].numpy()
+        tab = host_tables.numpy()
         tab.fill(self.scratch)
         for i, t in enumerate(tables):
             tab[i, :len(t)] = t
-        g["vec"].copy_(g["host_vec"], non_blocking=True)
-        g["tables"].copy_(g["host_tables"], non_blocking=True)
+        g["vec"].copy_(host_vec, non_blocking=True)
+        g["tables"].copy_(host_tables, non_blocking=True)
+        if isinstance(ids, torch.Tensor):
+            g["ids"][:n].copy_(ids)
         g["graph"].replay()
         return g["logits"][:n]
 
@@ -169,7 +179,7 @@ class Runner:
         lengths: list[int] = []
         for seq in batch.decodes:
             pos = seq.num_computed
-            ids.append(seq.token_at(pos))
+            ids.append(seq.token_at(pos) if pos < seq.num_tokens else 0)  # else: a step run ahead fills it
             positions.append(pos)
             slots.append(seq.block_table[pos // bs] * bs + pos % bs)
             rows.append(len(rows))
@@ -210,7 +220,7 @@ class Runner:
         decodes = batch.decodes
         nd = len(decodes)
         pos_d = [s.num_computed for s in decodes]
-        ids = [s.token_at(p) for s, p in zip(decodes, pos_d)]
+        ids = [s.token_at(p) if p < s.num_tokens else 0 for s, p in zip(decodes, pos_d)]  # 0: filled by run()
         slots_d = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos_d)]
         sampled = list(decodes)
         rows = list(range(nd))
@@ -252,18 +262,23 @@ class Runner:
         return input_ids, positions, meta, rows_t, sampled
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Sequence]]:
-        """One model step; logits [len(sampled), vocab] for the sequences that make a token."""
+    def run(self, batch: ScheduledBatch, decode_ids: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor | None, list[Sequence]]:
+        """One model step; logits [len(sampled), vocab] for the sequences that make a token. With
+        `decode_ids` (a device tensor, one per decode), the decodes' input tokens are taken from it:
+        a step run ahead, before the previous step's tokens have reached the host."""
         g = self.graphs
         if g is not None and not batch.prefills and 0 < len(batch.decodes) <= g.max_batch:
             bs = self.block_size
             seqs = batch.decodes
             pos = [s.num_computed for s in seqs]
-            logits = g.run([s.token_at(p) for s, p in zip(seqs, pos)], pos,
-                           [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)],
+            ids = decode_ids if decode_ids is not None else [s.token_at(p) for s, p in zip(seqs, pos)]
+            logits = g.run(ids, pos, [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)],
                            [s.block_table for s in seqs], [p + 1 for p in pos])
             return logits, list(seqs)
         prepare = self.prepare_kernels if self.model.kernels else self.prepare
         input_ids, positions, meta, rows, sampled = prepare(batch)
+        if decode_ids is not None:
+            input_ids[:len(batch.decodes)] = decode_ids
         logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows)
         return (logits if sampled else None), sampled

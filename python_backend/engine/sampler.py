@@ -44,6 +44,15 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> tor
     return logits
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The first highest-scoring token of each row, on the logits' device."""
+    if logits.is_cuda:
+        from python_backend.ops.argmax import argmax_rows
+
+        return argmax_rows(logits)
+    return logits.max(-1).indices  # max is several times faster than argmax on CPU; same first index
+
+
 @torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],
            default_generator: torch.Generator | None = None) -> tuple[list[int], list[float] | None]:
@@ -59,12 +68,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],
             s = seqs[i]
             if s.params.min_tokens and len(s.output_ids) < s.params.min_tokens and eos_ids:
                 logits[i, eos_ids] = float("-inf")
-    if logits.is_cuda:
-        from python_backend.ops.argmax import argmax_rows
-
-        chosen = argmax_rows(logits)
-    else:
-        chosen = logits.max(-1).indices  # max is several times faster than argmax on CPU; same first index
+    chosen = greedy(logits)
     if all(s.params.greedy for s in seqs):
         final = logits
     else:

@@ -164,6 +164,16 @@ class Scheduler:
                 self.blocks.register(seq.block_table[i], h)
                 seq.block_hashes.append(h)
 
+    def reserve_next(self, seqs: list[Sequence]) -> bool:
+        """Blocks for one more token of each sequence, for a step run ahead of the next schedule()
+        (Engine.run_ahead); False, and nothing taken, when they are not all free."""
+        need = sum(max(0, self.blocks.blocks_for(s.num_computed + 1) - len(s.block_table)) for s in seqs)
+        if need > self.blocks.num_free:
+            return False
+        for seq in seqs:
+            self._grow(seq, 1)
+        return True
+
     # hooks the MLFQ scheduler (mlfq.py) fills in; FCFS needs none of them
     def fence(self) -> None:
         """Before the forward pass: wait for KV copies the batch depends on."""

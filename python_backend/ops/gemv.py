@@ -29,17 +29,21 @@ class GemvConfig:
     block_n: int = 8
     block_k: int = 512
     num_warps: int = 4
+    defer: bool = False  # sum the products along K in place and reduce across threads once, at the end
 
 
 @triton.jit
 def _gemv_kernel(X, W, B, OUT, M, N, K, stride_x, stride_w, stride_o,
                  M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, DEFER: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, M_PAD)
     mask_n = n < N
     mask_m = m < M
-    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    if DEFER:
+        part = tl.zeros((M_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         mask_k = k < K
@@ -53,7 +57,12 @@ def _gemv_kernel(X, W, B, OUT, M, N, K, stride_x, stride_w, stride_o,
             x = rounded(act * up, OUT.dtype.element_ty)
         else:
             x = tl.load(X + m[:, None] * stride_x + k[None, :], mask=xm, other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        if DEFER:  # products summed in place; one reduction across threads at the end
+            part += x[:, None, :] * w[None, :, :]
+        else:
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    if DEFER:
+        acc = tl.sum(part, axis=2)
     if HAS_BIAS:
         acc += tl.load(B + n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT + m[:, None] * stride_o + n[None, :], acc.to(OUT.dtype.element_ty),
@@ -77,12 +86,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         M_PAD=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=min(cfg.block_k, triton.next_power_of_2(k)),
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, num_warps=cfg.num_warps)
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, DEFER=cfg.defer, num_warps=cfg.num_warps)
     return out
 
 
-# the two that came near cuBLAS or beat it on the H100 (16-row tiles never did): fewer start-up compiles
-CANDIDATES = (GemvConfig(4, 1024, 4), GemvConfig(8, 512, 4))
+# those that beat cuBLAS by the margin somewhere on the H100 (results/llama1b-h100-gemv-sweep.json from
+# scripts/gpu_gemv_sweep.py): the LM head at one and two rows, the output projection (5.6 us against
+# 6.4) and the fused down projection (16.3 us against 18.0) at one row; few, for few start-up compiles
+CANDIDATES = (GemvConfig(4, 1024, 4), GemvConfig(2, 2048, 4), GemvConfig(4, 2048, 8))
 
 
 def time_per_call(weights: list[torch.Tensor], rows: int, config: GemvConfig | None, silu_mul: bool = False,
@@ -122,7 +133,7 @@ MARGIN = 0.95  # the kernel must beat cuBLAS by 5%: a choice that flips with tim
 
 
 def _name(cfg: GemvConfig) -> str:
-    return f"{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}"
+    return f"{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}" + ("d" if cfg.defer else "")
 
 
 def choose(weights: list[torch.Tensor], rows: int, silu_mul: bool = False,

@@ -36,3 +36,23 @@ def test_graphs_match_eager_and_transformers(engine_dir):
         ref = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=40, min_new_tokens=40, do_sample=False)
         assert got == ref[0, len(ids):].tolist()
     assert graphed.blocks.num_used == 0
+
+
+def test_graph_steps_run_ahead_give_the_same_tokens(engine_dir):
+    """The default on the GPU: the next graph replay is launched with this step's tokens on the device."""
+    from python_backend.engine.engine import Engine, EngineConfig
+    from python_backend.engine.sequence import SamplingParams
+
+    prompts = [[(5 * i + j) % 40000 + 100 for j in range(3 + 9 * i)] for i in range(6)]
+    params = [SamplingParams(max_tokens=8 + 7 * i, temperature=0.0, ignore_eos=True) for i in range(6)]
+    ahead = Engine(engine_dir, EngineConfig(device="cuda", num_kv_blocks=128))
+    plain = Engine(engine_dir, EngineConfig(device="cuda", num_kv_blocks=128, run_ahead="off"))
+    assert ahead.run_ahead and not plain.run_ahead
+    got = [r.token_ids for r in ahead.generate(prompts, params)]
+    assert got == [r.token_ids for r in plain.generate(prompts, params)]
+    assert [len(t) for t in got] == [8 + 7 * i for i in range(6)]
+    assert ahead.stats.steps_ahead > 20 and plain.stats.steps_ahead == 0
+    single = ahead.generate([prompts[2]], [SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)])[0]
+    assert single.token_ids == plain.generate([prompts[2]], [SamplingParams(max_tokens=50, temperature=0.0,
+                                                                              ignore_eos=True)])[0].token_ids
+    assert ahead.blocks.num_used == 0

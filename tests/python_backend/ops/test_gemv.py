@@ -18,7 +18,8 @@ GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
 DTYPES = [torch.float32, torch.bfloat16 if GPU else torch.float16]
 SHAPES = [(3072, 2048), (2048, 8192), (128256, 2048)] if GPU else [(48, 64), (37, 200)]
-CONFIGS = [GemvConfig(), GemvConfig(block_n=16, block_k=128)] if GPU else [GemvConfig(4, 32), GemvConfig(8, 64)]
+CONFIGS = ([GemvConfig(), GemvConfig(block_n=16, block_k=128), GemvConfig(2, 1024, 4, defer=True)] if GPU else
+           [GemvConfig(4, 32), GemvConfig(8, 64), GemvConfig(2, 64, 4, defer=True)])
 
 
 def _tol(dtype: torch.dtype, k: int) -> float:
