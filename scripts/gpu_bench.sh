@@ -14,6 +14,7 @@
 #               generate_batch, and a single sequence against the weight-streaming time
 #   random      256 requests, input and output lengths uniform in 100..1024: engine vs generate (b64)
 #   seats       issue 7 with two decode seats and ample KV (queueing for a seat), at $SEATS_RATE requests/s
+#               on the trace of $SEATS_SEED
 #   gemvsweep   the decode GEMV kernel's configurations against cuBLAS on the 1B shapes (gpu_gemv_sweep.py)
 #   profile     one sequence's decode step: kernel times and graphed/eager step time (gpu_profile_step.py)
 #   mlfq        issue 7: swap/resume exactness on the GPU, then online load (80% short / 20% long outputs)
@@ -108,7 +109,7 @@ if want seats; then
     --repository $work/repo --device gpu --dtype bfloat16 --max-model-len 4096 --max-num-seqs 2 \
     --max-num-batched-tokens 4096
   python3 -m fastserve.cli bench --online --repository $work/repo --model llama1b_s2 --device cuda --num-requests 300 \
-    --input-len 32 --input-len-max 256 --rate ${SEATS_RATE:-6.06} --policies ${MLFQ_POLICIES:-fcfs,mlfq} \
+    --input-len 32 --input-len-max 256 --rate ${SEATS_RATE:-6.06} --seed ${SEATS_SEED:-0} --policies ${MLFQ_POLICIES:-fcfs,mlfq} \
     --out "$out/online-llama1b-h100-2seats.json" | tail -12
 fi
 if want gemvsweep; then
