@@ -61,15 +61,15 @@ def simulate(jobs, policy: str, args, mlfq: MLFQConfig) -> dict:
     else:
         kind = SizeOracle if policy == "oracle" else MLFQScheduler
         sched = kind(blocks, args.seats, args.token_budget, None, profile, mlfq, clock=lambda: now[0])
-        sched.short_max = max(hi for _, _, hi, name in parse_mix(args.mix) if name == "short")
+        if policy == "oracle":
+            sched.short_max = max(hi for _, _, hi, name in parse_mix(args.mix) if name == "short")
     seqs, i, done = [], 0, []
     while len(done) < len(jobs):
         while i < len(jobs) and jobs[i][0] <= now[0]:
-            at, n_in, n_out, kind = jobs[i]
+            at, n_in, n_out, _ = jobs[i]
             seq = Sequence(request_id=str(i), prompt_ids=[1] * n_in, params=SamplingParams(max_tokens=n_out),
                            arrival_index=i)
             seq.timing.arrival = at
-            seq.kind = kind
             sched.add(seq)
             seqs.append(seq)
             i += 1
@@ -92,7 +92,7 @@ def simulate(jobs, policy: str, args, mlfq: MLFQConfig) -> dict:
     jct = sorted(s.timing.finished - s.timing.arrival for s in seqs)
     span = max(s.timing.finished for s in seqs) - min(s.timing.arrival for s in seqs)
     return {"mean": statistics.fmean(jct), "p99": jct[min(len(jct) - 1, int(0.99 * len(jct)))],
-            "tok_s": sum(len(s.output_ids) for s in seqs) / span}
+            "tok_s": sum(len(s.output_ids) for s in seqs) / span, "tokens": sum(len(s.output_ids) for s in seqs)}
 
 
 def main() -> None:
