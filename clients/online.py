@@ -213,7 +213,8 @@ def plot(result: dict, path: Path) -> None:
         ax.legend()
     w = result["workload"]
     fig.suptitle(f"{w['model']} on {result['device'].get('gpu') or result['device'].get('cpu', '')}: "
-                 f"{w['arrivals']} arrivals at {w['rate_per_s']:.2f} req/s ({w.get('load') or '-'} of capacity)")
+                 f"{w['arrivals']} arrivals at {w['rate_per_s']:.3g} req/s"
+                 + (f" ({w['load']:.0%} of capacity)" if w.get("load") else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
