@@ -46,7 +46,7 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.mempool = torch.cuda.graph_pool_handle()
 
-    def _step(self, g: dict) -> torch.Tensor:
+    def _step(self, g: dict, out: torch.Tensor | None = None) -> torch.Tensor:
         bs, dev = self.block_size, self.model.device
         batch = g["ids"].shape[0]
         if self.kernels:
@@ -57,7 +57,7 @@ class DecodeGraphs:
             mask = torch.where(key_pos[None, :] < g["lengths"][:, None], 0.0, float("-inf")).to(self.model.dtype)
             meta = AttentionMetadata(slot_mapping=g["slots"], num_decode=batch,
                                      decode_block_tables=g["tables"], decode_mask=mask[:, None, None, :])
-        return self.model.forward(g["ids"], g["positions"], meta, self.pool.k, self.pool.v, g["rows"])
+        return self.model.forward(g["ids"], g["positions"], meta, self.pool.k, self.pool.v, None, out)
 
     def _capture(self, batch: int, width: int) -> dict:
         dev = self.model.device
@@ -66,7 +66,6 @@ class DecodeGraphs:
         vec[3] = 1
         g = {"vec": vec, "ids": vec[0], "positions": vec[1], "slots": vec[2], "lengths": vec[3],
              "tables": torch.full((batch, width), self.scratch, dtype=torch.long, device=dev),
-             "rows": torch.arange(batch, device=dev),
              "splits": ta_num_splits(batch, self.model.cfg.num_kv_heads, self.num_sms) if self.kernels else 1,
              # two sets of pinned inputs, used in turn: a step run ahead (Engine.run_ahead) fills one while
              # the other may still be waiting to be copied for the step before it
@@ -84,7 +83,7 @@ class DecodeGraphs:
         g["logits"] = self.outputs[batch]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
-            g["logits"].copy_(self._step(g))  # the step's own logits are freed, for the next capture to reuse
+            self._step(g, out=g["logits"])
         g["graph"] = graph
         return g
 

@@ -175,6 +175,7 @@ class LlamaModel:
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.gemv: dict[tuple[str, int], object] = {}  # (projection, rows) -> GemvConfig; absent: cuBLAS
+        self.fused_qkv: dict[int, object] = {}  # decode rows -> GemvConfig of fused_qkv; absent: three kernels
 
     def _pack_weights(self) -> None:
         def pack(w: torch.Tensor) -> torch.Tensor:
@@ -201,23 +202,64 @@ class LlamaModel:
                 config, timings[f"{name}/{rows}"] = gemv.choose(weights, rows, silu_mul)
                 if config is not None:
                     self.gemv[(name, rows)] = config
+        if self.layers[0].q_norm is None:
+            for rows in (1, 2, 4):
+                timings[f"add_norm_qkv_rope/{rows}"] = self._tune_fused_qkv(rows)
         return timings
 
+    def _tune_fused_qkv(self, rows: int) -> dict[str, float]:
+        """Time fused_qkv's candidates against the three kernels it replaces (add + RMSNorm, the QKV
+        projection as chosen above, rotary + KV write) over all layers, and keep the fastest where it
+        wins by gemv's margin."""
+        from python_backend.ops import fused, gemv
+        from python_backend.ops import triton_attention as ta
+        from python_backend.ops.fused_qkv import add_norm_qkv_rope
+
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        k_cache = torch.zeros(1, 16, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
+        v_cache = torch.zeros_like(k_cache)
+        out = torch.randn(rows, cfg.hidden_size, dtype=self.dtype, device=self.device)
+        residual = torch.randn_like(out)
+        positions = torch.arange(rows, device=self.device)
+        slots = torch.arange(rows, device=self.device)
+        heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+
+        def three() -> None:
+            for la in self.layers:
+                x, _ = fused.add_rms_norm(out, residual, la.ln1, eps)
+                qkv = self._proj("qkv", x, la.qkv_w, la.qkv_b)
+                ta.rope_write_kv(qkv, positions, self.cos, self.sin, slots, k_cache, v_cache, *heads)
+
+        def one(config) -> None:
+            for la in self.layers:
+                add_norm_qkv_rope(out, residual, la.ln1, eps, la.qkv_w, la.qkv_b, positions, self.cos, self.sin,
+                                  slots, k_cache, v_cache, *heads, config=config)
+
+        times = {"three_kernels": gemv.graph_time(three) / len(self.layers)}
+        for config in gemv.CANDIDATES:
+            times[gemv.name(config)] = gemv.graph_time(lambda: one(config)) / len(self.layers)
+        best = min(gemv.CANDIDATES, key=lambda c: times[gemv.name(c)])
+        if times[gemv.name(best)] < gemv.MARGIN * times["three_kernels"]:
+            self.fused_qkv[rows] = best
+        return times
+
     def _proj(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-              silu_mul: bool = False) -> torch.Tensor:
+              silu_mul: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         """One projection of the kernel path: the GEMV kernel where tune_decode_gemv chose it for
-        this many rows, cuBLAS otherwise (with silu_mul, x is the gate-up output)."""
+        this many rows, cuBLAS otherwise (with silu_mul, x is the gate-up output). `out` takes the
+        result (float32 for logits), as gemv's does."""
         rows = x.shape[0]
         config = self.gemv.get((name, 1 << max(0, (rows - 1).bit_length()))) if 0 < rows <= 4 else None
         if config is not None:
             from python_backend.ops.gemv import gemv
 
-            return gemv(x, weight, bias, silu_mul=silu_mul, config=config)
+            return gemv(x, weight, bias, silu_mul=silu_mul, config=config, out=out)
         if silu_mul:
             from python_backend.ops import fused
 
             x = fused.silu_mul(x)
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        return y if out is None else out.copy_(y)
 
     @classmethod
     def load(cls, folder: Path, dtype: torch.dtype, device: torch.device, max_len: int,
@@ -240,10 +282,12 @@ class LlamaModel:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], logit_rows: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions [T] -> float32 logits [len(logit_rows), vocab] for the rows asked for."""
+                k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], logit_rows: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [T] -> float32 logits [len(logit_rows), vocab] for the rows asked for
+        (every row where logit_rows is None, as in a decode step), in `out` where given."""
         if self.kernels:
-            return self._forward_kernels(input_ids, positions, meta, k_cache, v_cache, logit_rows)
+            return self._forward_kernels(input_ids, positions, meta, k_cache, v_cache, logit_rows, out)
         h = F.embedding(input_ids, self.embed)
         cos = self.cos.index_select(0, positions)[:, None, :]
         sin = self.sin.index_select(0, positions)[:, None, :]
@@ -252,30 +296,41 @@ class LlamaModel:
             q, k, v = self._pre_attention(h, layer.ln1, layer.qkv_w, layer.qkv_b, layer.q_norm, layer.k_norm, cos, sin, eps)
             attn = paged_attention(q, k, v, k_cache[i], v_cache[i], meta, self.scale)
             h = self._post_attention(h, attn, layer.o_w, layer.ln2, layer.gate_up_w, layer.down_w, eps)
-        h = rms_norm(h.index_select(0, logit_rows), self.norm, eps)
-        return self._linear(h, self.lm_head).float()
+        h = rms_norm(h if logit_rows is None else h.index_select(0, logit_rows), self.norm, eps)
+        logits = self._linear(h, self.lm_head)
+        return logits.float() if out is None else out.copy_(logits)
 
-    def _forward_kernels(self, input_ids, positions, meta: AttentionMetadata, k_cache, v_cache, logit_rows):
+    def _forward_kernels(self, input_ids, positions, meta: AttentionMetadata, k_cache, v_cache, logit_rows, logits):
         """The same model with the Triton kernels: residual add fused into each RMSNorm, rotary and the
-        KV write in one launch per layer, paged attention kernels, SiLU-and-multiply fused."""
+        KV write in one launch per layer, paged attention kernels, SiLU-and-multiply fused; in small
+        decode steps the add, norm, QKV product, rotary and KV write in one launch (fused_qkv)."""
         from python_backend.ops import fused
         from python_backend.ops import triton_attention as ta
 
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         t = input_ids.shape[0]
         nd = meta.num_decode
+        # a decode step of up to 4 rows: add + norm, QKV, rotary and KV write in one launch where tuned
+        one = self.fused_qkv.get(1 << max(0, (t - 1).bit_length())) if 0 < t == nd <= 4 else None
         residual = F.embedding(input_ids, self.embed)
-        x = fused.rms_norm(residual, self.layers[0].ln1, eps)
+        x = None if one else fused.rms_norm(residual, self.layers[0].ln1, eps)
         out = None
         for i, layer in enumerate(self.layers):
-            qkv = self._proj("qkv", x, layer.qkv_w, layer.qkv_b)
-            if layer.q_norm is not None:
-                nq = cfg.num_heads + cfg.num_kv_heads
-                qk = qkv[:, : self.q_size + self.kv_size].view(t, nq, cfg.head_dim)
-                qk[:, : cfg.num_heads] = rms_norm(qk[:, : cfg.num_heads], layer.q_norm, eps)
-                qk[:, cfg.num_heads:] = rms_norm(qk[:, cfg.num_heads:], layer.k_norm, eps)
-            q = ta.rope_write_kv(qkv, positions, self.cos, self.sin, meta.slot_mapping, k_cache[i], v_cache[i],
-                                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            if one:
+                from python_backend.ops.fused_qkv import add_norm_qkv_rope
+
+                q, residual = add_norm_qkv_rope(out, residual, layer.ln1, eps, layer.qkv_w, layer.qkv_b, positions,
+                                                self.cos, self.sin, meta.slot_mapping, k_cache[i], v_cache[i],
+                                                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, config=one)
+            else:
+                qkv = self._proj("qkv", x, layer.qkv_w, layer.qkv_b)
+                if layer.q_norm is not None:
+                    nq = cfg.num_heads + cfg.num_kv_heads
+                    qk = qkv[:, : self.q_size + self.kv_size].view(t, nq, cfg.head_dim)
+                    qk[:, : cfg.num_heads] = rms_norm(qk[:, : cfg.num_heads], layer.q_norm, eps)
+                    qk[:, cfg.num_heads:] = rms_norm(qk[:, cfg.num_heads:], layer.k_norm, eps)
+                q = ta.rope_write_kv(qkv, positions, self.cos, self.sin, meta.slot_mapping, k_cache[i], v_cache[i],
+                                     cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
             attn = torch.empty_like(q)
             if nd:
                 ta.decode_attention(q[:nd], k_cache[i], v_cache[i], meta.decode_block_tables, meta.decode_seq_lens,
@@ -286,10 +341,14 @@ class LlamaModel:
             o = self._proj("o", attn.view(t, self.q_size), layer.o_w)
             x, residual = fused.add_rms_norm(o, residual, layer.ln2, eps)
             out = self._proj("down", self._proj("gate_up", x, layer.gate_up_w), layer.down_w, silu_mul=True)
-            if i + 1 < len(self.layers):
+            if i + 1 < len(self.layers) and not one:
                 x, residual = fused.add_rms_norm(out, residual, self.layers[i + 1].ln1, eps)
-        x, _ = fused.add_rms_norm(out.index_select(0, logit_rows), residual.index_select(0, logit_rows), self.norm, eps)
-        return self._proj("lm_head", x, self.lm_head).float()
+        if logit_rows is not None:
+            out, residual = out.index_select(0, logit_rows), residual.index_select(0, logit_rows)
+        x, _ = fused.add_rms_norm(out, residual, self.norm, eps)
+        if logits is None:
+            logits = torch.empty(x.shape[0], cfg.vocab_size, dtype=torch.float32, device=x.device)
+        return self._proj("lm_head", x, self.lm_head, out=logits)
 
     def _pre_attention(self, h, ln1, qkv_w, qkv_b, q_norm, k_norm, cos, sin, eps: float):
         """Norm, fused QKV projection, optional q/k norms, and one rotary pass over q and k together."""

@@ -11,12 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
+from python_backend.ops import pdl
+from python_backend.ops.pdl import wait_for_previous
 from python_backend.ops.rounding import rounded
 
 
 @triton.jit
 def _add_rms_norm_kernel(X, RES, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, n, eps,
-                         BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+                         BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -38,7 +41,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     if x.shape[0]:
         _add_rms_norm_kernel[(x.shape[0],)](x, x, weight, out, out, x.stride(0), 0, out.stride(0), 0, x.shape[1], eps,
-                                            BLOCK=triton.next_power_of_2(x.shape[1]), HAS_RES=False, num_warps=4)
+                                            BLOCK=triton.next_power_of_2(x.shape[1]), HAS_RES=False, PDL=False, num_warps=4)
     return out
 
 
@@ -47,10 +50,12 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     """(norm(x + residual), x + residual): the residual stream's update and the next norm in one pass."""
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
+    use_pdl = pdl.enabled(x.device)
     if x.shape[0]:
         _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, out, res_out, x.stride(0), residual.stride(0),
                                             out.stride(0), res_out.stride(0), x.shape[1], eps,
-                                            BLOCK=triton.next_power_of_2(x.shape[1]), HAS_RES=True, num_warps=4)
+                                            BLOCK=triton.next_power_of_2(x.shape[1]), HAS_RES=True, PDL=use_pdl,
+                                            num_warps=4, launch_pdl=use_pdl)
     return out, res_out
 
 

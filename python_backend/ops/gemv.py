@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from python_backend.ops import fused
+from python_backend.ops import fused, pdl
+from python_backend.ops.pdl import wait_for_previous
 from python_backend.ops.rounding import rounded
 
 MAX_ROWS = 4  # more rows than this are a small GEMM: cuBLAS's tensor cores win there
@@ -33,46 +34,64 @@ class GemvConfig:
 
 
 @triton.jit
+def _weights(W, n, mask_n, k0, K, stride_w, BLOCK_K: tl.constexpr):
+    k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(W + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=mask_n[:, None] & (k < K)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _inputs(X, m, mask_m, k0, K, stride_x, dtype: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr):
+    k = k0 + tl.arange(0, BLOCK_K)
+    xm = mask_m[:, None] & (k < K)[None, :]
+    if SILU_MUL:  # X holds (gate, up) side by side: silu(gate) * up, rounded as fused.silu_mul rounds it
+        gate = tl.load(X + m[:, None] * stride_x + k[None, :], mask=xm, other=0.0).to(tl.float32)
+        up = tl.load(X + m[:, None] * stride_x + K + k[None, :], mask=xm, other=0.0).to(tl.float32)
+        act = rounded(gate / (1.0 + tl.exp(-gate)), dtype)
+        return rounded(act * up, dtype)
+    else:
+        return tl.load(X + m[:, None] * stride_x + k[None, :], mask=xm, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(X, W, B, OUT, M, N, K, stride_x, stride_w, stride_o,
                  M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, DEFER: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, DEFER: tl.constexpr, PDL: tl.constexpr):
+    dt: tl.constexpr = X.dtype.element_ty
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, M_PAD)
     mask_n = n < N
     mask_m = m < M
-    if DEFER:
-        part = tl.zeros((M_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    # the first chunk of weights is loaded before waiting for the kernel ahead (pdl.py): no kernel writes them
+    w = _weights(W, n, mask_n, 0, K, stride_w, BLOCK_K)
+    wait_for_previous(PDL)
+    x = _inputs(X, m, mask_m, 0, K, stride_x, dt, BLOCK_K, SILU_MUL)
+    if DEFER:  # products summed in place; one reduction across threads at the end
+        part = x[:, None, :] * w.to(tl.float32)[None, :, :]
     else:
-        acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = k < K
-        w = tl.load(W + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=mask_n[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)
-        xm = mask_m[:, None] & mask_k[None, :]
-        if SILU_MUL:  # X holds (gate, up) side by side: silu(gate) * up, rounded as fused.silu_mul rounds it
-            gate = tl.load(X + m[:, None] * stride_x + k[None, :], mask=xm, other=0.0).to(tl.float32)
-            up = tl.load(X + m[:, None] * stride_x + K + k[None, :], mask=xm, other=0.0).to(tl.float32)
-            act = rounded(gate / (1.0 + tl.exp(-gate)), OUT.dtype.element_ty)
-            x = rounded(act * up, OUT.dtype.element_ty)
+        acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = _weights(W, n, mask_n, k0, K, stride_w, BLOCK_K)
+        x = _inputs(X, m, mask_m, k0, K, stride_x, dt, BLOCK_K, SILU_MUL)
+        if DEFER:
+            part += x[:, None, :] * w.to(tl.float32)[None, :, :]
         else:
-            x = tl.load(X + m[:, None] * stride_x + k[None, :], mask=xm, other=0.0).to(tl.float32)
-        if DEFER:  # products summed in place; one reduction across threads at the end
-            part += x[:, None, :] * w[None, :, :]
-        else:
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+            acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if DEFER:
         acc = tl.sum(part, axis=2)
     if HAS_BIAS:
         acc += tl.load(B + n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(OUT + m[:, None] * stride_o + n[None, :], acc.to(OUT.dtype.element_ty),
+    # rounded to the inputs' dtype even where OUT is float32 (logits), as F.linear(...).float() rounds
+    tl.store(OUT + m[:, None] * stride_o + n[None, :], rounded(acc, X.dtype.element_ty).to(OUT.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
-         config: GemvConfig | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) @ weight[N, K]^T (+ bias) -> [M, N], like F.linear. With silu_mul, x is
-    [M, 2K] (gate, up) and the product is taken with silu(gate) * up."""
+    [M, 2K] (gate, up) and the product is taken with silu(gate) * up. `out` (x's dtype or float32,
+    rows of unit stride) receives the product, rounded to x's dtype either way: F.linear(...).float()
+    in one kernel, for logits."""
     m = x.shape[0]
     n, k = weight.shape
     if m > MAX_ROWS:
@@ -80,13 +99,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if x.shape[1] != (2 * k if silu_mul else k) or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"gemv shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, silu_mul={silu_mul}")
     cfg = config or GemvConfig()
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"gemv out: {tuple(out.shape)} {out.dtype}, want ({m}, {n}) of {x.dtype} or float32")
     if m == 0:
         return out
+    use_pdl = pdl.enabled(x.device)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         M_PAD=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=min(cfg.block_k, triton.next_power_of_2(k)),
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, DEFER=cfg.defer, num_warps=cfg.num_warps)
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, DEFER=cfg.defer, PDL=use_pdl, num_warps=cfg.num_warps,
+        launch_pdl=use_pdl)
     return out
 
 
@@ -94,6 +118,27 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 # scripts/gpu_gemv_sweep.py): the LM head at one and two rows, the output projection (5.6 us against
 # 6.4) and the fused down projection (16.3 us against 18.0) at one row; few, for few start-up compiles
 CANDIDATES = (GemvConfig(4, 1024, 4), GemvConfig(2, 2048, 4), GemvConfig(4, 2048, 8))
+
+
+def graph_time(calls, replays: int = 5) -> float:
+    """Seconds per replay of a CUDA graph of `calls()`, as a decode step runs its kernels (compiled,
+    and cuBLAS's workspace made, on a side stream before the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        calls()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays
 
 
 def time_per_call(weights: list[torch.Tensor], rows: int, config: GemvConfig | None, silu_mul: bool = False,
@@ -110,29 +155,14 @@ def time_per_call(weights: list[torch.Tensor], rows: int, config: GemvConfig | N
             else:
                 F.linear(fused.silu_mul(x) if silu_mul else x, w)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        calls()  # compiles, and cuBLAS's workspace, outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        calls()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / replays / len(weights)
+    return graph_time(calls, replays) / len(weights)
 
 
 MARGIN = 0.95  # the kernel must beat cuBLAS by 5%: a choice that flips with timing noise between restarts
 # would change which kernel rounds a product, and so greedy output at bfloat16 near-ties
 
 
-def _name(cfg: GemvConfig) -> str:
+def name(cfg: GemvConfig) -> str:
     return f"{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}" + ("d" if cfg.defer else "")
 
 
@@ -142,6 +172,6 @@ def choose(weights: list[torch.Tensor], rows: int, silu_mul: bool = False,
     returns every timing, for the record."""
     times = {"cublas": time_per_call(weights, rows, None, silu_mul)}
     for cfg in candidates:
-        times[_name(cfg)] = time_per_call(weights, rows, cfg, silu_mul)
-    best = min(candidates, key=lambda c: times[_name(c)])
-    return (best if times[_name(best)] < MARGIN * times["cublas"] else None), times
+        times[name(cfg)] = time_per_call(weights, rows, cfg, silu_mul)
+    best = min(candidates, key=lambda c: times[name(c)])
+    return (best if times[name(best)] < MARGIN * times["cublas"] else None), times

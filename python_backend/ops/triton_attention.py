@@ -8,8 +8,9 @@ V are [num_blocks, block_size, num_kv_heads, head_dim] and a token's slot is blo
 - `decode_attention`: one query token per sequence. A program takes one KV head and the query heads
   that share it (grouped-query attention reads each K/V tile once for the whole group), walks the
   sequence's block table in tiles, and keeps a running softmax. Long contexts are split over the KV
-  length (split-KV, "flash-decoding") so that a few sequences still fill the GPU; a second small
-  kernel merges the splits by their log-sum-exp. The split size is computed in the kernel from the
+  length (split-KV, "flash-decoding") so that a few sequences still fill the GPU; the last split of
+  each (sequence, KV head) to finish merges them by their log-sum-exp (an arrival counter), which
+  saves a second launch per layer. The split size is computed in the kernel from the
   sequence length, so one captured CUDA graph serves every context length.
 - `prefill_attention`: variable-length causal attention for a flat batch of prompt chunks; keys come
   from the cache (cached prefix blocks and the chunk just written), so prefix caching and chunked
@@ -21,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from python_backend.ops import pdl
+from python_backend.ops.pdl import wait_for_previous
 from python_backend.ops.rounding import rounded
 
 
@@ -93,11 +96,12 @@ def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
 
 
 @triton.jit(do_not_specialize=["stride_tb"])  # the table width varies step to step: one compiled variant
-def _decode_kernel(Q, K, V, TABLES, LENS, OUT, O_PART, LSE_PART, scale,
+def _decode_kernel(Q, K, V, TABLES, LENS, OUT, O_PART, LSE_PART, COUNTS, scale,
                    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb,
                    stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr):
+                   HKV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)  # q, and this step's key and value, come from the kernel ahead
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -139,20 +143,42 @@ def _decode_kernel(Q, K, V, TABLES, LENS, OUT, O_PART, LSE_PART, scale,
                  mask=gmask[:, None])
         lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
         tl.store(LSE_PART + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
+        # the last split of this (sequence, KV head) to finish merges them all by their log-sum-exp, in
+        # place of a second kernel: every thread's stores above are made visible (barrier, then the
+        # counter's release), and the merging program reads them from L2, past its own L1
+        tl.debug_barrier()
+        counter = COUNTS + b * HKV + kvh
+        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            s = tl.arange(0, NUM_SPLITS)
+            lse_at = LSE_PART + b * stride_lb + heads[:, None] * stride_lh + s[None, :]
+            lse_all = tl.load(lse_at, mask=gmask[:, None], other=0.0, cache_modifier=".cg")
+            top = tl.max(lse_all, 1)
+            merged = tl.zeros([GROUP_PAD, D], tl.float32)
+            for i in tl.static_range(NUM_SPLITS):
+                w_i = tl.exp(tl.load(LSE_PART + b * stride_lb + heads * stride_lh + i, mask=gmask, other=0.0,
+                                     cache_modifier=".cg") - top)
+                part = tl.load(O_PART + b * stride_pb + heads[:, None] * stride_ph + i * stride_ps + d[None, :],
+                               mask=gmask[:, None], other=0.0, cache_modifier=".cg")
+                merged += part * w_i[:, None]
+            merged = merged / tl.sum(tl.exp(lse_all - top[:, None]), 1)[:, None]
+            tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :], merged.to(OUT.dtype.element_ty),
+                     mask=gmask[:, None])
+            tl.atomic_xchg(counter, 0)  # ready for the next layer's launch
 
 
-@triton.jit
-def _merge_splits_kernel(O_PART, LSE_PART, OUT, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                         stride_ob, stride_oh, D: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.arange(0, NUM_SPLITS)
-    d = tl.arange(0, D)
-    lse = tl.load(LSE_PART + b * stride_lb + h * stride_lh + s)
-    weight = tl.exp(lse - tl.max(lse, 0))
-    part = tl.load(O_PART + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :])
-    out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
-    tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty))
+_COUNTS: dict[torch.device, torch.Tensor] = {}
+MAX_COUNTERS = 1 << 16  # (sequence, KV head) pairs of one split decode launch
+
+
+def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one buffer per device for the process's life: each launch leaves
+    them zero again, and CUDA graphs keep its address. Allocated at the first split launch, which runs
+    eagerly (graph capture warms up first)."""
+    if needed > MAX_COUNTERS:
+        raise ValueError(f"split decode of {needed} (sequence, KV head) pairs; at most {MAX_COUNTERS}")
+    if device not in _COUNTS:
+        _COUNTS[device] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTS[device]
 
 
 def num_splits_for(batch: int, num_kv_heads: int, max_len: int | None = None, num_sms: int = 132) -> int:
@@ -178,20 +204,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits > 1:
         o_part = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(b, h, num_splits, dtype=torch.float32, device=q.device)
+        counts = _split_counters(q.device, b * hkv)
     else:
-        o_part = lse = out  # unused
+        o_part = lse = counts = out  # unused
     block_n = 64 if d <= 128 else 32
+    use_pdl = pdl.enabled(q.device)
     _decode_kernel[(b, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, o_part, lse, scale,
+        q, k_cache, v_cache, block_tables, seq_lens, out, o_part, lse, counts, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), o_part.stride(0), o_part.stride(1),
         o_part.stride(2) if num_splits > 1 else 0, lse.stride(0), lse.stride(1),
-        GROUP=group, GROUP_PAD=max(16, _pow2(group)), D=d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, PREC=_precision(q.dtype), num_warps=4)
-    if num_splits > 1:
-        _merge_splits_kernel[(b, h)](o_part, lse, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-                                     lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-                                     D=d, NUM_SPLITS=num_splits, num_warps=1)
+        HKV=hkv, GROUP=group, GROUP_PAD=max(16, _pow2(group)), D=d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, PREC=_precision(q.dtype), PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     return out
 
 

@@ -56,3 +56,25 @@ def test_graph_steps_run_ahead_give_the_same_tokens(engine_dir):
     assert single.token_ids == plain.generate([prompts[2]], [SamplingParams(max_tokens=50, temperature=0.0,
                                                                               ignore_eos=True)])[0].token_ids
     assert ahead.blocks.num_used == 0
+
+
+def test_programmatic_dependent_launch_gives_the_same_tokens(engine_dir, monkeypatch):
+    """Kernels that start before the one ahead has finished (pdl.py, opt-in) must not read its output
+    early: graphed greedy tokens with PDL on and off are the same, bit for bit."""
+    from python_backend.engine.engine import Engine, EngineConfig
+    from python_backend.engine.sequence import SamplingParams
+    from python_backend.ops import pdl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9 or later")
+    prompts = [[(3 * i + j) % 40000 + 100 for j in range(4 + 13 * i)] for i in range(5)]
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    monkeypatch.setenv("FASTSERVE_PDL", "1")
+    assert pdl.enabled(torch.device("cuda"))
+    on = Engine(engine_dir, EngineConfig(device="cuda", num_kv_blocks=128))
+    with_pdl = [r.token_ids for r in on.generate(prompts, params)] + [on.generate([prompts[1]], params)[0].token_ids]
+    monkeypatch.setenv("FASTSERVE_PDL", "0")
+    assert not pdl.enabled(torch.device("cuda"))
+    off = Engine(engine_dir, EngineConfig(device="cuda", num_kv_blocks=128))
+    without = [r.token_ids for r in off.generate(prompts, params)] + [off.generate([prompts[1]], params)[0].token_ids]
+    assert with_pdl == without

@@ -63,6 +63,7 @@ def test_decode_gemv_path_matches_torch_engine(tiny_dir, monkeypatch):
     # wide blocks: the interpreter's time goes by the number of programs (the vocabulary has 49,152 rows)
     eng.model.gemv = {(name, rows): GemvConfig(2048 if name == "lm_head" else 64, 32)
                       for name in ("qkv", "o", "gate_up", "down", "lm_head") for rows in (1, 2, 4)}
+    eng.model.fused_qkv = {}  # the QKV product through the GEMV kernel too (a GPU's start-up tuning may fuse it)
     calls = []
     from python_backend.ops import gemv as gemv_module
 
@@ -70,3 +71,24 @@ def test_decode_gemv_path_matches_torch_engine(tiny_dir, monkeypatch):
     monkeypatch.setattr(gemv_module, "gemv", lambda *a, **k: calls.append(k.get("silu_mul")) or real(*a, **k))
     assert [r.token_ids for r in eng.generate(prompts, params)] == want
     assert calls.count(True) > 0 and calls.count(False) > 3 * calls.count(True)  # qkv, o, gate_up; lm_head
+
+
+def test_fused_qkv_decode_path_matches_torch_engine(tiny_dir, monkeypatch):
+    """Decode steps of up to 4 rows with add + norm + QKV + rotary + KV write in one launch per layer
+    (prefill and larger steps keep the separate kernels): the same greedy tokens as the PyTorch engine."""
+    from python_backend.ops import fused_qkv
+    from python_backend.ops.gemv import GemvConfig
+
+    monkeypatch.setenv("FASTSERVE_KERNELS_ON_CPU", "1")
+    prompts = [list(range(9, 9 + n)) for n in (4, 13, 21)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    want = [r.token_ids for r in _engine(tiny_dir, kernels=False).generate(prompts, params)]
+    eng = _engine(tiny_dir, kernels=True)
+    eng.model.fused_qkv = {rows: GemvConfig(32, 64) for rows in (1, 2, 4)}
+    rows = []
+    real = fused_qkv.add_norm_qkv_rope
+    monkeypatch.setattr(fused_qkv, "add_norm_qkv_rope", lambda out, res, *a, **k: rows.append(res.shape[0]) or
+                        real(out, res, *a, **k))
+    assert [r.token_ids for r in eng.generate(prompts, params)] == want
+    assert rows and set(rows) <= {1, 2, 3} and len(rows) % eng.model.cfg.num_layers == 0
+    assert eng.blocks.num_used == 0

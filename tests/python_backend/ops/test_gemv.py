@@ -51,8 +51,22 @@ def test_gemv_fused_silu_mul_matches_the_two_kernels(dtype):
     torch.testing.assert_close(gemv(gate_up, w, silu_mul=True, config=CONFIGS[0]), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_float32_logits_are_the_products_rounded_to_the_model_dtype(dtype):
+    n, k = SHAPES[-1]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, k, generator=g).to(DEV, dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(DEV, dtype)
+    logits = torch.full((2, n), float("nan"), device=DEV)
+    assert gemv(x, w, config=CONFIGS[0], out=logits) is logits
+    torch.testing.assert_close(logits, gemv(x, w, config=CONFIGS[0]).float(), atol=0, rtol=0)
+
+
 def test_gemv_rejects_what_it_cannot_do():
     w = torch.zeros(8, 16, device=DEV)
+    with pytest.raises(ValueError, match="gemv out"):
+        gemv(torch.zeros(1, 16, device=DEV, dtype=torch.float16), w.half(), out=torch.empty(1, 8, device=DEV,
+                                                                                            dtype=torch.int32))
     with pytest.raises(ValueError, match="at most"):
         gemv(torch.zeros(MAX_ROWS + 1, 16, device=DEV), w)
     with pytest.raises(ValueError, match="shapes"):
