@@ -10,6 +10,7 @@
 #   exact       SmolLM2 greedy on the GPU against transformers (float32 equal, bfloat16 >= 95%)
 #   agreement   how far bfloat16 greedy output moves under changes that are not bugs: the engine batched
 #               and alone, transformers with eager attention and left-padded batches, float32
+#   quick       throughput's engine figures and single sequence, without the transformers baselines
 #   throughput  256 x 256 -> 128 tokens, EOS ignored: engine vs transformers generate (b64) and
 #               generate_batch, and a single sequence against the weight-streaming time
 #   random      256 requests, input and output lengths uniform in 100..1024: engine vs generate (b64)
@@ -68,8 +69,14 @@ llama() {  # the Llama-3.2-1B-shaped random model, as a repository entry served 
     --max-model-len 4096 --max-num-seqs 256 --max-num-batched-tokens 8192 --max-batch-size 256
 }
 
+if want quick; then  # the engine's side of throughput only (no transformers baselines): for quick comparisons
+  llama
+  python3 -m fastserve.cli bench --offline --repository $work/repo --model llama1b --device cuda --num-prompts 256 \
+    --input-len 256 --output-len 128 --repeats 3 --single --baselines "" --out "$out/llama1b-quick.json" | tail -8
+fi
 if want kernels; then
-  FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/ops/test_triton_kernels.py tests/python_backend/ops/test_gemv.py tests/python_backend/ops/test_argmax.py \
+  FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/ops/test_triton_kernels.py tests/python_backend/ops/test_gemv.py tests/python_backend/ops/test_fused_qkv.py \
+    tests/python_backend/ops/test_argmax.py \
     tests/python_backend/engine/test_kernel_path.py tests/python_backend/engine/test_cuda_graphs.py 2>&1 | tail -15
 fi
 if want exact; then

@@ -56,7 +56,7 @@ def main() -> None:
             ref = F.linear((fused.silu_mul(x) if silu else x).float(), weights[0].float())
             errors = {}
             for cfg in configs:
-                label = gemv._name(cfg)
+                label = gemv.name(cfg)
                 times[label] = gemv.time_per_call(weights, rows, cfg, silu)
                 errors[label] = (gemv.gemv(x, weights[0], silu_mul=silu, config=cfg).float() - ref).abs().max().item()
             result["seconds_per_call"][key] = times

@@ -40,6 +40,7 @@ def main() -> None:
         result[f"step_s_graphs_{graphs}_gemv_{gemv}"] = step_time(eng)
         if gemv:
             result["gemv_chosen"] = {f"{name}/{rows}": vars(c) for (name, rows), c in eng.model.gemv.items()}
+            result["fused_qkv_chosen"] = {str(rows): vars(c) for rows, c in eng.model.fused_qkv.items()}
             result["gemv_seconds_per_call"] = eng.gemv_timings
         if not graphs:
             steps = 32
