@@ -44,6 +44,34 @@ def trace(n: int, rate: float, mix: str, seed: int, in_lo: int, in_hi: int) -> l
     return jobs
 
 
+class CountingSwapper:
+    """Stands in for kv_swap.KVSwapper: a host pool of `num_host_blocks`, counting the blocks moved so
+    that the step that moves them can be charged for the copy."""
+
+    def __init__(self, num_host_blocks: int):
+        self.num_host_blocks = num_host_blocks
+        self.host_blocks_used = 0
+        self.moved = 0
+
+    def can_hold(self, n: int) -> bool:
+        return self.host_blocks_used + n <= self.num_host_blocks
+
+    def swap_out(self, blocks: list[int]) -> int:
+        self.host_blocks_used += len(blocks)
+        self.moved += len(blocks)
+        return len(blocks)
+
+    def swap_in(self, held: int, blocks: list[int]) -> None:
+        self.host_blocks_used -= held
+        self.moved += held
+
+    def drop(self, held: int) -> None:
+        self.host_blocks_used -= held
+
+    def fence(self) -> None:
+        pass
+
+
 class SizeOracle(MLFQScheduler):
     """A bound no size-blind policy can beat on the short jobs: two classes by the job's true output
     length (short first, each class in arrival order), preempting as MLFQ does."""
@@ -60,7 +88,8 @@ def simulate(jobs, policy: str, args, mlfq: MLFQConfig) -> dict:
         sched = Scheduler(blocks, args.seats, args.token_budget)
     else:
         kind = SizeOracle if policy == "oracle" else MLFQScheduler
-        sched = kind(blocks, args.seats, args.token_budget, None, profile, mlfq, clock=lambda: now[0])
+        swapper = CountingSwapper(args.host_blocks) if args.host_blocks else None
+        sched = kind(blocks, args.seats, args.token_budget, swapper, profile, mlfq, clock=lambda: now[0])
         if policy == "oracle":
             sched.short_max = max(hi for _, _, hi, name in parse_mix(args.mix) if name == "short")
     seqs, i, done = [], 0, []
@@ -79,8 +108,13 @@ def simulate(jobs, policy: str, args, mlfq: MLFQConfig) -> dict:
             continue
         cost = args.base + args.per_seq * len(batch.decodes) + sum(args.prefill_a + args.prefill_b * n
                                                                    for _, n in batch.prefills)
-        now[0] += cost
         sched.after_step(batch)
+        swapper = getattr(sched, "swapper", None)
+        if swapper is not None:  # the copies of this schedule() and of the last step's proactive()
+            cost += args.swap_block_s * swapper.moved
+            swapper.moved = 0
+        now[0] += cost
+        sched.proactive()
         made = list(batch.decodes) + [s for s, _ in batch.prefills if s.num_computed == s.num_tokens]
         for seq in made:
             seq.output_ids.append(0)
@@ -109,16 +143,26 @@ def main() -> None:
     ap.add_argument("--per-seq", type=float, default=0.0073)
     ap.add_argument("--prefill-a", type=float, default=0.016)
     ap.add_argument("--prefill-b", type=float, default=0.0003)
+    ap.add_argument("--host-blocks", type=int, default=0, help="MLFQ's host pool for swapped KV (0: recompute)")
+    ap.add_argument("--swap-block-s", type=float, default=0.0002, help="seconds to copy one KV block either way")
+    ap.add_argument("--load", type=float, default=0.0,
+                    help="arrival rate as this share of FCFS's measured capacity (all requests at once), instead of --rate")
     ap.add_argument("--variant", action="append", default=[],
                     help="MLFQ settings as key=value,... over MLFQConfig fields (e.g. levels=5,senior_s=20)")
     args = ap.parse_args()
     variants = (args.variant or [""]) + ["oracle"]
     rows = {v: [] for v in variants}
     for seed in range(args.seeds):
-        jobs = trace(args.num_requests, args.rate, args.mix, seed, *args.input_len)
+        rate = args.rate
+        if args.load:  # as clients/online.py does: the same requests all at once under FCFS
+            burst = [(0.0, n_in, n_out, c) for _, n_in, n_out, c in
+                     trace(args.num_requests, 1.0, args.mix, seed, *args.input_len)]
+            cap = simulate(burst, "fcfs", args, MLFQConfig())
+            rate = args.load * cap["tok_s"] / (cap["tokens"] / len(burst))
+        jobs = trace(args.num_requests, rate, args.mix, seed, *args.input_len)
         f = simulate(jobs, "fcfs", args, MLFQConfig())
         for v in variants:
-            kw = {k: float(x) if k != "levels" else int(x)
+            kw = {k: int(x) if k == "levels" else float(x)
                   for k, x in (p.split("=") for p in v.split(",") if p and v != "oracle")}
             m = simulate(jobs, "oracle" if v == "oracle" else "mlfq", args, MLFQConfig(**kw))
             rows[v].append({"mean_ratio": f["mean"] / m["mean"], "p99_ratio": f["p99"] / m["p99"],
