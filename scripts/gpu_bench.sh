@@ -14,6 +14,8 @@
 #   throughput  256 x 256 -> 128 tokens, EOS ignored: engine vs transformers generate (b64) and
 #               generate_batch, and a single sequence against the weight-streaming time
 #   random      256 requests, input and output lengths uniform in 100..1024: engine vs generate (b64)
+#   kvbound     issue 7 where KV memory binds: 100 blocks, 8 seats, at $KV_LOAD of the measured capacity, one
+#               trace per seed in $KV_SEEDS, after the GPU swap/resume exactness test
 #   seats       issue 7 with two decode seats and ample KV (queueing for a seat), at $SEATS_RATE requests/s
 #               on the trace of $SEATS_SEED
 #   gemvsweep   the decode GEMV kernel's configurations against cuBLAS on the 1B shapes (gpu_gemv_sweep.py)
@@ -108,6 +110,20 @@ if want mlfq; then
   python3 -m fastserve.cli bench --online --repository $work/repo --model llama1b_mem --device cuda --num-requests 800 \
     --input-len 32 --input-len-max 256 --load ${MLFQ_LOAD:-0.85} --arrivals ${MLFQ_ARRIVALS:-poisson} --policies ${MLFQ_POLICIES:-fcfs,mlfq} \
     --out "$out/online-llama1b-h100-mem.json"
+fi
+if want kvbound; then
+  # memory-bound at small scale: 100 KV blocks of 16 tokens hold about 1.4 of the longest jobs (1,280
+  # tokens), 8 seats; FCFS preempts by recompute, MLFQ swaps (scripts/sim_schedule.py predicted this regime)
+  FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/engine/test_mlfq_gpu.py 2>&1 | tail -3
+  llama
+  [[ -f $work/repo/llama1b_kv100/config.pbtxt ]] || python3 builders/build.py --model $work/src --name llama1b_kv100 \
+    --repository $work/repo --device gpu --dtype bfloat16 --max-model-len 1536 --max-num-seqs 8 \
+    --max-num-batched-tokens 2048 --num-kv-blocks 100 --swap-space-gb 4
+  for seed in ${KV_SEEDS:-0 1}; do
+    python3 -m fastserve.cli bench --online --repository $work/repo --model llama1b_kv100 --device cuda --num-requests 300 \
+      --input-len 32 --input-len-max 256 --load ${KV_LOAD:-0.9} --seed $seed --policies ${MLFQ_POLICIES:-fcfs,mlfq} \
+      --out "$out/online-llama1b-h100-kv100-8seats-seed$seed.json" | tail -12
+  done
 fi
 if want seats; then
   # seat-limited: two decode seats and ample KV, so queueing for a seat dominates as in the CPU run

@@ -11,19 +11,23 @@ import torch
 
 @dataclass
 class KVPool:
-    """K and V storage: per layer a tensor [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """K and V storage: per layer a tensor [num_blocks, block_size, num_kv_heads, head_dim], all of them
+    views of one tensor `storage` [num_layers, 2, num_blocks, ...], so that moving a sequence's blocks to
+    or from host memory is one gather or scatter for every layer at once (kv_swap.py), not one per
+    layer and per K and V (with 16 layers, 64 small copies a swap on the H100)."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     block_size: int
+    storage: torch.Tensor
 
     @classmethod
     def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> "KVPool":
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        return cls(k, v, block_size)
+        storage = torch.zeros((num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype,
+                              device=device)
+        return cls([storage[i, 0] for i in range(num_layers)], [storage[i, 1] for i in range(num_layers)],
+                   block_size, storage)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -1,9 +1,11 @@
 """Moving a paused sequence's KV cache between the device pool and host memory.
 
-The host pool is allocated once, [layers, 2, host_blocks, block_size, kv_heads, head_dim] (pinned on a
-GPU, so copies are asynchronous), and a swapped-out sequence holds one contiguous run of its blocks,
-so each layer's K or V moves in one copy. Allocating a pinned buffer per swap instead cost the host
-about 15% of a memory-bound MLFQ run on the H100 (py-spy: `torch.empty(..., pin_memory=True)`).
+The host pool is allocated once, [host_blocks, layers, 2, block_size, kv_heads, head_dim] (pinned on a
+GPU, so copies are asynchronous), and a swapped-out sequence holds one contiguous run of it. A swap is
+then one gather (or scatter) over the device pool's single tensor, every layer at once, and one copy:
+four operations where a copy per layer and per K and V made 64 on the 16-layer model, and host time
+per swap showed in a memory-bound MLFQ run on the H100 with a thousand swaps. Allocating a pinned
+buffer per swap cost the host about 15% of such a run (py-spy: `torch.empty(..., pin_memory=True)`).
 
 On a GPU the copies run on a side stream: `fence()` makes the compute stream wait for the swaps this
 step's batch depends on (swap-ins of its sequences, and swap-outs whose device blocks were handed to
@@ -82,8 +84,9 @@ class KVSwapper:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.stats = SwapStats()
-        k0 = pool.k[0]
-        self.host = torch.empty((len(pool.k), 2, num_host_blocks, *k0.shape[1:]), dtype=k0.dtype,
+        layers = pool.storage.shape[0]
+        self.by_block = pool.storage.permute(2, 0, 1, 3, 4, 5)  # a view [blocks, layers, 2, ...] of the pool
+        self.host = torch.empty((num_host_blocks, layers, *self.by_block.shape[2:]), dtype=pool.storage.dtype,
                                 pin_memory=self.cuda)
         self.runs = HostRuns(num_host_blocks)
         self._pending: list[tuple[object, HostRun]] = []  # runs freed once the event (their last read) is done
@@ -124,40 +127,29 @@ class KVSwapper:
         run = self.runs.allocate(len(blocks))
         if run is None:
             raise RuntimeError(f"no run of {len(blocks)} free host blocks (check can_hold first)")
-        dst = self.host[:, :, run.start:run.start + run.length]
+        dst = self.host[run.start:run.start + run.length]
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the last step wrote them
             with torch.cuda.stream(self.stream):
-                idx = self._side_index(blocks)
-                for i, (k, v) in enumerate(zip(self.pool.k, self.pool.v)):
-                    dst[i, 0].copy_(k.index_select(0, idx), non_blocking=True)
-                    dst[i, 1].copy_(v.index_select(0, idx), non_blocking=True)
+                dst.copy_(self.by_block.index_select(0, self._side_index(blocks)), non_blocking=True)
         else:
-            idx = torch.tensor(blocks, dtype=torch.long)
-            for i, (k, v) in enumerate(zip(self.pool.k, self.pool.v)):
-                torch.index_select(k, 0, idx, out=dst[i, 0])
-                torch.index_select(v, 0, idx, out=dst[i, 1])
+            torch.index_select(self.by_block, 0, torch.tensor(blocks, dtype=torch.long), out=dst)
         self.stats.swap_outs += 1
         self.stats.blocks_out += len(blocks)
         return run
 
     def swap_in(self, run: HostRun, blocks: list[int]) -> None:
         """Copy a run of host blocks into these (newly allocated) device blocks and give the run back."""
-        src = self.host[:, :, run.start:run.start + run.length]
+        src = self.host[run.start:run.start + run.length]
         if self.cuda:
             with torch.cuda.stream(self.stream):
                 idx = self._side_index(blocks)
-                for i, (k, v) in enumerate(zip(self.pool.k, self.pool.v)):
-                    k.index_copy_(0, idx, src[i, 0].to(self.device, non_blocking=True))
-                    v.index_copy_(0, idx, src[i, 1].to(self.device, non_blocking=True))
+                self.by_block.index_copy_(0, idx, src.to(self.device, non_blocking=True))
                 event = torch.cuda.Event()
                 event.record(self.stream)
             self._pending.append((event, run))  # reusable once this copy has read it
         else:
-            idx = torch.tensor(blocks, dtype=torch.long)
-            for i, (k, v) in enumerate(zip(self.pool.k, self.pool.v)):
-                k.index_copy_(0, idx, src[i, 0])
-                v.index_copy_(0, idx, src[i, 1])
+            self.by_block.index_copy_(0, torch.tensor(blocks, dtype=torch.long), src)
             self.runs.free(run)
         self.stats.swap_ins += 1
         self.stats.blocks_in += len(blocks)
