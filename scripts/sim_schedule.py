@@ -82,7 +82,9 @@ class SizeOracle(MLFQScheduler):
 
 def simulate(jobs, policy: str, args, mlfq: MLFQConfig) -> dict:
     now = [0.0]
-    blocks = BlockManager(args.kv_blocks, 16, enable_prefix_caching=False)
+    # prefix caching as the engine has it: a job preempted for recompute finds the blocks it gave up
+    # while no one has reused them (prompts below are distinct, so nothing else is shared)
+    blocks = BlockManager(args.kv_blocks, 16, enable_prefix_caching=True)
     profile = PrefillProfile(a=args.prefill_a, b=args.prefill_b, decode_step=args.base + args.per_seq)
     if policy == "fcfs":
         sched = Scheduler(blocks, args.seats, args.token_budget)
@@ -96,7 +98,7 @@ def simulate(jobs, policy: str, args, mlfq: MLFQConfig) -> dict:
     while len(done) < len(jobs):
         while i < len(jobs) and jobs[i][0] <= now[0]:
             at, n_in, n_out, _ = jobs[i]
-            seq = Sequence(request_id=str(i), prompt_ids=[1] * n_in, params=SamplingParams(max_tokens=n_out),
+            seq = Sequence(request_id=str(i), prompt_ids=[i + 1] * n_in, params=SamplingParams(max_tokens=n_out),
                            arrival_index=i)
             seq.timing.arrival = at
             sched.add(seq)

@@ -42,7 +42,10 @@ def test_swap_round_trip_restores_the_blocks_and_frees_the_host_run():
     assert swapper.host_blocks_used == 3 and not swapper.can_hold(6) and swapper.can_hold(5)
     for t in [*pool.k, *pool.v]:
         t[[1, 5, 7]] = 0.0  # the device blocks go to someone else
+    untouched = [b for b in range(12) if b not in (9, 0, 3)]
+    others = pool.storage[:, :, untouched].clone()
     swapper.swap_in(run, [9, 0, 3])
     for (k_ref, v_ref), k, v in zip(before, pool.k, pool.v):
         assert torch.equal(k[[9, 0, 3]], k_ref) and torch.equal(v[[9, 0, 3]], v_ref)
+    assert torch.equal(pool.storage[:, :, untouched], others)  # the scatter wrote only its own blocks
     assert swapper.host_blocks_used == 0 and swapper.can_hold(8)
