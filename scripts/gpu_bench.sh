@@ -100,40 +100,37 @@ if want random; then
   bench --num-prompts 256 --input-len 100 --input-len-max 1024 --output-len 100 --output-len-max 1024 \
     --hf-batch-size 64 --repeats 3 --baseline-repeats 1 --baselines generate --out "$out/llama1b-random.json"
 fi
-if want mlfq; then
-  FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/engine/test_mlfq_gpu.py 2>&1 | tail -5
+mlfq_gpu_test() { FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/engine/test_mlfq_gpu.py 2>&1 | tail -3; }
+entry() {  # NAME BUILDER_FLAGS...: a repository entry of the Llama-1B-shaped model for the online runs, built once
+  local name=$1; shift
   llama
+  [[ -f $work/repo/$name/config.pbtxt ]] || python3 builders/build.py --model $work/src --name "$name" \
+    --repository $work/repo --device gpu --dtype bfloat16 "$@"
+}
+online() {  # NAME OUT_FILE BENCH_FLAGS...: FCFS and MLFQ (or $MLFQ_POLICIES) on one trace, prompts of 32-256 tokens
+  local name=$1 file=$2; shift 2
+  python3 -m fastserve.cli bench --online --repository $work/repo --model "$name" --device cuda --input-len 32 \
+    --input-len-max 256 --policies ${MLFQ_POLICIES:-fcfs,mlfq} --out "$out/$file" "$@" | tail -12
+}
+if want mlfq; then
+  mlfq_gpu_test
   # memory-bound, as in FastServe's setting: 1,024 KV blocks of 16 tokens hold about 18 long jobs
-  [[ -f $work/repo/llama1b_mem/config.pbtxt ]] || python3 builders/build.py --model $work/src --name llama1b_mem \
-    --repository $work/repo --device gpu --dtype bfloat16 --max-model-len 4096 --max-num-seqs 256 \
-    --max-num-batched-tokens 4096 --num-kv-blocks 1024 --swap-space-gb 8
-  python3 -m fastserve.cli bench --online --repository $work/repo --model llama1b_mem --device cuda --num-requests 800 \
-    --input-len 32 --input-len-max 256 --load ${MLFQ_LOAD:-0.85} --arrivals ${MLFQ_ARRIVALS:-poisson} --policies ${MLFQ_POLICIES:-fcfs,mlfq} \
-    --out "$out/online-llama1b-h100-mem.json"
+  entry llama1b_mem --max-model-len 4096 --max-num-seqs 256 --max-num-batched-tokens 4096 --num-kv-blocks 1024 --swap-space-gb 8
+  online llama1b_mem online-llama1b-h100-mem.json --num-requests 800 --load ${MLFQ_LOAD:-0.85} --arrivals ${MLFQ_ARRIVALS:-poisson}
 fi
 if want kvbound; then
-  # memory-bound at small scale: 100 KV blocks of 16 tokens hold about 1.4 of the longest jobs (1,280
-  # tokens), 8 seats; FCFS preempts by recompute, MLFQ swaps (scripts/sim_schedule.py predicted this regime)
-  FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/engine/test_mlfq_gpu.py 2>&1 | tail -3
-  llama
-  [[ -f $work/repo/llama1b_kv100/config.pbtxt ]] || python3 builders/build.py --model $work/src --name llama1b_kv100 \
-    --repository $work/repo --device gpu --dtype bfloat16 --max-model-len 1536 --max-num-seqs 8 \
-    --max-num-batched-tokens 2048 --num-kv-blocks 100 --swap-space-gb 4
+  # memory-bound at small scale: 100 KV blocks of 16 tokens hold about 1.3 of the longest jobs (1,280
+  # tokens), 8 seats; FCFS preempts by recompute, MLFQ swaps
+  mlfq_gpu_test
+  entry llama1b_kv100 --max-model-len 1536 --max-num-seqs 8 --max-num-batched-tokens 2048 --num-kv-blocks 100 --swap-space-gb 4
   for seed in ${KV_SEEDS:-0 1}; do
-    python3 -m fastserve.cli bench --online --repository $work/repo --model llama1b_kv100 --device cuda --num-requests 300 \
-      --input-len 32 --input-len-max 256 --load ${KV_LOAD:-0.9} --seed $seed --policies ${MLFQ_POLICIES:-fcfs,mlfq} \
-      --out "$out/online-llama1b-h100-kv100-8seats-seed$seed.json" | tail -12
+    online llama1b_kv100 online-llama1b-h100-kv100-8seats-seed$seed.json --num-requests 300 --load ${KV_LOAD:-0.9} --seed $seed
   done
 fi
 if want seats; then
   # seat-limited: two decode seats and ample KV, so queueing for a seat dominates as in the CPU run
-  llama
-  [[ -f $work/repo/llama1b_s2/config.pbtxt ]] || python3 builders/build.py --model $work/src --name llama1b_s2 \
-    --repository $work/repo --device gpu --dtype bfloat16 --max-model-len 4096 --max-num-seqs 2 \
-    --max-num-batched-tokens 4096
-  python3 -m fastserve.cli bench --online --repository $work/repo --model llama1b_s2 --device cuda --num-requests 300 \
-    --input-len 32 --input-len-max 256 --rate ${SEATS_RATE:-6.06} --seed ${SEATS_SEED:-0} --policies ${MLFQ_POLICIES:-fcfs,mlfq} \
-    --out "$out/online-llama1b-h100-2seats.json" | tail -12
+  entry llama1b_s2 --max-model-len 4096 --max-num-seqs 2 --max-num-batched-tokens 4096
+  online llama1b_s2 online-llama1b-h100-2seats.json --num-requests 300 --rate ${SEATS_RATE:-6.06} --seed ${SEATS_SEED:-0}
 fi
 if want gemvsweep; then
   python3 scripts/gpu_gemv_sweep.py --out "$out/gemv-sweep.json"
