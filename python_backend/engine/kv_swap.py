@@ -3,8 +3,8 @@
 The host pool is allocated once, [host_blocks, layers, 2, block_size, kv_heads, head_dim] (pinned on a
 GPU, so copies are asynchronous), and a swapped-out sequence holds one contiguous run of it. A swap is
 then one gather (or scatter) over the device pool's single tensor, every layer at once, and one copy:
-four operations where a copy per layer and per K and V made 64 on the 16-layer model, and host time
-per swap showed in a memory-bound MLFQ run on the H100 with a thousand swaps. Allocating a pinned
+three operations with the block ids' copy, where a copy per layer and per K and V made 64 on the
+16-layer model (in a memory-bound H100 run MLFQ's long jobs then lost 20% to FCFS's, not 25%). Allocating a pinned
 buffer per swap cost the host about 15% of such a run (py-spy: `torch.empty(..., pin_memory=True)`).
 
 On a GPU the copies run on a side stream: `fence()` makes the compute stream wait for the swaps this
