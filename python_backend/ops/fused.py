@@ -55,7 +55,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
         _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, out, res_out, x.stride(0), residual.stride(0),
                                             out.stride(0), res_out.stride(0), x.shape[1], eps,
                                             BLOCK=triton.next_power_of_2(x.shape[1]), HAS_RES=True, PDL=use_pdl,
-                                            num_warps=4, launch_pdl=use_pdl)
+                                            num_warps=4, **pdl.launch(use_pdl))
     return out, res_out
 
 

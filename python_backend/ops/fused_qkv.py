@@ -150,5 +150,5 @@ def add_norm_qkv_rope(out: torch.Tensor | None, residual: torch.Tensor, ln: torc
         res_out, m, k, eps, x.stride(0), residual.stride(0), res_out.stride(0), qkv_w.stride(0), cos.stride(0),
         q.stride(0), H=num_heads, HKV=num_kv_heads, D=head_dim, M_PAD=triton.next_power_of_2(m), BLOCK_P=block_p,
         BLOCK_K=min(cfg.block_k, triton.next_power_of_2(k)), HAS_ADD=out is not None, HAS_BIAS=qkv_b is not None,
-        PDL=use_pdl, num_warps=cfg.num_warps, launch_pdl=use_pdl)
+        PDL=use_pdl, num_warps=cfg.num_warps, **pdl.launch(use_pdl))
     return q, res_out

@@ -110,7 +110,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         M_PAD=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=min(cfg.block_k, triton.next_power_of_2(k)),
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, DEFER=cfg.defer, PDL=use_pdl, num_warps=cfg.num_warps,
-        launch_pdl=use_pdl)
+        **pdl.launch(use_pdl))
     return out
 
 

@@ -21,7 +21,21 @@ from functools import lru_cache
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # the intrinsics and the launch option came with newer Triton releases than our lowest (3.2)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    AVAILABLE = True
+except ImportError:
+    AVAILABLE = False
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+    @triton.jit
+    def gdc_wait():
+        pass
 
 
 @lru_cache(maxsize=None)
@@ -30,10 +44,18 @@ def _capable(index: int) -> bool:
 
 
 def enabled(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with PDL: asked for, CUDA, compute capability 9 or later, compiled."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("FASTSERVE_PDL") != "1":
+    """Whether kernels on `device` launch with PDL: asked for, supported by this Triton, CUDA, compute
+    capability 9 or later, compiled."""
+    if (not AVAILABLE or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+            or os.environ.get("FASTSERVE_PDL") != "1"):
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch(use: bool) -> dict:
+    """The launch option for a kernel call: none at all without PDL, so that Triton releases that
+    do not know the option still launch the kernel."""
+    return {"launch_pdl": True} if use else {}
 
 
 @triton.jit

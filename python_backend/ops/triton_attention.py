@@ -215,7 +215,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out.stride(0), out.stride(1), o_part.stride(0), o_part.stride(1),
         o_part.stride(2) if num_splits > 1 else 0, lse.stride(0), lse.stride(1),
         HKV=hkv, GROUP=group, GROUP_PAD=max(16, _pow2(group)), D=d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, PREC=_precision(q.dtype), PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
+        NUM_SPLITS=num_splits, PREC=_precision(q.dtype), PDL=use_pdl, num_warps=4, **pdl.launch(use_pdl))
     return out
 
 
