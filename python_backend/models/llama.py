@@ -94,8 +94,12 @@ def _packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = No
 def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN's prepacked bf16/fp16 weights: about 25% faster small-batch matrix products on CPUs with
     AMX or AVX-512 (measured on SmolLM2's shapes at 32 rows), and bit-identical to F.linear."""
-    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    if not (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    # without those instructions (an AVX2-only CPU) oneDNN refuses to pack: plain F.linear there
+    probe = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    return bool(getattr(torch.ops.mkldnn, probe, lambda: False)())
 
 
 def kernels_available(device: torch.device, cfg: ModelConfig) -> bool:
