@@ -73,10 +73,15 @@ class CountingSwapper:
 
 
 class SizeOracle(MLFQScheduler):
-    """A bound no size-blind policy can beat on the short jobs: two classes by the job's true output
-    length (short first, each class in arrival order), preempting as MLFQ does."""
+    """A bound no size-blind policy can beat on the short jobs, preempting as MLFQ does. With a two-class
+    mix: two classes by the job's true output length (short first, each class in arrival order); with
+    more classes (short_max None): shortest remaining output first."""
+
+    short_max: int | None = None
 
     def key(self, seq: Sequence) -> tuple:
+        if self.short_max is None:
+            return (seq.params.max_tokens - len(seq.output_ids), seq.arrival_index)
         return (seq.params.max_tokens > self.short_max, seq.arrival_index)
 
 
@@ -93,7 +98,7 @@ def simulate(jobs, policy: str, args, mlfq: MLFQConfig) -> dict:
         swapper = CountingSwapper(args.host_blocks) if args.host_blocks else None
         sched = kind(blocks, args.seats, args.token_budget, swapper, profile, mlfq, clock=lambda: now[0])
         if policy == "oracle":
-            sched.short_max = max(hi for _, _, hi, name in parse_mix(args.mix) if name == "short")
+            sched.short_max = max((hi for _, _, hi, name in parse_mix(args.mix) if name == "short"), default=None)
     seqs, i, done = [], 0, []
     while len(done) < len(jobs):
         while i < len(jobs) and jobs[i][0] <= now[0]:

@@ -41,3 +41,13 @@ def test_under_kv_pressure_mlfq_swaps_and_pays_for_the_copies():
     fcfs = sim_schedule.simulate(jobs, "fcfs", _args(seats=4, kv_blocks=100), MLFQConfig())
     assert cheap["tokens"] == dear["tokens"] == fcfs["tokens"] == tokens  # swapped jobs resume and finish
     assert dear["mean"] > cheap["mean"]  # the copies are charged to the steps that make them
+
+
+def test_a_mix_of_many_classes_runs_with_a_shortest_remaining_oracle():
+    mix = "0.5:16-31,0.25:32-63,0.15:64-255,0.1:256-1024"
+    args = _args(mix=mix)
+    jobs = sim_schedule.trace(50, 0.3, mix, seed=2, in_lo=32, in_hi=128)
+    fcfs = sim_schedule.simulate(jobs, "fcfs", args, MLFQConfig())
+    oracle = sim_schedule.simulate(jobs, "oracle", args, MLFQConfig())
+    assert oracle["tokens"] == fcfs["tokens"] == sum(n_out for _, _, n_out, _ in jobs)
+    assert oracle["mean"] < fcfs["mean"]
