@@ -9,7 +9,8 @@
 #   kernels     the Triton kernel tests (full sweep), the kernel path and CUDA graphs against eager
 #   exact       SmolLM2 greedy on the GPU against transformers (float32 equal, bfloat16 >= 95%)
 #   agreement   how far bfloat16 greedy output moves under changes that are not bugs: the engine batched
-#               and alone, transformers with eager attention and left-padded batches, float32
+#               and alone, transformers with eager attention and left-padded batches, float32; scored
+#               free-running and teacher-forced (each position after the reference's own prefix)
 #   quick       throughput's engine figures and single sequence, without the transformers baselines
 #   throughput  256 x 256 -> 128 tokens, EOS ignored: engine vs transformers generate (b64) and
 #               generate_batch, and a single sequence against the weight-streaming time
