@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--prompts", type=int, default=0, help="only the first N shared prompts (0: all)")
     args = ap.parse_args()
+    if args.prompts < 0:
+        ap.error("--prompts: a count of prompts, 0 for all")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = args.device
