@@ -7,6 +7,7 @@ Writes <repository>/<name>/config.pbtxt, 1/model.py and the engine folder 1/engi
 safetensors, config, tokenizer with chat template, engine.json). Every write is atomic: a failed or
 interrupted build leaves the previous entry, or none, never a half-written folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,14 @@ from builders.sources import SourceError, resolve  # noqa: E402
 from fastserve import __version__  # noqa: E402
 
 ENGINE_FORMAT_VERSION = 1
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 class BuildError(RuntimeError):
@@ -57,8 +64,12 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 def build_settings(args: argparse.Namespace, dtype: str) -> dict:
     """The settings that shape the engine folder; a change in any of them means a rebuild."""
-    return {"dtype": dtype, "max_model_len": args.max_model_len, "kv_block_size": args.kv_block_size,
-            "max_batch_size": args.max_batch_size}
+    return {
+        "dtype": dtype,
+        "max_model_len": args.max_model_len,
+        "kv_block_size": args.kv_block_size,
+        "max_batch_size": args.max_batch_size,
+    }
 
 
 def engine_parameters(args: argparse.Namespace, dtype: str) -> dict[str, str]:
@@ -76,9 +87,14 @@ def engine_parameters(args: argparse.Namespace, dtype: str) -> dict[str, str]:
         "engine_process": "true" if args.engine_process else "false",
     }
     # the MLFQ's settings always: the policy can be switched at load time
-    params.update(swap_space_gb=str(args.swap_space_gb), mlfq_levels=str(args.mlfq_levels),
-                  mlfq_base_quantum_s=str(args.mlfq_base_quantum), mlfq_ratio=str(args.mlfq_ratio),
-                  mlfq_starvation_s=str(args.mlfq_starvation), mlfq_senior_s=str(args.mlfq_senior))
+    params.update(
+        swap_space_gb=str(args.swap_space_gb),
+        mlfq_levels=str(args.mlfq_levels),
+        mlfq_base_quantum_s=str(args.mlfq_base_quantum),
+        mlfq_ratio=str(args.mlfq_ratio),
+        mlfq_starvation_s=str(args.mlfq_starvation),
+        mlfq_senior_s=str(args.mlfq_senior),
+    )
     if args.device == "gpu":
         params["kv_cache_memory_fraction"] = str(args.kv_cache_memory_fraction)
     else:
@@ -104,8 +120,11 @@ def _save_weights(model, folder: Path) -> None:
     state = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in state.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
 
 
 def _write_engine(source, dtype: str, settings: dict, engine_tmp: Path, start: float) -> dict:
@@ -125,17 +144,28 @@ def _write_engine(source, dtype: str, settings: dict, engine_tmp: Path, start: f
     if getattr(tokenizer, "chat_template", None) and not any(engine_tmp.glob("chat_template*")):
         (engine_tmp / "chat_template.jinja").write_text(tokenizer.chat_template)
     eos = model.generation_config.eos_token_id if model.generation_config else None
-    eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
-                      *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
-    return {"architecture": source.architecture, "num_parameters": n_params, "max_model_len": max_model_len,
-            "eos_token_ids": eos_ids, "has_chat_template": bool(getattr(tokenizer, "chat_template", None))}
+    eos_ids = sorted(
+        {
+            *(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+            *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []),
+        }
+    )
+    return {
+        "architecture": source.architecture,
+        "num_parameters": n_params,
+        "max_model_len": max_model_len,
+        "eos_token_ids": eos_ids,
+        "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+    }
 
 
 def build(args: argparse.Namespace) -> Path:
     """Run one build; returns the entry folder."""
     start = time.monotonic()
     source = resolve(args.model)  # cheap checks first: files, architecture
-    dtype = DTYPES.get(args.dtype, None) if args.dtype != "auto" else ("bfloat16" if args.device == "gpu" else "float32")
+    dtype = (
+        DTYPES.get(args.dtype, None) if args.dtype != "auto" else ("bfloat16" if args.device == "gpu" else "float32")
+    )
     if dtype is None:
         raise BuildError(f"--dtype {args.dtype}: choose one of auto, {', '.join(sorted(set(DTYPES.values())))}")
     if args.stream_interval < 1:
@@ -146,16 +176,25 @@ def build(args: argparse.Namespace) -> Path:
     engine_dir = version / "engine"
     settings = build_settings(args, dtype)
     created_entry = not entry.exists()
-    entry_config = EntrySettings(name=args.name, device=args.device, instances=args.instances, gpus=args.gpus,
-                                 max_batch_size=args.max_batch_size, parameters=engine_parameters(args, dtype))
+    entry_config = EntrySettings(
+        name=args.name,
+        device=args.device,
+        instances=args.instances,
+        gpus=args.gpus,
+        max_batch_size=args.max_batch_size,
+        parameters=engine_parameters(args, dtype),
+    )
     try:
         _log(f"hashing {source.description}", start)
         source_hash = source.content_hash()
         meta_path = engine_dir / "engine.json"
         previous = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-        unchanged = (previous and previous.get("source_hash") == source_hash
-                     and previous.get("build_settings") == settings
-                     and previous.get("format_version") == ENGINE_FORMAT_VERSION)
+        unchanged = (
+            previous
+            and previous.get("source_hash") == source_hash
+            and previous.get("build_settings") == settings
+            and previous.get("format_version") == ENGINE_FORMAT_VERSION
+        )
         if unchanged and not args.force:
             _log(f"engine in {engine_dir} is up to date (same source and settings); --force rebuilds it", start)
         else:
@@ -164,12 +203,21 @@ def build(args: argparse.Namespace) -> Path:
             try:
                 info = _write_engine(source, dtype, settings, engine_tmp, start)
                 meta = {
-                    "format_version": ENGINE_FORMAT_VERSION, "builder_version": __version__,
-                    "architecture": info["architecture"], "dtype": dtype, "quantization": None, "pruning": None,
-                    "max_model_len": info["max_model_len"], "kv_block_size": args.kv_block_size,
-                    "max_batch_size": args.max_batch_size, "eos_token_ids": info["eos_token_ids"],
-                    "num_parameters": info["num_parameters"], "has_chat_template": info["has_chat_template"],
-                    "source": source.description, "source_hash": source_hash, "build_settings": settings,
+                    "format_version": ENGINE_FORMAT_VERSION,
+                    "builder_version": __version__,
+                    "architecture": info["architecture"],
+                    "dtype": dtype,
+                    "quantization": None,
+                    "pruning": None,
+                    "max_model_len": info["max_model_len"],
+                    "kv_block_size": args.kv_block_size,
+                    "max_batch_size": args.max_batch_size,
+                    "eos_token_ids": info["eos_token_ids"],
+                    "num_parameters": info["num_parameters"],
+                    "has_chat_template": info["has_chat_template"],
+                    "source": source.description,
+                    "source_hash": source_hash,
+                    "build_settings": settings,
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }
                 (engine_tmp / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -187,8 +235,11 @@ def build(args: argparse.Namespace) -> Path:
         raise
     size = sum(p.stat().st_size for p in engine_dir.rglob("*") if p.is_file())
     meta = json.loads((engine_dir / "engine.json").read_text())
-    _log(f"done: {meta['architecture']}, {meta['num_parameters'] / 1e6:.1f}M parameters, {meta['dtype']}, "
-         f"{size / 1e6:.1f} MB on disk in {entry}", start)
+    _log(
+        f"done: {meta['architecture']}, {meta['num_parameters'] / 1e6:.1f}M parameters, {meta['dtype']}, "
+        f"{size / 1e6:.1f} MB on disk in {entry}",
+        start,
+    )
     return entry
 
 
@@ -209,23 +260,51 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
     p.add_argument("--max-queue-size", type=int, default=1024, help="waiting requests before UNAVAILABLE")
-    p.add_argument("--stream-interval", type=int, default=1,
-                   help="streaming: send one response per this many tokens (fewer sends at high concurrency)")
-    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the engine loop in a process of its own, off the Triton stub's interpreter lock "
-                        "(--no-engine-process: on a thread of the stub)")
-    p.add_argument("--scheduler", choices=["fcfs", "mlfq"], default="fcfs",
-                   help="scheduling policy: fcfs, or mlfq (FastServe's skip-join MLFQ with KV swapping)")
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="streaming: send one response per this many tokens (fewer sends at high concurrency)",
+    )
+    p.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine loop in a process of its own, off the Triton stub's interpreter lock "
+        "(--no-engine-process: on a thread of the stub)",
+    )
+    p.add_argument(
+        "--scheduler",
+        choices=["fcfs", "mlfq"],
+        default="fcfs",
+        help="scheduling policy: fcfs, or mlfq (FastServe's skip-join MLFQ with KV swapping)",
+    )
     p.add_argument("--swap-space-gb", type=float, default=4.0, help="mlfq: host memory for swapped-out KV (GiB)")
-    p.add_argument("--mlfq-levels", type=int, default=0,
-                   help="mlfq: number of queues (0: enough to span 128 decode steps, measured at start-up)")
-    p.add_argument("--mlfq-base-quantum", type=float, default=0.0,
-                   help="mlfq: top queue's quantum in seconds (0: from the engine's start-up profile)")
+    p.add_argument(
+        "--mlfq-levels",
+        type=int,
+        default=0,
+        help="mlfq: number of queues (0: enough to span 128 decode steps, measured at start-up)",
+    )
+    p.add_argument(
+        "--mlfq-base-quantum",
+        type=float,
+        default=0.0,
+        help="mlfq: top queue's quantum in seconds (0: from the engine's start-up profile)",
+    )
     p.add_argument("--mlfq-ratio", type=float, default=2.0, help="mlfq: quantum growth per queue")
-    p.add_argument("--mlfq-starvation", type=float, default=30.0,
-                   help="mlfq: seconds without running before a job returns to the top queue")
-    p.add_argument("--mlfq-senior", type=float, default=0.0,
-                   help="mlfq: seconds in the system after which a job runs ahead of the queues until it ends (0: off)")
+    p.add_argument(
+        "--mlfq-starvation",
+        type=float,
+        default=30.0,
+        help="mlfq: seconds without running before a job returns to the top queue",
+    )
+    p.add_argument(
+        "--mlfq-senior",
+        type=float,
+        default=0.0,
+        help="mlfq: seconds in the system after which a job runs ahead of the queues until it ends (0: off)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even when source and settings are unchanged")
 
 

@@ -5,6 +5,7 @@ downloaded. The tokenizer comes from a local folder (ids it does not know decode
 
     python builders/random_model.py --preset llama-3.2-1b --tokenizer TOKENIZER_DIR --out FOLDER
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,12 +15,27 @@ from pathlib import Path
 # Published configurations (Hugging Face model cards' config.json), weights left out.
 PRESETS: dict[str, dict] = {
     "llama-3.2-1b": dict(
-        architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
-        rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=128000,
+        architectures=["LlamaForCausalLM"],
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
         eos_token_id=128001,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     ),
 }
 

@@ -4,6 +4,7 @@ The tensor names and types are the convention in shared/ARCHITECTURE.md, which c
 and Triton's OpenAI frontend rely on. Engine settings go in as `parameters`, so an operator can
 change them at load time through Triton's model-control API without a rebuild.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,6 +4,7 @@ measured side by side in one process.
     fastserve bench --offline --engine-dir model_repository/smollm2/1/engine --dtype bfloat16 \
         --num-prompts 32 --input-len 64 --output-len 64 --out results/offline.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,23 +33,29 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(v), "p50": q(50), "p90": q(90), "p99": q(99)}
 
 
-def synthetic_prompts(tokenizer, vocab_size: int, num: int, input_len: int, input_len_max: int,
-                      seed: int) -> list[str]:
+def synthetic_prompts(tokenizer, vocab_size: int, num: int, input_len: int, input_len_max: int, seed: int) -> list[str]:
     """Random text: random non-special token ids decoded to text, so the engine offline and the server
     (which tokenizes text) see the same prompts. Lengths are uniform in [input_len, input_len_max]
     tokens before the round trip."""
     rng = random.Random(seed)
     special = set(tokenizer.all_special_ids)
     usable = [i for i in range(min(vocab_size, len(tokenizer))) if i not in special]
-    return [tokenizer.decode([rng.choice(usable) for _ in range(rng.randint(input_len, max(input_len, input_len_max)))])
-            for _ in range(num)]
+    return [
+        tokenizer.decode([rng.choice(usable) for _ in range(rng.randint(input_len, max(input_len, input_len_max)))])
+        for _ in range(num)
+    ]
 
 
 def device_info(device: str) -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
@@ -66,10 +73,16 @@ def median_of(runs: list[dict]) -> dict:
     best["runs_output_tokens_per_s"] = [r["output_tokens_per_s"] for r in runs]
     if all("ttft_s" in r for r in runs):  # what sets a slow run apart: late first tokens or slow steps
         pick = lambda r, key, q: r[key].get(q) and round(r[key][q], 5)  # noqa: E731
-        best["runs_summary"] = [{"tok_s": round(r["output_tokens_per_s"]), "ttft_p50_s": pick(r, "ttft_s", "p50"),
-                                 "ttft_p99_s": pick(r, "ttft_s", "p99"), "itl_p50_s": pick(r, "itl_s", "p50"),
-                                 **({"responses": r["server"].get("responses")} if "server" in r else {})}
-                                for r in runs]
+        best["runs_summary"] = [
+            {
+                "tok_s": round(r["output_tokens_per_s"]),
+                "ttft_p50_s": pick(r, "ttft_s", "p50"),
+                "ttft_p99_s": pick(r, "ttft_s", "p99"),
+                "itl_p50_s": pick(r, "itl_s", "p50"),
+                **({"responses": r["server"].get("responses")} if "server" in r else {}),
+            }
+            for r in runs
+        ]
     return best
 
 
@@ -95,7 +108,9 @@ def run_engine(engine, prompts: list[str], lengths: list[int]) -> dict:
     elapsed = time.perf_counter() - start
     out_tokens = sum(len(s.output_ids) for s in seqs)
     return {
-        "seconds": elapsed, "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / elapsed,
+        "seconds": elapsed,
+        "output_tokens": out_tokens,
+        "output_tokens_per_s": out_tokens / elapsed,
         "ttft_s": percentiles([s.timing.ttft for s in seqs]),
         "itl_s": percentiles([x for s in seqs for x in s.timing.itls]),
         "jct_s": percentiles([s.timing.finished - s.timing.arrival for s in seqs]),
@@ -110,25 +125,35 @@ def run_hf_generate(model, prompts: list[list[int]], lengths: list[int], batch_s
 
     def batches():
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
+            chunk = prompts[i : i + batch_size]
             width = max(len(p) for p in chunk)
             ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-            yield ids.to(model.device), mask.to(model.device), lengths[i:i + batch_size]
+            yield ids.to(model.device), mask.to(model.device), lengths[i : i + batch_size]
 
     with torch.inference_mode():
         start = time.perf_counter()
         out_tokens = 0
         for ids, mask, want in batches():
             n = max(want)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                                 min_new_tokens=n, do_sample=False, pad_token_id=pad_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
             assert out.shape[1] - ids.shape[1] == n
             out_tokens += sum(want)
         _sync()
         elapsed = time.perf_counter() - start
-    return {"seconds": elapsed, "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / elapsed,
-            "batch_size": batch_size}
+    return {
+        "seconds": elapsed,
+        "output_tokens": out_tokens,
+        "output_tokens_per_s": out_tokens / elapsed,
+        "batch_size": batch_size,
+    }
 
 
 def run_hf_generate_batch(model, prompts: list[list[int]], lengths: list[int]) -> dict:
@@ -158,8 +183,11 @@ def engine_config(args: argparse.Namespace):
     if args.repository:
         cfg = EngineConfig.from_parameters(entry_parameters(Path(args.repository) / args.model / "config.pbtxt"))
     else:
-        cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                           num_kv_blocks=args.num_kv_blocks)
+        cfg = EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            num_kv_blocks=args.num_kv_blocks,
+        )
     if args.device in ("gpu", "cuda") or cfg.device == "gpu":
         cfg.device = "cuda"
     elif not args.repository:
@@ -183,18 +211,26 @@ def run_triton(args: argparse.Namespace, prompts: list[str], lengths: list[int])
     from clients.client import Client
     from python_backend.serve import TritonServer, free_port
 
-    server = TritonServer(Path(args.repository), http_port=free_port(), grpc_port=free_port(),
-                          metrics_port=free_port())
+    server = TritonServer(Path(args.repository), http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     server.start(timeout=900)
     try:
         Client(server.grpc_url, "grpc", args.model).generate("warm up", max_tokens=4, temperature=0.0)
-        load(server.grpc_url, args.model, salted(prompts, "warm-up"), lengths, args.concurrency,
-             args.client_procs)  # untimed
+        load(
+            server.grpc_url, args.model, salted(prompts, "warm-up"), lengths, args.concurrency, args.client_procs
+        )  # untimed
         runs = []
         for i in range(max(1, args.repeats)):
             before = _scrape(server.metrics_url)
-            runs.append(load(server.grpc_url, args.model, salted(prompts, f"run {i}"), lengths, args.concurrency,
-                             args.client_procs))
+            runs.append(
+                load(
+                    server.grpc_url,
+                    args.model,
+                    salted(prompts, f"run {i}"),
+                    lengths,
+                    args.concurrency,
+                    args.client_procs,
+                )
+            )
             runs[-1]["server"] = _server_view(before, _scrape(server.metrics_url))
     finally:
         server.stop()
@@ -221,18 +257,24 @@ def _server_view(before: dict[str, float], after: dict[str, float]) -> dict:
     def mean(total: str, count: str) -> float | None:
         return d[total] / d[count] if d.get(count) else None
 
-    return {"execute_calls": d.get("nv_inference_exec_count"), "requests": d.get("nv_inference_request_success"),
-            "triton_queue_s": (mean("nv_inference_queue_duration_us", "nv_inference_request_success") or 0) / 1e6,
-            "engine_ttft_s": mean("fastserve_time_to_first_token_seconds_sum",
-                                  "fastserve_time_to_first_token_seconds_count"),
-            "engine_e2e_s": mean("fastserve_request_latency_seconds_sum", "fastserve_request_latency_seconds_count"),
-            "engine_itl_s": mean("fastserve_inter_token_latency_seconds_sum",
-                                 "fastserve_inter_token_latency_seconds_count"),
-            "responses": d.get("fastserve_responses_total")}
+    return {
+        "execute_calls": d.get("nv_inference_exec_count"),
+        "requests": d.get("nv_inference_request_success"),
+        "triton_queue_s": (mean("nv_inference_queue_duration_us", "nv_inference_request_success") or 0) / 1e6,
+        "engine_ttft_s": mean(
+            "fastserve_time_to_first_token_seconds_sum", "fastserve_time_to_first_token_seconds_count"
+        ),
+        "engine_e2e_s": mean("fastserve_request_latency_seconds_sum", "fastserve_request_latency_seconds_count"),
+        "engine_itl_s": mean(
+            "fastserve_inter_token_latency_seconds_sum", "fastserve_inter_token_latency_seconds_count"
+        ),
+        "responses": d.get("fastserve_responses_total"),
+    }
 
 
-def _stream_all(url: str, model: str, work: list[tuple[str, int]], concurrency: int, on_open, go
-                ) -> tuple[list[dict], list[str]]:
+def _stream_all(
+    url: str, model: str, work: list[tuple[str, int]], concurrency: int, on_open, go
+) -> tuple[list[dict], list[str]]:
     """Closed loop in one process: `concurrency` threads, each streaming one request at a time over
     a stream of its own, opened before the clock starts (on_open() is called once all are open; the
     requests start at go.set()), as a benchmark's users hold their connections."""
@@ -255,8 +297,14 @@ def _stream_all(url: str, model: str, work: list[tuple[str, int]], concurrency: 
             sent = time.perf_counter()
             times, n_out = [], 0
             try:
-                for r in client.responses(prompt, output_len, None, True, False,
-                                          {"temperature": 0.0, "ignore_eos": True, "exclude_input_in_output": True}):
+                for r in client.responses(
+                    prompt,
+                    output_len,
+                    None,
+                    True,
+                    False,
+                    {"temperature": 0.0, "ignore_eos": True, "exclude_input_in_output": True},
+                ):
                     if r.get("text_output"):
                         times.append(time.perf_counter())
                     if r.get("num_output_tokens") is not None:
@@ -316,8 +364,12 @@ def load(url: str, model: str, prompts: list[str], lengths: list[int], concurren
         ctx = mp.get_context("spawn")
         ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
         shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-        children = [ctx.Process(target=_client_process, args=(url, model, work[i::procs], shares[i], ready, go,
-                                                              results), daemon=True) for i in range(procs)]
+        children = [
+            ctx.Process(
+                target=_client_process, args=(url, model, work[i::procs], shares[i], ready, go, results), daemon=True
+            )
+            for i in range(procs)
+        ]
         for c in children:
             c.start()
         for _ in children:
@@ -339,11 +391,17 @@ def load(url: str, model: str, prompts: list[str], lengths: list[int], concurren
         if len(t) > 1 and r["tokens"] > 1:
             itls.append((t[-1] - t[0]) / (r["tokens"] - 1))
     return {
-        "seconds": elapsed, "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / elapsed,
-        "requests": len(records), "errors": len(errors), "error_samples": sorted(set(errors))[:3],
-        "concurrency": concurrency, "client_processes": procs,
+        "seconds": elapsed,
+        "output_tokens": out_tokens,
+        "output_tokens_per_s": out_tokens / elapsed,
+        "requests": len(records),
+        "errors": len(errors),
+        "error_samples": sorted(set(errors))[:3],
+        "concurrency": concurrency,
+        "client_processes": procs,
         "ttft_s": percentiles([r["times"][0] - r["sent"] for r in records if r["times"]]),
-        "itl_s": percentiles(itls), "jct_s": percentiles([r["end"] - r["sent"] for r in records]),
+        "itl_s": percentiles(itls),
+        "jct_s": percentiles([r["end"] - r["sent"] for r in records]),
     }
 
 
@@ -410,33 +468,55 @@ def offline(args: argparse.Namespace) -> dict:
     cfg = engine_config(args)
     engine = Engine(folder, cfg)
     tok = engine.tokenizer
-    prompts = synthetic_prompts(tok, engine.model.cfg.vocab_size, args.num_prompts, args.input_len,
-                                args.input_len_max or args.input_len, args.seed)
+    prompts = synthetic_prompts(
+        tok,
+        engine.model.cfg.vocab_size,
+        args.num_prompts,
+        args.input_len,
+        args.input_len_max or args.input_len,
+        args.seed,
+    )
     result = {
-        "benchmark": "offline" + ("+triton" if args.triton else ""), "device": device_info(cfg.device),
-        "dtype": str(engine.dtype).replace("torch.", ""), "engine_dir": str(folder),
+        "benchmark": "offline" + ("+triton" if args.triton else ""),
+        "device": device_info(cfg.device),
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "engine_dir": str(folder),
         "engine_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-        "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
-                     "input_len_max": args.input_len_max or args.input_len, "output_len": args.output_len,
-                     "seed": args.seed, "ignore_eos": True,
-                     "mean_prompt_tokens": statistics.fmean(len(engine.encode(p)) for p in salted(prompts, "run 0")),
-                     "prompts": "run i's prompts lead with the tag '[run i] ' (no prefix-cache reuse across runs)"},
+        "workload": {
+            "num_prompts": args.num_prompts,
+            "input_len": args.input_len,
+            "input_len_max": args.input_len_max or args.input_len,
+            "output_len": args.output_len,
+            "seed": args.seed,
+            "ignore_eos": True,
+            "mean_prompt_tokens": statistics.fmean(len(engine.encode(p)) for p in salted(prompts, "run 0")),
+            "prompts": "run i's prompts lead with the tag '[run i] ' (no prefix-cache reuse across runs)",
+        },
         "command": " ".join(sys.argv),
         "systems": {},
     }
     if engine.gemv_timings:
-        result["decode_gemv"] = {"chosen": {f"{name}/{rows}": vars(c) for (name, rows), c in engine.model.gemv.items()},
-                                 "seconds_per_call": engine.gemv_timings}
+        result["decode_gemv"] = {
+            "chosen": {f"{name}/{rows}": vars(c) for (name, rows), c in engine.model.gemv.items()},
+            "seconds_per_call": engine.gemv_timings,
+        }
     reps = max(1, args.repeats)
     base_reps = max(1, args.baseline_repeats or reps)
     lengths = output_lengths(args.num_prompts, args.output_len, args.output_len_max, args.seed)
-    result["workload"].update(repeats=reps, baseline_repeats=base_reps, output_len_max=args.output_len_max or
-                              args.output_len, mean_output_tokens=statistics.fmean(lengths))
-    print(f"engine: {args.num_prompts} prompts, {statistics.fmean(lengths):.0f} tokens each on average, {reps} runs ...",
-          flush=True)
+    result["workload"].update(
+        repeats=reps,
+        baseline_repeats=base_reps,
+        output_len_max=args.output_len_max or args.output_len,
+        mean_output_tokens=statistics.fmean(lengths),
+    )
+    print(
+        f"engine: {args.num_prompts} prompts, {statistics.fmean(lengths):.0f} tokens each on average, {reps} runs ...",
+        flush=True,
+    )
     run_engine(engine, salted(prompts, "warm-up"), lengths)  # untimed: first shapes compile and allocate
-    result["systems"]["fastserve"] = median_of([run_engine(engine, salted(prompts, f"run {i}"), lengths)
-                                                for i in range(reps)])
+    result["systems"]["fastserve"] = median_of(
+        [run_engine(engine, salted(prompts, f"run {i}"), lengths) for i in range(reps)]
+    )
     if args.single:
         result["single_sequence"] = single_sequence(engine, prompts[0], args.output_len)
     save(result, args.out)
@@ -456,16 +536,22 @@ def offline(args: argparse.Namespace) -> dict:
         if "generate" in baselines:
             print(f"transformers generate (batch {args.hf_batch_size}) ...", flush=True)
             result["systems"]["hf_generate"] = median_of(
-                [run_hf_generate(hf, ids, lengths, args.hf_batch_size, pad) for _ in range(base_reps)])
+                [run_hf_generate(hf, ids, lengths, args.hf_batch_size, pad) for _ in range(base_reps)]
+            )
             save(result, args.out)
         if "generate_batch" in baselines:
             print("transformers generate_batch ...", flush=True)
             result["systems"]["hf_generate_batch"] = median_of(
-                [run_hf_generate_batch(hf, ids, lengths) for _ in range(base_reps)])
+                [run_hf_generate_batch(hf, ids, lengths) for _ in range(base_reps)]
+            )
     base = result["systems"]["fastserve"]["output_tokens_per_s"]
-    result["ratios"] = {f"{k}_vs_fastserve_offline" if k == "fastserve_triton" else f"fastserve_vs_{k}":
-                        (v["output_tokens_per_s"] / base if k == "fastserve_triton" else base / v["output_tokens_per_s"])
-                        for k, v in result["systems"].items() if k != "fastserve"}
+    result["ratios"] = {
+        f"{k}_vs_fastserve_offline" if k == "fastserve_triton" else f"fastserve_vs_{k}": (
+            v["output_tokens_per_s"] / base if k == "fastserve_triton" else base / v["output_tokens_per_s"]
+        )
+        for k, v in result["systems"].items()
+        if k != "fastserve"
+    }
     return result
 
 
@@ -477,15 +563,20 @@ def print_table(result: dict) -> None:
     for k, v in result.get("ratios", {}).items():
         print(f"{k}: {v:.2f}x")
     if "single_sequence" in result:
-        print("single sequence:", {k: round(v, 6) if isinstance(v, float) else v
-                                   for k, v in result["single_sequence"].items()})
+        print(
+            "single sequence:",
+            {k: round(v, 6) if isinstance(v, float) else v for k, v in result["single_sequence"].items()},
+        )
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that write JSON results")
     p.add_argument("--offline", action="store_true", help="drive the engine directly, no Triton")
-    p.add_argument("--online", action="store_true",
-                   help="arrivals over time, per scheduling policy (clients/online.py); JSON and a PNG")
+    p.add_argument(
+        "--online",
+        action="store_true",
+        help="arrivals over time, per scheduling policy (clients/online.py); JSON and a PNG",
+    )
     p.add_argument("--policies", default="fcfs,mlfq", help="online: policies to compare on one trace")
     p.add_argument("--load", type=float, default=0.85, help="online: arrival rate as a share of measured capacity")
     p.add_argument("--rate", type=float, default=0.0, help="online: arrival rate in requests/s (overrides --load)")
@@ -504,10 +595,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-len-max", type=int, default=0, help="random input lengths up to this (default: fixed)")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--output-len-max", type=int, default=0, help="random output lengths up to this (default: fixed)")
-    p.add_argument("--baseline-repeats", type=int, default=0, help="runs per transformers baseline (default: --repeats)")
+    p.add_argument(
+        "--baseline-repeats", type=int, default=0, help="runs per transformers baseline (default: --repeats)"
+    )
     p.add_argument("--concurrency", type=int, default=32, help="concurrent streams against Triton")
-    p.add_argument("--client-procs", type=int, default=0,
-                   help="client processes for those streams (0: one per 64 streams)")
+    p.add_argument(
+        "--client-procs", type=int, default=0, help="client processes for those streams (0: one per 64 streams)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -516,8 +610,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per system; the median is reported")
     p.add_argument("--baselines", default="generate,generate_batch", help="comma list: generate, generate_batch")
     p.add_argument("--hf-batch-size", type=int, default=32)
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode steps as CUDA graphs on GPU (default on)")
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode steps as CUDA graphs on GPU (default on)",
+    )
     p.add_argument("--single", action="store_true", help="also time one sequence alone against the weight stream")
     p.add_argument("--out", default="results/offline.json")
     p.set_defaults(func=run_bench)
@@ -533,8 +631,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} and {result['plot']}")
         return 0
     if not args.offline:
-        print("fastserve bench: give --offline (and --triton to load the server as well) or --online",
-              file=sys.stderr)
+        print("fastserve bench: give --offline (and --triton to load the server as well) or --online", file=sys.stderr)
         return 2
     if args.triton and not args.repository:
         print("fastserve bench: --triton needs --repository", file=sys.stderr)

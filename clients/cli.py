@@ -1,4 +1,5 @@
 """`fastserve generate`: one request from the command line, streamed or whole."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     client = Client(url, args.protocol, args.model)
     prompt = args.prompt
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = json.dumps(messages + [{"role": "user", "content": args.prompt}])
     kw = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     try:
@@ -42,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             out = client.generate(prompt, args.max_tokens, stop=args.stop, chat=args.chat, **kw)
             print(out.text)
-            print(f"[{out.finish_reason}; {out.num_input_tokens} prompt tokens, {out.num_output_tokens} new]",
-                  file=sys.stderr)
+            print(
+                f"[{out.finish_reason}; {out.num_input_tokens} prompt tokens, {out.num_output_tokens} new]",
+                file=sys.stderr,
+            )
     except GenerateError as e:
         print(f"fastserve generate: {e}", file=sys.stderr)
         return 1

@@ -11,23 +11,32 @@ gRPC goes through tritonclient's bidirectional stream (Triton's gRPC ModelInfer 
 models); HTTP goes through Triton's generate and generate_stream endpoints (its /infer refuses them
 too). Async versions: agenerate, astream, achat.
 """
+
 from __future__ import annotations
 
 import json
 import queue
 import threading
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator
 
 import numpy as np
 
 _TYPES = {  # input name -> (Triton datatype, numpy dtype)
-    "max_tokens": ("INT32", np.int32), "top_k": ("INT32", np.int32), "min_tokens": ("INT32", np.int32),
-    "priority": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
-    "min_p": ("FP32", np.float32), "repetition_penalty": ("FP32", np.float32),
-    "presence_penalty": ("FP32", np.float32), "frequency_penalty": ("FP32", np.float32),
-    "seed": ("UINT64", np.uint64), "stream": ("BOOL", np.bool_), "exclude_input_in_output": ("BOOL", np.bool_),
+    "max_tokens": ("INT32", np.int32),
+    "top_k": ("INT32", np.int32),
+    "min_tokens": ("INT32", np.int32),
+    "priority": ("INT32", np.int32),
+    "temperature": ("FP32", np.float32),
+    "top_p": ("FP32", np.float32),
+    "min_p": ("FP32", np.float32),
+    "repetition_penalty": ("FP32", np.float32),
+    "presence_penalty": ("FP32", np.float32),
+    "frequency_penalty": ("FP32", np.float32),
+    "seed": ("UINT64", np.uint64),
+    "stream": ("BOOL", np.bool_),
+    "exclude_input_in_output": ("BOOL", np.bool_),
 }
 
 
@@ -78,8 +87,9 @@ class Client:
     """Safe to share between threads. Over gRPC each request opens a stream of its own, unless its
     thread called connect(): then the thread's requests reuse one stream until close()."""
 
-    def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", model: str = "smollm2",
-                 timeout: float = 600.0):
+    def __init__(
+        self, url: str = "localhost:8001", protocol: str = "grpc", model: str = "smollm2", timeout: float = 600.0
+    ):
         if protocol not in ("grpc", "http"):
             raise ValueError("protocol must be 'grpc' or 'http'")
         self.url, self.protocol, self.model, self.timeout = url, protocol, model, timeout
@@ -102,7 +112,7 @@ class Client:
         for stream in streams:
             stream.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -145,8 +155,9 @@ class Client:
         done = False
         try:
             inputs, params = self._grpc_inputs(grpcclient, prompt, settings, chat)
-            stream.client.async_stream_infer(self.model, inputs, request_id=request_id, parameters=params,
-                                             enable_empty_final_response=True)
+            stream.client.async_stream_infer(
+                self.model, inputs, request_id=request_id, parameters=params, enable_empty_final_response=True
+            )
             while True:
                 try:
                     result, error = stream.responses.get(timeout=self.timeout)
@@ -160,9 +171,13 @@ class Client:
                 final = response.parameters.get("triton_final_response")
                 is_final = bool(final and final.bool_param)
                 if result.as_numpy("text_output") is not None:
-                    yield {"text_output": result.as_numpy("text_output").reshape(-1)[0].decode("utf-8"),
-                           **{k: _first(result.as_numpy(k)) for k in
-                              ("finish_reason", "num_input_tokens", "num_output_tokens")}}
+                    yield {
+                        "text_output": result.as_numpy("text_output").reshape(-1)[0].decode("utf-8"),
+                        **{
+                            k: _first(result.as_numpy(k))
+                            for k in ("finish_reason", "num_input_tokens", "num_output_tokens")
+                        },
+                    }
                 if is_final:
                     done = True
                     return
@@ -188,8 +203,9 @@ class Client:
         try:
             stream = settings.get("stream", False)
             path = f"/v2/models/{self.model}/{'generate_stream' if stream else 'generate'}"
-            conn.request("POST", path, body=self._http_body(prompt, settings, chat),
-                         headers={"Content-Type": "application/json"})
+            conn.request(
+                "POST", path, body=self._http_body(prompt, settings, chat), headers={"Content-Type": "application/json"}
+            )
             resp = conn.getresponse()
             if not stream:
                 data = json.loads(resp.read() or b"{}")
@@ -217,19 +233,22 @@ class Client:
             return self._grpc_stream(prompt, settings, chat)
         return self._http_stream(prompt, settings, chat)
 
-    def generate(self, prompt: str, max_tokens: int = 64, stop: list[str] | None = None, chat: bool = False,
-                 **kw) -> Generation:
+    def generate(
+        self, prompt: str, max_tokens: int = 64, stop: list[str] | None = None, chat: bool = False, **kw
+    ) -> Generation:
         """The whole generated text (without the prompt) and the counts."""
         kw.setdefault("exclude_input_in_output", True)
         text, last = "", {}
         for r in self.responses(prompt, max_tokens, stop, False, chat, kw):
             text += r.get("text_output", "")
             last = r
-        return Generation(text, last.get("finish_reason"), _int(last.get("num_input_tokens")),
-                          _int(last.get("num_output_tokens")))
+        return Generation(
+            text, last.get("finish_reason"), _int(last.get("num_input_tokens")), _int(last.get("num_output_tokens"))
+        )
 
-    def stream(self, prompt: str, max_tokens: int = 64, stop: list[str] | None = None, chat: bool = False,
-               **kw) -> Iterator[str]:
+    def stream(
+        self, prompt: str, max_tokens: int = 64, stop: list[str] | None = None, chat: bool = False, **kw
+    ) -> Iterator[str]:
         """Text deltas as the server makes them."""
         for r in self.responses(prompt, max_tokens, stop, True, chat, kw):
             if r.get("text_output"):

@@ -10,6 +10,7 @@ overall and per class of job, and throughput; writes JSON and a PNG of the JCT d
 gives requests per second instead. With --url the trace goes to a running server instead (one policy:
 the server's own).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,14 @@ def parse_mix(text: str) -> list[tuple[float, int, int, str]]:
     return [(w, lo, hi, name) for (w, lo, hi), name in zip(classes, names)]
 
 
-def make_trace(prompts: list[str], rate: float, arrivals: str, mix: list[tuple[float, int, int, str]],
-               seed: int, burst_cv: float = 2.0) -> list[Job]:
+def make_trace(
+    prompts: list[str],
+    rate: float,
+    arrivals: str,
+    mix: list[tuple[float, int, int, str]],
+    seed: int,
+    burst_cv: float = 2.0,
+) -> list[Job]:
     """Arrival times and output lengths, fixed by the seed. Poisson: exponential gaps. Bursty: gamma gaps
     with coefficient of variation burst_cv (the same mean rate, arrivals in clumps)."""
     rng = random.Random(seed)
@@ -64,10 +71,10 @@ def make_trace(prompts: list[str], rate: float, arrivals: str, mix: list[tuple[f
             if arrivals == "poisson":
                 t += rng.expovariate(rate)
             else:
-                shape = 1.0 / burst_cv ** 2
+                shape = 1.0 / burst_cv**2
                 t += rng.gammavariate(shape, 1.0 / (rate * shape))
         x, acc = rng.random() * total, 0.0
-        for w, lo, hi, name in mix:
+        for w, lo, hi, name in mix:  # noqa: B007 (the chosen class is read after the loop)
             acc += w
             if x <= acc:
                 break
@@ -76,14 +83,22 @@ def make_trace(prompts: list[str], rate: float, arrivals: str, mix: list[tuple[f
 
 
 def summarize(records: list[dict], span: float) -> dict:
-    out = {"requests": len(records), "output_tokens": sum(r["tokens"] for r in records),
-           "seconds": span, "jct_s": percentiles([r["jct"] for r in records]),
-           "ttft_s": percentiles([r["ttft"] for r in records if r["ttft"] is not None]), "by_class": {}}
+    out = {
+        "requests": len(records),
+        "output_tokens": sum(r["tokens"] for r in records),
+        "seconds": span,
+        "jct_s": percentiles([r["jct"] for r in records]),
+        "ttft_s": percentiles([r["ttft"] for r in records if r["ttft"] is not None]),
+        "by_class": {},
+    }
     out["output_tokens_per_s"] = out["output_tokens"] / span if span > 0 else 0.0
     for kind in sorted({r["kind"] for r in records}):
         sub = [r for r in records if r["kind"] == kind]
-        out["by_class"][kind] = {"requests": len(sub), "jct_s": percentiles([r["jct"] for r in sub]),
-                                 "ttft_s": percentiles([r["ttft"] for r in sub if r["ttft"] is not None])}
+        out["by_class"][kind] = {
+            "requests": len(sub),
+            "jct_s": percentiles([r["jct"] for r in sub]),
+            "ttft_s": percentiles([r["ttft"] for r in sub if r["ttft"] is not None]),
+        }
     return out
 
 
@@ -127,13 +142,27 @@ def run_engine_trace(folder: Path, cfg, trace: list[Job]) -> tuple[list[dict], f
             delay = start + job.at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            seqs.append(engine.add_request(f"online-{i}", job.prompt, SamplingParams(
-                max_tokens=job.max_tokens, temperature=0.0, ignore_eos=True), on_output))
+            seqs.append(
+                engine.add_request(
+                    f"online-{i}",
+                    job.prompt,
+                    SamplingParams(max_tokens=job.max_tokens, temperature=0.0, ignore_eos=True),
+                    on_output,
+                )
+            )
         done.wait()
         end = max(s.timing.finished for s in seqs)
-        records = [{"kind": job.kind, "tokens": len(s.output_ids), "jct": s.timing.finished - s.timing.arrival,
-                    "ttft": s.timing.ttft, "admitted_at": (s.timing.first_scheduled or start) - start,
-                    "finished_at": s.timing.finished - start} for job, s in zip(trace, seqs)]
+        records = [
+            {
+                "kind": job.kind,
+                "tokens": len(s.output_ids),
+                "jct": s.timing.finished - s.timing.arrival,
+                "ttft": s.timing.ttft,
+                "admitted_at": (s.timing.first_scheduled or start) - start,
+                "finished_at": s.timing.finished - start,
+            }
+            for job, s in zip(trace, seqs)
+        ]
         state = engine.scheduler.state()
         state.pop("quanta_s", None)
         if hasattr(engine.scheduler, "quanta"):
@@ -164,15 +193,27 @@ def run_server_trace(url: str, model: str, trace: list[Job]) -> tuple[list[dict]
     def one(job: Job) -> None:
         sent = time.perf_counter()
         first, n = None, 0
-        for r in client.responses(job.prompt, job.max_tokens, None, True, False,
-                                  {"temperature": 0.0, "ignore_eos": True, "exclude_input_in_output": True}):
+        for r in client.responses(
+            job.prompt,
+            job.max_tokens,
+            None,
+            True,
+            False,
+            {"temperature": 0.0, "ignore_eos": True, "exclude_input_in_output": True},
+        ):
             if first is None and r.get("text_output"):
                 first = time.perf_counter()
             if r.get("num_output_tokens") is not None:
                 n = int(r["num_output_tokens"])
         with lock:
-            records.append({"kind": job.kind, "tokens": n, "jct": time.perf_counter() - sent,
-                            "ttft": None if first is None else first - sent})
+            records.append(
+                {
+                    "kind": job.kind,
+                    "tokens": n,
+                    "jct": time.perf_counter() - sent,
+                    "ttft": None if first is None else first - sent,
+                }
+            )
 
     threads = []
     start = time.perf_counter()
@@ -212,9 +253,11 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     w = result["workload"]
-    fig.suptitle(f"{w['model']} on {result['device'].get('gpu') or result['device'].get('cpu', '')}: "
-                 f"{w['arrivals']} arrivals at {w['rate_per_s']:.3g} req/s"
-                 + (f" ({w['load']:.0%} of capacity)" if w.get("load") else ""))
+    fig.suptitle(
+        f"{w['model']} on {result['device'].get('gpu') or result['device'].get('cpu', '')}: "
+        f"{w['arrivals']} arrivals at {w['rate_per_s']:.3g} req/s"
+        + (f" ({w['load']:.0%} of capacity)" if w.get("load") else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -235,8 +278,9 @@ def online(args: argparse.Namespace) -> dict:
         folder = engine_dir(args)
         cfg = engine_config(args)
     tok = AutoTokenizer.from_pretrained(str(folder))
-    prompts = synthetic_prompts(tok, len(tok), args.num_requests, args.input_len, args.input_len_max or args.input_len,
-                                args.seed)
+    prompts = synthetic_prompts(
+        tok, len(tok), args.num_requests, args.input_len, args.input_len_max or args.input_len, args.seed
+    )
     result["device"] = device_info(cfg.device if cfg else "cpu")
     rate, load = args.rate, None
     if not rate:
@@ -252,11 +296,19 @@ def online(args: argparse.Namespace) -> dict:
         result["capacity"] = {"requests_per_s": capacity, "measured_as": how, **summarize(records, span)}
         load, rate = args.load, args.load * capacity
     trace = make_trace(prompts, rate, args.arrivals, mix, args.seed)
-    result["workload"] = {"model": args.model, "num_requests": len(trace), "arrivals": args.arrivals,
-                          "rate_per_s": rate, "load": load, "mix": args.mix, "input_len": args.input_len,
-                          "input_len_max": args.input_len_max or args.input_len, "seed": args.seed,
-                          "mean_output_tokens": statistics.fmean(j.max_tokens for j in trace),
-                          "engine_config": None if cfg is None else {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+    result["workload"] = {
+        "model": args.model,
+        "num_requests": len(trace),
+        "arrivals": args.arrivals,
+        "rate_per_s": rate,
+        "load": load,
+        "mix": args.mix,
+        "input_len": args.input_len,
+        "input_len_max": args.input_len_max or args.input_len,
+        "seed": args.seed,
+        "mean_output_tokens": statistics.fmean(j.max_tokens for j in trace),
+        "engine_config": None if cfg is None else {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+    }
     for name in policies:
         print(f"{name}: {len(trace)} requests, {args.arrivals} arrivals at {rate:.3f}/s ...", flush=True)
         if args.url:
@@ -283,7 +335,9 @@ def print_online(result: dict) -> None:
     print(f"\n{'policy':<8}{'mean JCT':>10}{'p50':>8}{'p90':>8}{'p99':>8}{'mean TTFT':>11}{'p99 TTFT':>10}{'tok/s':>9}")
     for name, p in result["policies"].items():
         j, t = p["jct_s"], p["ttft_s"]
-        print(f"{name:<8}{j['mean']:>10.2f}{j['p50']:>8.2f}{j['p90']:>8.2f}{j['p99']:>8.2f}{t['mean']:>11.3f}"
-              f"{t['p99']:>10.3f}{p['output_tokens_per_s']:>9.1f}")
+        print(
+            f"{name:<8}{j['mean']:>10.2f}{j['p50']:>8.2f}{j['p90']:>8.2f}{j['p99']:>8.2f}{t['mean']:>11.3f}"
+            f"{t['p99']:>10.3f}{p['output_tokens_per_s']:>9.1f}"
+        )
     for k, v in result.get("comparison", {}).items():
         print(f"{k}: {v:.2f}")

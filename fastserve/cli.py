@@ -1,4 +1,5 @@
 """The `fastserve` command: one entry point whose subcommands live with the code they drive."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,12 @@ def _serve(args: argparse.Namespace) -> int:
     from python_backend.serve import TritonServer, serve_forever
 
     server = TritonServer(
-        repository=Path(args.repository), http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, binary=args.tritonserver, log_verbose=args.log_verbose,
+        repository=Path(args.repository),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        binary=args.tritonserver,
+        log_verbose=args.log_verbose,
     )
     return serve_forever(server, timeout=args.timeout)
 

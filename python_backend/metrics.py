@@ -1,4 +1,5 @@
 """FastServe's metrics on Triton's /metrics endpoint, through the Python backend's MetricFamily."""
+
 from __future__ import annotations
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
@@ -19,38 +20,50 @@ class Metrics:
             return family(name, description, mf.HISTOGRAM).Metric(labels=labels, buckets=LATENCY_BUCKETS)
 
         self.ttft = histogram("fastserve_time_to_first_token_seconds", "Time from arrival to the first new token")
-        self.itl = histogram("fastserve_inter_token_latency_seconds", "Mean time between consecutive new tokens of "
-                             "a request, observed once per request")
+        self.itl = histogram(
+            "fastserve_inter_token_latency_seconds",
+            "Mean time between consecutive new tokens of a request, observed once per request",
+        )
         self.e2e = histogram("fastserve_request_latency_seconds", "Time from arrival to the last token")
-        self.responses = family("fastserve_responses_total", "Responses sent (streamed deltas and final "
-                                "answers)", mf.COUNTER).Metric(labels=labels)
-        self.prompt_tokens = family("fastserve_prompt_tokens_total", "Prompt tokens received",
-                                    mf.COUNTER).Metric(labels=labels)
-        self.generation_tokens = family("fastserve_generation_tokens_total", "Tokens generated",
-                                        mf.COUNTER).Metric(labels=labels)
-        self.prefix_hit_tokens = family("fastserve_prefix_cache_hit_tokens_total", "Prompt tokens served from the "
-                                        "prefix cache", mf.COUNTER).Metric(labels=labels)
-        self.preemptions = family("fastserve_preemptions_total", "Sequences preempted", mf.COUNTER).Metric(labels=labels)
+        self.responses = family(
+            "fastserve_responses_total", "Responses sent (streamed deltas and final answers)", mf.COUNTER
+        ).Metric(labels=labels)
+        self.prompt_tokens = family("fastserve_prompt_tokens_total", "Prompt tokens received", mf.COUNTER).Metric(
+            labels=labels
+        )
+        self.generation_tokens = family("fastserve_generation_tokens_total", "Tokens generated", mf.COUNTER).Metric(
+            labels=labels
+        )
+        self.prefix_hit_tokens = family(
+            "fastserve_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache", mf.COUNTER
+        ).Metric(labels=labels)
+        self.preemptions = family("fastserve_preemptions_total", "Sequences preempted", mf.COUNTER).Metric(
+            labels=labels
+        )
         gauge = family("fastserve_requests", "Requests in the engine by state", mf.GAUGE)
         self.waiting = gauge.Metric(labels={**labels, "state": "waiting"})
         self.running = gauge.Metric(labels={**labels, "state": "running"})
         blocks = family("fastserve_kv_blocks", "KV-cache blocks", mf.GAUGE)
         self.kv_used = blocks.Metric(labels={**labels, "state": "used"})
         self.kv_total = blocks.Metric(labels={**labels, "state": "total"})
-        self._queue_family = family("fastserve_scheduler_queue_length", "Unfinished requests per scheduler queue "
-                                    "(MLFQ level; FCFS has one)", mf.GAUGE)
+        self._queue_family = family(
+            "fastserve_scheduler_queue_length",
+            "Unfinished requests per scheduler queue (MLFQ level; FCFS has one)",
+            mf.GAUGE,
+        )
         self._queues: list = []
-        self.swapped = family("fastserve_swapped_requests", "Requests whose KV cache is in host memory",
-                              mf.GAUGE).Metric(labels=labels)
+        self.swapped = family(
+            "fastserve_swapped_requests", "Requests whose KV cache is in host memory", mf.GAUGE
+        ).Metric(labels=labels)
         host = family("fastserve_host_kv_blocks", "Host-memory KV blocks (swap space)", mf.GAUGE)
         self.host_used = host.Metric(labels={**labels, "state": "used"})
         self.host_total = host.Metric(labels={**labels, "state": "total"})
-        swaps = family("fastserve_kv_swaps_total", "Sequences whose KV cache moved between device and host",
-                       mf.COUNTER)
+        swaps = family("fastserve_kv_swaps_total", "Sequences whose KV cache moved between device and host", mf.COUNTER)
         self.swap_outs = swaps.Metric(labels={**labels, "direction": "out"})
         self.swap_ins = swaps.Metric(labels={**labels, "direction": "in"})
-        self.recomputes = family("fastserve_recomputes_total", "Preempted sequences whose KV cache was dropped, to "
-                                 "be recomputed", mf.COUNTER).Metric(labels=labels)
+        self.recomputes = family(
+            "fastserve_recomputes_total", "Preempted sequences whose KV cache was dropped, to be recomputed", mf.COUNTER
+        ).Metric(labels=labels)
         self._last: dict[str, int] = {}
         self._gauges: dict[int, float] = {}  # the last value set, per gauge
         finish = family("fastserve_request_finish_total", "Finished requests by reason", mf.COUNTER)
@@ -78,9 +91,13 @@ class Metrics:
         self._set(self.swapped, state["swapped"])
         self._set(self.host_used, state["host_blocks_used"])
         self._set(self.host_total, state["host_blocks_total"])
-        for key, counter in (("preemptions", self.preemptions), ("swap_outs", self.swap_outs),
-                             ("swap_ins", self.swap_ins), ("recomputes", self.recomputes),
-                             ("prefix_hit_tokens", self.prefix_hit_tokens)):
+        for key, counter in (
+            ("preemptions", self.preemptions),
+            ("swap_outs", self.swap_outs),
+            ("swap_ins", self.swap_ins),
+            ("recomputes", self.recomputes),
+            ("prefix_hit_tokens", self.prefix_hit_tokens),
+        ):
             if state[key] > self._last.get(key, 0):
                 counter.increment(state[key] - self._last.get(key, 0))
                 self._last[key] = state[key]

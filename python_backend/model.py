@@ -8,6 +8,7 @@ the engine never waits on a slow client. When sending falls behind, a stream's q
 one response. One sending thread only: the Python backend of nvidia-pytriton 0.7 crashes the server
 when two threads send at once.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -57,15 +58,25 @@ class _Refusal:
     error: Exception
 
 
-def _tensor(name: str, value, dtype) -> "pb_utils.Tensor":
+def _tensor(name: str, value, dtype) -> pb_utils.Tensor:
     return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
 
 
 def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """Two consecutive outputs of one request as one: the later state, the text of both."""
     logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
-    return RequestOutput(b.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finished, b.finish_reason,
-                         b.num_input_tokens, b.num_output_tokens, b.num_cached_tokens, logprobs, b.error)
+    return RequestOutput(
+        b.request_id,
+        a.text + b.text,
+        a.token_ids + b.token_ids,
+        b.finished,
+        b.finish_reason,
+        b.num_input_tokens,
+        b.num_output_tokens,
+        b.num_cached_tokens,
+        logprobs,
+        b.error,
+    )
 
 
 def _drain(outbox: queue.SimpleQueue, first) -> tuple[list[RequestOutput | _Refusal], bool]:
@@ -150,8 +161,9 @@ class TritonPythonModel:
                     self._outbox.put(_Refusal(sender, e))
             if admitted:
                 try:
-                    errors = self.engine.add_requests([(rid, a.prompt, a.req.params, self._outbox.put,
-                                                        a.req.priority) for rid, a in admitted])
+                    errors = self.engine.add_requests(
+                        [(rid, a.prompt, a.req.params, self._outbox.put, a.req.priority) for rid, a in admitted]
+                    )
                 except Exception as e:  # every request still gets an answer
                     errors = [e] * len(admitted)
                 for (rid, a), error in zip(admitted, errors):
@@ -174,8 +186,7 @@ class TritonPythonModel:
         if req.chat:
             if not getattr(self.engine.tokenizer, "chat_template", None):
                 raise SamplingError("this model has no chat template; send plain text without chat")
-            prompt = self.engine.tokenizer.apply_chat_template(req.messages, tokenize=False,
-                                                               add_generation_prompt=True)
+            prompt = self.engine.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
         rid = f"t{next(self._ids)}"
         active = _Active(sender=sender, request=request, req=req, prompt=prompt, arrival=time.perf_counter())
         with self._lock:  # known before the engine can answer

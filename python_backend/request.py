@@ -7,6 +7,7 @@ Settings can come from three places; the most specific wins:
   3. individual tensors (`max_tokens`, `temperature`, ...), highest.
 Kept free of Triton so it is tested directly; model.py turns Triton tensors into numpy arrays first.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,7 +63,13 @@ def _scalar(name: str, array: np.ndarray):
     if flat.size != 1:
         raise SamplingError(f"input {name} must hold one value per request, got {flat.size}")
     value = flat[0]
-    return value.decode("utf-8", errors="strict") if isinstance(value, bytes) else value.item() if hasattr(value, "item") else value
+    return (
+        value.decode("utf-8", errors="strict")
+        if isinstance(value, bytes)
+        else value.item()
+        if hasattr(value, "item")
+        else value
+    )
 
 
 def _coerce(name: str, kind: type, value):
@@ -131,14 +138,16 @@ def parse(inputs: dict[str, np.ndarray], parameters: dict | None = None) -> Gene
             raise SamplingError("sampling_parameters must be a JSON object")
         unknown = sorted(k for k in extra if k not in SETTINGS)
         if unknown:
-            raise SamplingError(f"sampling_parameters has unknown keys: {', '.join(unknown)}; known keys: "
-                                f"{', '.join(sorted(SETTINGS))}")
+            raise SamplingError(
+                f"sampling_parameters has unknown keys: {', '.join(unknown)}; known keys: {', '.join(sorted(SETTINGS))}"
+            )
         settings.update(extra)
     for name in SETTINGS:
         if name in inputs:
             if name == "stop_words":
-                words = [w.decode("utf-8") if isinstance(w, bytes) else str(w)
-                         for w in np.asarray(inputs[name]).reshape(-1)]
+                words = [
+                    w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in np.asarray(inputs[name]).reshape(-1)
+                ]
                 settings[name] = [w for w in words if w]
             else:
                 settings[name] = _scalar(name, inputs[name])
@@ -150,11 +159,16 @@ def parse(inputs: dict[str, np.ndarray], parameters: dict | None = None) -> Gene
             sp[target] = value
     params = SamplingParams(**sp)
     params.validate()
-    req = GenerateRequest(prompt=prompt, params=params, stream=values.get("stream", False),
-                          exclude_input_in_output=values.get("exclude_input_in_output", False),
-                          return_num_input_tokens=values.get("return_num_input_tokens", False),
-                          return_num_output_tokens=values.get("return_num_output_tokens", False),
-                          priority=values.get("priority", 0), chat=values.get("chat", False))
+    req = GenerateRequest(
+        prompt=prompt,
+        params=params,
+        stream=values.get("stream", False),
+        exclude_input_in_output=values.get("exclude_input_in_output", False),
+        return_num_input_tokens=values.get("return_num_input_tokens", False),
+        return_num_output_tokens=values.get("return_num_output_tokens", False),
+        priority=values.get("priority", 0),
+        chat=values.get("chat", False),
+    )
     if req.chat:
         req.messages = parse_messages(prompt)
     elif not prompt:

@@ -7,6 +7,7 @@ put this interpreter's bin folder first on PATH. The stub's embedded interpreter
 locates its prefix from the `python3` it finds on PATH, so that is how a model sees this environment
 (virtual environment included): torch, transformers and our own packages.
 """
+
 from __future__ import annotations
 
 import os
@@ -172,14 +173,19 @@ class TritonServer:
             cmd.append(f"--backend-directory={install.backend_dir}")
         return cmd + list(self.extra_args)
 
-    def start(self, timeout: float = 300.0) -> "TritonServer":
+    def start(self, timeout: float = 300.0) -> TritonServer:
         if not Path(self.repository).is_dir():
             raise ServerError(f"model repository {self.repository} is not a folder")
         install = find_triton(self.binary)
         env = {**install.env, **self.env}
         self.proc = subprocess.Popen(
-            self.command(install), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, errors="replace", start_new_session=True,
+            self.command(install),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
         )
         self._reader = threading.Thread(target=self._pump, daemon=True, name="tritonserver-log")
         self._reader.start()
@@ -240,7 +246,7 @@ class TritonServer:
         if self._reader:
             self._reader.join(timeout=5)
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -249,6 +255,7 @@ class TritonServer:
 
 def serve_forever(server: TritonServer, timeout: float = 600.0) -> int:
     """Run the server in the foreground until Ctrl-C, SIGTERM, or until it stops by itself."""
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 

@@ -7,6 +7,7 @@ step uses, with Triton's own ptxas (tests/python_backend/ops/test_compile_sm90.p
 
     python3 scripts/compile_kernels.py [--arch 90]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,13 +23,37 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from python_backend.ops import argmax, fused, fused_qkv, gemv, triton_attention as ta  # noqa: E402
+from python_backend.ops import argmax, fused, fused_qkv, gemv  # noqa: E402
+from python_backend.ops import triton_attention as ta
 
 POINTERS = {  # argument -> element type where it is a pointer; the rest are int32 unless named below
-    "X": "bf16", "RES": "bf16", "LN": "bf16", "W": "bf16", "B": "bf16", "POS": "i64", "COS": "bf16", "SIN": "bf16",
-    "SLOTS": "i64", "Q_OUT": "bf16", "K_CACHE": "bf16", "V_CACHE": "bf16", "RES_OUT": "bf16", "OUT": "bf16",
-    "Q": "bf16", "K": "bf16", "V": "bf16", "TABLES": "i64", "LENS": "i64", "O_PART": "fp32", "LSE_PART": "fp32",
-    "COUNTS": "i32", "QKV": "bf16", "CU_Q": "i32", "CTX": "i32", "VAL": "fp32", "IDX": "i32",
+    "X": "bf16",
+    "RES": "bf16",
+    "LN": "bf16",
+    "W": "bf16",
+    "B": "bf16",
+    "POS": "i64",
+    "COS": "bf16",
+    "SIN": "bf16",
+    "SLOTS": "i64",
+    "Q_OUT": "bf16",
+    "K_CACHE": "bf16",
+    "V_CACHE": "bf16",
+    "RES_OUT": "bf16",
+    "OUT": "bf16",
+    "Q": "bf16",
+    "K": "bf16",
+    "V": "bf16",
+    "TABLES": "i64",
+    "LENS": "i64",
+    "O_PART": "fp32",
+    "LSE_PART": "fp32",
+    "COUNTS": "i32",
+    "QKV": "bf16",
+    "CU_Q": "i32",
+    "CTX": "i32",
+    "VAL": "fp32",
+    "IDX": "i32",
 }
 SCALARS = {"eps": "fp32", "scale": "fp32"}
 
@@ -53,20 +78,67 @@ def kernels() -> list[tuple[str, object, dict, dict]]:
     """(label, kernel, constants, pointer types and options) for each specialisation a step uses."""
     out = []
     for silu_mul, defer, pdl in ((False, False, False), (True, False, True), (False, True, False)):
-        out.append((f"gemv silu_mul={silu_mul} defer={defer} pdl={pdl}", gemv._gemv_kernel,
-                    {"M_PAD": 2, "BLOCK_N": 4, "BLOCK_K": 1024, "HAS_BIAS": True, "SILU_MUL": silu_mul, "DEFER": defer,
-                     "PDL": pdl}, {"pointers": {"OUT": "fp32"}, "launch_pdl": pdl}))
+        out.append(
+            (
+                f"gemv silu_mul={silu_mul} defer={defer} pdl={pdl}",
+                gemv._gemv_kernel,
+                {
+                    "M_PAD": 2,
+                    "BLOCK_N": 4,
+                    "BLOCK_K": 1024,
+                    "HAS_BIAS": True,
+                    "SILU_MUL": silu_mul,
+                    "DEFER": defer,
+                    "PDL": pdl,
+                },
+                {"pointers": {"OUT": "fp32"}, "launch_pdl": pdl},
+            )
+        )
     for has_add, pdl in ((True, False), (False, True)):
-        out.append((f"fused_qkv add={has_add} pdl={pdl}", fused_qkv._add_norm_qkv_rope_kernel,
-                    {"H": 32, "HKV": 8, "D": 64, "M_PAD": 1, "BLOCK_P": 2, "BLOCK_K": 1024, "HAS_ADD": has_add,
-                     "HAS_BIAS": not has_add, "PDL": pdl}, {"launch_pdl": pdl}))
+        out.append(
+            (
+                f"fused_qkv add={has_add} pdl={pdl}",
+                fused_qkv._add_norm_qkv_rope_kernel,
+                {
+                    "H": 32,
+                    "HKV": 8,
+                    "D": 64,
+                    "M_PAD": 1,
+                    "BLOCK_P": 2,
+                    "BLOCK_K": 1024,
+                    "HAS_ADD": has_add,
+                    "HAS_BIAS": not has_add,
+                    "PDL": pdl,
+                },
+                {"launch_pdl": pdl},
+            )
+        )
     for splits in (1, 16):
-        out.append((f"decode attention splits={splits}", ta._decode_kernel,
-                    {"HKV": 8, "GROUP": 4, "GROUP_PAD": 16, "D": 64, "BLOCK_SIZE": 16, "BLOCK_N": 64,
-                     "NUM_SPLITS": splits, "PREC": "tf32", "PDL": False}, {}))
+        out.append(
+            (
+                f"decode attention splits={splits}",
+                ta._decode_kernel,
+                {
+                    "HKV": 8,
+                    "GROUP": 4,
+                    "GROUP_PAD": 16,
+                    "D": 64,
+                    "BLOCK_SIZE": 16,
+                    "BLOCK_N": 64,
+                    "NUM_SPLITS": splits,
+                    "PREC": "tf32",
+                    "PDL": False,
+                },
+                {},
+            )
+        )
     out += [
-        ("prefill attention", ta._prefill_kernel, {"GROUP": 4, "D": 64, "BLOCK_SIZE": 16, "BLOCK_M": 64, "BLOCK_N": 64,
-                                                   "PREC": "tf32"}, {}),
+        (
+            "prefill attention",
+            ta._prefill_kernel,
+            {"GROUP": 4, "D": 64, "BLOCK_SIZE": 16, "BLOCK_M": 64, "BLOCK_N": 64, "PREC": "tf32"},
+            {},
+        ),
         ("rope + KV write", ta._rope_write_kv_kernel, {"H": 32, "HKV": 8, "D": 64, "H_PAD": 32, "HKV_PAD": 8}, {}),
         ("add + RMSNorm", fused._add_rms_norm_kernel, {"BLOCK": 2048, "HAS_RES": True, "PDL": False}, {}),
         ("SiLU and multiply", fused._silu_mul_kernel, {"BLOCK": 1024}, {}),

@@ -9,6 +9,7 @@
 
     python scripts/cpu_microbench.py --out results/cpu-microbench.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,12 @@ def packed_weights(rows: int = 32) -> dict:
 
     x, w = xs[576], weights[0][2]
     same = torch.equal(F.linear(x, w), torch.ops.mkldnn._linear_pointwise(x, packed[0][2], None, "none", [], ""))
-    return {"rows": rows, "f_linear_step_s": timed(plain, 10), "prepacked_step_s": timed(prepacked, 10),
-            "bit_identical": same}
+    return {
+        "rows": rows,
+        "f_linear_step_s": timed(plain, 10),
+        "prepacked_step_s": timed(prepacked, 10),
+        "bit_identical": same,
+    }
 
 
 def openmp_threads() -> dict:
@@ -91,24 +96,34 @@ def decode_attention_layout(batch: int = 32, length: int = 160) -> dict:
         return cache.index_select(0, tables).view(batch, length, hkv, d).transpose(1, 2)
 
     def heads_along_query() -> None:
-        F.scaled_dot_product_attention(q.view(batch, hkv, h // hkv, d), gather(k_cache), gather(v_cache),
-                                       attn_mask=mask)
+        F.scaled_dot_product_attention(
+            q.view(batch, hkv, h // hkv, d), gather(k_cache), gather(v_cache), attn_mask=mask
+        )
 
     def contiguous_gqa() -> None:
-        F.scaled_dot_product_attention(q, gather(k_cache).contiguous(), gather(v_cache).contiguous(),
-                                       attn_mask=mask[:, :, :1], enable_gqa=True)
+        F.scaled_dot_product_attention(
+            q, gather(k_cache).contiguous(), gather(v_cache).contiguous(), attn_mask=mask[:, :, :1], enable_gqa=True
+        )
 
-    return {"batch": batch, "context": length, "heads_along_query_s": timed(heads_along_query, 200),
-            "contiguous_gqa_s": timed(contiguous_gqa, 200)}
+    return {
+        "batch": batch,
+        "context": length,
+        "heads_along_query_s": timed(heads_along_query, 200),
+        "contiguous_gqa_s": timed(contiguous_gqa, 200),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="results/cpu-microbench.json")
     args = p.parse_args()
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-              "openmp_threads": openmp_threads(),  # first: it needs a main thread that used OpenMP only once
-              "packed_weights": packed_weights(), "decode_attention": decode_attention_layout()}
+    result = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "openmp_threads": openmp_threads(),  # first: it needs a main thread that used OpenMP only once
+        "packed_weights": packed_weights(),
+        "decode_attention": decode_attention_layout(),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -14,6 +14,7 @@ transformers one forward pass over prompt + reference.
     python3 scripts/gpu_bf16_agreement.py --out results/smollm2-bf16-agreement.json
     python3 scripts/gpu_bf16_agreement.py --device cpu --prompts 4 --out /tmp/agreement.json  # a quick check
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,24 +58,34 @@ def hf_forced(model, prompts: list[list[int]], ref: list[list[int]], device: str
     with torch.inference_mode():
         out = []
         for p, r in zip(prompts, ref):
-            logits = model(torch.tensor([p + r], device=device)).logits[0, len(p) - 1:len(p) - 1 + len(r)]
+            logits = model(torch.tensor([p + r], device=device)).logits[0, len(p) - 1 : len(p) - 1 + len(r)]
             out.append(logits.argmax(-1).tolist())
     return out
 
 
-def hf_greedy(model, prompts: list[list[int]], eos: list[int], batched: bool = False,
-              device: str = "cuda") -> list[list[int]]:
+def hf_greedy(
+    model, prompts: list[list[int]], eos: list[int], batched: bool = False, device: str = "cuda"
+) -> list[list[int]]:
     pad = eos[0]
     with torch.inference_mode():
         if not batched:
-            return [model.generate(torch.tensor([p], device=device), max_new_tokens=N, do_sample=False,
-                                   eos_token_id=eos, pad_token_id=pad)[0, len(p):].tolist() for p in prompts]
+            return [
+                model.generate(
+                    torch.tensor([p], device=device),
+                    max_new_tokens=N,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                )[0, len(p) :].tolist()
+                for p in prompts
+            ]
         width = max(map(len, prompts))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=N, do_sample=False, eos_token_id=eos,
-                             pad_token_id=pad)[:, width:].tolist()
-    return [[t for t in row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))]] for row in out]
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=N, do_sample=False, eos_token_id=eos, pad_token_id=pad
+        )[:, width:].tolist()
+    return [[t for t in row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))]] for row in out]
 
 
 def main() -> None:
@@ -91,20 +102,32 @@ def main() -> None:
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     shared = [json.loads(x) for x in (SHARED / "data" / "prompts.jsonl").read_text().splitlines() if x.strip()]
-    prompts = [prompt_ids(tok, p) for p in shared][:args.prompts or None]
+    prompts = [prompt_ids(tok, p) for p in shared][: args.prompts or None]
     params = SamplingParams(max_tokens=N, temperature=0.0)
     outputs: dict[str, list[list[int]]] = {}
 
     def load(dtype: torch.dtype, attn: str = "sdpa"):
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
-                                                    attn_implementation=attn).to(dev).eval()
+        return (
+            AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=dtype, attn_implementation=attn
+            )
+            .to(dev)
+            .eval()
+        )
 
     # the reference first: the engine's teacher-forced requests need it; the engine's EOS set is the stop
     # set everywhere (as in test_gpu_exact.py)
     sdpa = load(torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
-        entry = build_entry(Path(tmp) / "repo", "smollm2", "smollm2", "--device", "gpu" if dev == "cuda" else "cpu",
-                            "--dtype", "bfloat16")
+        entry = build_entry(
+            Path(tmp) / "repo",
+            "smollm2",
+            "smollm2",
+            "--device",
+            "gpu" if dev == "cuda" else "cpu",
+            "--dtype",
+            "bfloat16",
+        )
         engine = Engine(entry / "1" / "engine", EngineConfig(device=dev, num_kv_blocks=1024, max_queue_size=8192))
         eos = list(engine.eos_ids)
         outputs["hf_sdpa_batch1"] = ref = hf_greedy(sdpa, prompts, eos, device=dev)
@@ -125,11 +148,16 @@ def main() -> None:
     fp32 = load(torch.float32)
     outputs["hf_float32_batch1"] = hf_greedy(fp32, prompts, eos, device=dev)
     forced["hf_float32"] = hf_forced(fp32, prompts, ref, dev)
-    result = {"gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
-              "prompts": len(prompts), "tokens": N, "reference": "hf_sdpa_batch1 (bfloat16)",
-              "against_reference": {k: agreement(v, ref) for k, v in outputs.items() if k != "hf_sdpa_batch1"},
-              "engine_batch32_against_hf_eager": agreement(outputs["engine_batch32"], outputs["hf_eager_batch1"]),
-              "teacher_forced_against_reference": {k: forced_agreement(v, ref) for k, v in forced.items()}}
+    result = {
+        "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "prompts": len(prompts),
+        "tokens": N,
+        "reference": "hf_sdpa_batch1 (bfloat16)",
+        "against_reference": {k: agreement(v, ref) for k, v in outputs.items() if k != "hf_sdpa_batch1"},
+        "engine_batch32_against_hf_eager": agreement(outputs["engine_batch32"], outputs["hf_eager_batch1"]),
+        "teacher_forced_against_reference": {k: forced_agreement(v, ref) for k, v in forced.items()},
+    }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -3,6 +3,7 @@ against the step's wall time with and without CUDA graphs, and with the decode G
 
     python3 scripts/gpu_profile_step.py ENGINE_DIR --out profile.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ from python_backend.engine.sequence import SamplingParams  # noqa: E402
 
 
 def step_time(engine: Engine, n: int = 96) -> float:
-    seq = engine.add_request(f"s{id(engine)}-{n}", list(range(1000, 1256)),
-                             SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    seq = engine.add_request(
+        f"s{id(engine)}-{n}", list(range(1000, 1256)), SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    )
     engine.run_until_done()
     return statistics.median(seq.timing.itls)
 
@@ -34,8 +36,9 @@ def main() -> None:
     args = ap.parse_args()
     result: dict = {"gpu": torch.cuda.get_device_name(0)}
     for graphs, gemv in ((True, False), (True, True), (False, True)):
-        eng = Engine(args.engine_dir, EngineConfig(device="cuda", cuda_graphs=graphs, num_kv_blocks=2048,
-                                                   decode_gemv=gemv))
+        eng = Engine(
+            args.engine_dir, EngineConfig(device="cuda", cuda_graphs=graphs, num_kv_blocks=2048, decode_gemv=gemv)
+        )
         step_time(eng, 16)
         result[f"step_s_graphs_{graphs}_gemv_{gemv}"] = step_time(eng)
         if gemv:
@@ -44,8 +47,9 @@ def main() -> None:
             result["gemv_seconds_per_call"] = eng.gemv_timings
         if not graphs:
             steps = 32
-            seq = eng.add_request("prof", list(range(1000, 1256)), SamplingParams(max_tokens=steps + 2, temperature=0.0,
-                                                                                 ignore_eos=True))
+            seq = eng.add_request(
+                "prof", list(range(1000, 1256)), SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
+            )
             eng.step()  # prefill outside the profile
             eng.step()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -62,8 +66,9 @@ def main() -> None:
             top = sorted(per.items(), key=lambda kv: -kv[1])
             result["kernel_s_per_step"] = sum(per.values())
             result["kernels_per_step"] = sum(count.values()) / steps
-            result["top_kernels"] = [{"name": k[:120], "s_per_step": v, "calls_per_step": count[k] / steps}
-                                     for k, v in top[:25]]
+            result["top_kernels"] = [
+                {"name": k[:120], "s_per_step": v, "calls_per_step": count[k] / steps} for k, v in top[:25]
+            ]
             del seq
         eng.shutdown()
         del eng

@@ -8,6 +8,7 @@ Cost model (seconds): a step costs `base + per_seq * decodes + per_token * prefi
 defaults are SmolLM2 bf16 on the two-core CPU machine (one-sequence decode step 25.7 ms, two 33 ms,
 prefill 16 ms + 0.3 ms/token, from results/online-smollm2-cpu-2seats-rate0.289-own-service.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ def trace(n: int, rate: float, mix: str, seed: int, in_lo: int, in_hi: int) -> l
         if jobs:
             t += rng.expovariate(rate)
         x, acc = rng.random() * total, 0.0
-        for w, lo, hi, name in classes:
+        for w, lo, hi, name in classes:  # noqa: B007 (the chosen class is read after the loop)
             acc += w
             if x <= acc:
                 break
@@ -103,8 +104,9 @@ def simulate(jobs, policy: str, args, mlfq: MLFQConfig) -> dict:
     while len(done) < len(jobs):
         while i < len(jobs) and jobs[i][0] <= now[0]:
             at, n_in, n_out, _ = jobs[i]
-            seq = Sequence(request_id=str(i), prompt_ids=[i + 1] * n_in, params=SamplingParams(max_tokens=n_out),
-                           arrival_index=i)
+            seq = Sequence(
+                request_id=str(i), prompt_ids=[i + 1] * n_in, params=SamplingParams(max_tokens=n_out), arrival_index=i
+            )
             seq.timing.arrival = at
             sched.add(seq)
             seqs.append(seq)
@@ -113,8 +115,11 @@ def simulate(jobs, policy: str, args, mlfq: MLFQConfig) -> dict:
         if batch.empty:
             now[0] = jobs[i][0]
             continue
-        cost = args.base + args.per_seq * len(batch.decodes) + sum(args.prefill_a + args.prefill_b * n
-                                                                   for _, n in batch.prefills)
+        cost = (
+            args.base
+            + args.per_seq * len(batch.decodes)
+            + sum(args.prefill_a + args.prefill_b * n for _, n in batch.prefills)
+        )
         sched.after_step(batch)
         swapper = getattr(sched, "swapper", None)
         if swapper is not None:  # the copies of this schedule() and of the last step's proactive()
@@ -132,8 +137,12 @@ def simulate(jobs, policy: str, args, mlfq: MLFQConfig) -> dict:
         sched.charge(batch, cost)
     jct = sorted(s.timing.finished - s.timing.arrival for s in seqs)
     span = max(s.timing.finished for s in seqs) - min(s.timing.arrival for s in seqs)
-    return {"mean": statistics.fmean(jct), "p99": jct[min(len(jct) - 1, int(0.99 * len(jct)))],
-            "tok_s": sum(len(s.output_ids) for s in seqs) / span, "tokens": sum(len(s.output_ids) for s in seqs)}
+    return {
+        "mean": statistics.fmean(jct),
+        "p99": jct[min(len(jct) - 1, int(0.99 * len(jct)))],
+        "tok_s": sum(len(s.output_ids) for s in seqs) / span,
+        "tokens": sum(len(s.output_ids) for s in seqs),
+    }
 
 
 def main() -> None:
@@ -152,31 +161,54 @@ def main() -> None:
     ap.add_argument("--prefill-b", type=float, default=0.0003)
     ap.add_argument("--host-blocks", type=int, default=0, help="MLFQ's host pool for swapped KV (0: recompute)")
     ap.add_argument("--swap-block-s", type=float, default=0.0002, help="seconds to copy one KV block either way")
-    ap.add_argument("--load", type=float, default=0.0,
-                    help="arrival rate as this share of FCFS's measured capacity (all requests at once), instead of --rate")
-    ap.add_argument("--variant", action="append", default=[],
-                    help="MLFQ settings as key=value,... over MLFQConfig fields (e.g. levels=5,senior_s=20)")
+    ap.add_argument(
+        "--load",
+        type=float,
+        default=0.0,
+        help="arrival rate as this share of FCFS's measured capacity (all requests at once), instead of --rate",
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="MLFQ settings as key=value,... over MLFQConfig fields (e.g. levels=5,senior_s=20)",
+    )
     args = ap.parse_args()
     variants = (args.variant or [""]) + ["oracle"]
     rows = {v: [] for v in variants}
     for seed in range(args.seeds):
         rate = args.rate
         if args.load:  # as clients/online.py does: the same requests all at once under FCFS
-            burst = [(0.0, n_in, n_out, c) for _, n_in, n_out, c in
-                     trace(args.num_requests, 1.0, args.mix, seed, *args.input_len)]
+            burst = [
+                (0.0, n_in, n_out, c)
+                for _, n_in, n_out, c in trace(args.num_requests, 1.0, args.mix, seed, *args.input_len)
+            ]
             cap = simulate(burst, "fcfs", args, MLFQConfig())
             rate = args.load * cap["tok_s"] / (cap["tokens"] / len(burst))
         jobs = trace(args.num_requests, rate, args.mix, seed, *args.input_len)
         f = simulate(jobs, "fcfs", args, MLFQConfig())
         for v in variants:
-            kw = {k: int(x) if k == "levels" else float(x)
-                  for k, x in (p.split("=") for p in v.split(",") if p and v != "oracle")}
+            kw = {
+                k: int(x) if k == "levels" else float(x)
+                for k, x in (p.split("=") for p in v.split(",") if p and v != "oracle")
+            }
             m = simulate(jobs, "oracle" if v == "oracle" else "mlfq", args, MLFQConfig(**kw))
-            rows[v].append({"mean_ratio": f["mean"] / m["mean"], "p99_ratio": f["p99"] / m["p99"],
-                            "tput_ratio": m["tok_s"] / f["tok_s"]})
-    out = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {
-        "seeds_meeting_all": sum(r["mean_ratio"] >= 2 and r["p99_ratio"] >= 1 and r["tput_ratio"] >= 0.95 for r in rs)}
-        for v, rs in rows.items()}
+            rows[v].append(
+                {
+                    "mean_ratio": f["mean"] / m["mean"],
+                    "p99_ratio": f["p99"] / m["p99"],
+                    "tput_ratio": m["tok_s"] / f["tok_s"],
+                }
+            )
+    out = {
+        v: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        | {
+            "seeds_meeting_all": sum(
+                r["mean_ratio"] >= 2 and r["p99_ratio"] >= 1 and r["tput_ratio"] >= 0.95 for r in rs
+            )
+        }
+        for v, rs in rows.items()
+    }
     print(json.dumps(out, indent=1))
 
 

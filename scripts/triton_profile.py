@@ -7,6 +7,7 @@ with py-spy during one closed-loop run, and reads every process's CPU time from 
 Writes DIR/profile.json (runs, CPU seconds per process during the sampled run, the top frames of each
 sampled process) and DIR/<process>.folded (py-spy's raw stacks). Diagnostics, not a benchmark.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,8 +112,20 @@ def main() -> int:
                 can_spy = Path(args.py_spy).exists() or shutil.which(args.py_spy)
                 for pid, name in procs.items():
                     if can_spy and name in ("stub", "engine"):
-                        cmd = [args.py_spy, "record", "-p", str(pid), "-r", "250", "-f", "raw",
-                               "-o", str(out / f"{name}-{pid}.folded"), "--nonblocking", "--threads"]
+                        cmd = [
+                            args.py_spy,
+                            "record",
+                            "-p",
+                            str(pid),
+                            "-r",
+                            "250",
+                            "-f",
+                            "raw",
+                            "-o",
+                            str(out / f"{name}-{pid}.folded"),
+                            "--nonblocking",
+                            "--threads",
+                        ]
                         spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
                 time.sleep(2.0)  # py-spy attaches; it samples until it is interrupted after the run
             before = _scrape(server.metrics_url)
@@ -130,8 +143,11 @@ def main() -> int:
                     if spy.returncode:
                         run.setdefault("py_spy_errors", []).append(err.decode(errors="replace")[-500:])
             result["runs"].append(run)
-            print(f"run {i}: {run['output_tokens_per_s']:.0f} tok/s  server {run['server']}"
-                  + (f"  cpu {run['cpu_s']}" if i == sampled else ""), flush=True)
+            print(
+                f"run {i}: {run['output_tokens_per_s']:.0f} tok/s  server {run['server']}"
+                + (f"  cpu {run['cpu_s']}" if i == sampled else ""),
+                flush=True,
+            )
     finally:
         server.stop()
     for folded in sorted(out.glob("*.folded")):

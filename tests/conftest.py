@@ -1,4 +1,5 @@
 """Shared fixtures: a real tritonserver on free ports, the shared prompts, the SmolLM2 file."""
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,9 @@ def smollm2_source():
 def prompt_ids(tokenizer, prompt: dict) -> list[int]:
     """Token ids of a shared prompt: chat prompts through the chat template, others as plain text."""
     if prompt["kind"] == "chat":
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt["text"]}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt["text"]}], tokenize=False, add_generation_prompt=True
+        )
     else:
         text = prompt["text"]
     return tokenizer(text, add_special_tokens=False).input_ids
@@ -94,9 +96,16 @@ def tiny_config(arch: str, vocab_size: int):
     """A small random-initialised config of a real architecture."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  tie_word_embeddings=False)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[arch]
     extra = {"head_dim": 16} if arch == "qwen3" else {}
     if arch == "mistral":
@@ -124,9 +133,23 @@ def serving_repo(smollm2_repo, smollm2_source, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("tiny-src")
     folder = save_tiny_model(tmp / "tiny", "llama", smollm2_source[1], seed=5)
     build_entry(smollm2_repo, str(folder), "tiny", "--max-queue-size", "4", "--max-num-seqs", "2")
-    build_entry(smollm2_repo, str(folder), "tiny_mlfq", "--scheduler", "mlfq", "--max-num-seqs", "2",
-                "--swap-space-gb", "0.01", "--mlfq-base-quantum", "0.002", "--mlfq-levels", "5",
-                "--stream-interval", "4")
+    build_entry(
+        smollm2_repo,
+        str(folder),
+        "tiny_mlfq",
+        "--scheduler",
+        "mlfq",
+        "--max-num-seqs",
+        "2",
+        "--swap-space-gb",
+        "0.01",
+        "--mlfq-base-quantum",
+        "0.002",
+        "--mlfq-levels",
+        "5",
+        "--stream-interval",
+        "4",
+    )
     return smollm2_repo
 
 
@@ -167,8 +190,36 @@ def small_gpu_engine_dir(tmp_path_factory) -> Path:
     if not tok:
         pytest.skip("set FASTSERVE_TEST_TOKENIZER to a folder with tokenizer files")
     tmp = tmp_path_factory.mktemp("small-gpu")
-    make("llama-3.2-1b", Path(tok), tmp / "src", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-         num_attention_heads=8, num_key_value_heads=2, head_dim=32, vocab_size=49152, tie_word_embeddings=False)
-    assert build(["--model", str(tmp / "src"), "--name", "m", "--repository", str(tmp / "repo"), "--device", "gpu",
-                  "--dtype", "float32", "--max-model-len", "1024"]) == 0
+    make(
+        "llama-3.2-1b",
+        Path(tok),
+        tmp / "src",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=49152,
+        tie_word_embeddings=False,
+    )
+    assert (
+        build(
+            [
+                "--model",
+                str(tmp / "src"),
+                "--name",
+                "m",
+                "--repository",
+                str(tmp / "repo"),
+                "--device",
+                "gpu",
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                "1024",
+            ]
+        )
+        == 0
+    )
     return tmp / "repo" / "m" / "1" / "engine"

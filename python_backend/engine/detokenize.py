@@ -5,6 +5,7 @@ Decoding token by token is wrong for byte-level and SentencePiece tokenizers (a 
 tokens, and spaces depend on the neighbour), so each step decodes a short window of recent tokens
 and emits what was added beyond the previous window's text.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,11 +43,11 @@ def add_token(decode, state: DetokState, token_id: int) -> None:
     """`decode` comes from decoder(tokenizer)."""
     state.ids.append(token_id)
     if state.prefix_text is None:
-        state.prefix_text = decode(state.ids[state.prefix_offset:state.read_offset])
+        state.prefix_text = decode(state.ids[state.prefix_offset : state.read_offset])
     prefix = state.prefix_text
-    full = decode(state.ids[state.prefix_offset:])
+    full = decode(state.ids[state.prefix_offset :])
     if len(full) > len(prefix) and not full.endswith("\ufffd"):
-        state.text += full[len(prefix):]
+        state.text += full[len(prefix) :]
         state.prefix_offset = state.read_offset
         state.read_offset = len(state.ids)
         state.prefix_text = None
@@ -80,6 +81,6 @@ def take_delta(state: DetokState, stops: list[str], final: bool) -> str:
                     hold = max(hold, n)
                     break
         end -= hold
-    delta = state.text[state.sent:end]
+    delta = state.text[state.sent : end]
     state.sent = end
     return delta

@@ -8,6 +8,7 @@ Other threads only put work in an inbox (add, abort); the engine thread alone to
 blocks and the model, so there are no locks on the hot path. Without start(), a caller drives the
 loop with step() (tests, the offline benchmark).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,9 +16,9 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import torch
 
@@ -37,20 +38,25 @@ class Overloaded(RuntimeError):
     """Too many requests waiting; the client should retry later."""
 
 
-def check_request(ids: list[int], params: SamplingParams, max_model_len: int, in_flight: int,
-                  max_queue_size: int) -> None:
+def check_request(
+    ids: list[int], params: SamplingParams, max_model_len: int, in_flight: int, max_queue_size: int
+) -> None:
     """Raise SamplingError for a request that cannot be served (the message is for the client) and
     Overloaded when the queue is full. Shared by the engine and the process that fronts it."""
     params.validate()
     if not ids:
         raise SamplingError("the prompt is empty")
     if len(ids) >= max_model_len:
-        raise SamplingError(f"the prompt has {len(ids)} tokens; this model's context is {max_model_len} "
-                            f"tokens, which must also hold at least one new token")
+        raise SamplingError(
+            f"the prompt has {len(ids)} tokens; this model's context is {max_model_len} "
+            f"tokens, which must also hold at least one new token"
+        )
     room = max_model_len - len(ids)
     if params.max_tokens > room:
-        raise SamplingError(f"max_tokens={params.max_tokens} does not fit: the prompt has {len(ids)} tokens and "
-                            f"the context is {max_model_len}, leaving room for {room}")
+        raise SamplingError(
+            f"max_tokens={params.max_tokens} does not fit: the prompt has {len(ids)} tokens and "
+            f"the context is {max_model_len}, leaving room for {room}"
+        )
     if in_flight >= max_queue_size:
         raise Overloaded(f"{max_queue_size} requests are already queued; retry later")
 
@@ -85,10 +91,10 @@ class EngineConfig:
     seed: int = 0
 
     @classmethod
-    def from_parameters(cls, params: dict[str, str]) -> "EngineConfig":
+    def from_parameters(cls, params: dict[str, str]) -> EngineConfig:
         """From config.pbtxt parameters (strings); unknown keys are ignored, bad values named."""
         cfg = cls()
-        for name, f in cls.__dataclass_fields__.items():
+        for name, _f in cls.__dataclass_fields__.items():
             key = {"block_size": "kv_block_size", "policy": "scheduler_policy"}.get(name, name)
             if key not in params or params[key] == "":
                 continue
@@ -133,13 +139,16 @@ class Engine:
             self.gemv_timings = self.model.tune_decode_gemv()
         if mcfg.sliding_window and max_len > mcfg.sliding_window:
             max_len = mcfg.sliding_window  # beyond the window we would attend too far back
-        per_block = KVPool.bytes_per_block(mcfg.num_layers, cfg.block_size, mcfg.num_kv_heads, mcfg.head_dim, self.dtype)
+        per_block = KVPool.bytes_per_block(
+            mcfg.num_layers, cfg.block_size, mcfg.num_kv_heads, mcfg.head_dim, self.dtype
+        )
         num_blocks = cfg.num_kv_blocks or self._blocks_from_memory(per_block)
         if num_blocks < 2:
             raise RuntimeError(f"KV cache too small: {num_blocks} blocks of {per_block} bytes")
         self.max_model_len = min(max_len, num_blocks * cfg.block_size)
-        self.pool = KVPool.allocate(mcfg.num_layers, num_blocks, cfg.block_size, mcfg.num_kv_heads, mcfg.head_dim,
-                                    self.dtype, self.device)
+        self.pool = KVPool.allocate(
+            mcfg.num_layers, num_blocks, cfg.block_size, mcfg.num_kv_heads, mcfg.head_dim, self.dtype, self.device
+        )
         graphs = None
         if self.device.type == "cuda" and cfg.cuda_graphs:
             num_blocks -= 1  # the last block is the graphs' scratch block, never handed out
@@ -156,8 +165,9 @@ class Engine:
         self.run_ahead = cfg.run_ahead == "on" or (cfg.run_ahead == "auto" and self.device.type == "cuda")
         self._ahead: tuple[ScheduledBatch, torch.Tensor, float] | None = None  # a step launched ahead
         self._ids_host: torch.Tensor | None = None  # pinned; a step's tokens on their way back (run ahead)
-        self.eos_ids = self.folder.eos_token_ids or ([self.tokenizer.eos_token_id]
-                                                     if self.tokenizer.eos_token_id is not None else [])
+        self.eos_ids = self.folder.eos_token_ids or (
+            [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        )
         self.stats = EngineStats()
         self._generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -175,7 +185,7 @@ class Engine:
         self.on_flush: Callable[[], object] | None = None  # after each step's outputs are handed out
 
     @classmethod
-    def from_folder(cls, folder: str | Path, **overrides) -> "Engine":
+    def from_folder(cls, folder: str | Path, **overrides) -> Engine:
         return cls(folder, EngineConfig(**overrides))
 
     def _scheduler(self, cfg: EngineConfig, bytes_per_block: int) -> Scheduler:
@@ -184,10 +194,16 @@ class Engine:
         if cfg.policy == "mlfq":
             host_blocks = int(cfg.swap_space_gb * (1 << 30) // bytes_per_block)
             swapper = KVSwapper(self.pool, host_blocks, self.device) if host_blocks > 0 else None
-            mlfq = MLFQConfig(levels=cfg.mlfq_levels, base_quantum_s=cfg.mlfq_base_quantum_s, ratio=cfg.mlfq_ratio,
-                              starvation_s=cfg.mlfq_starvation_s, senior_s=cfg.mlfq_senior_s)
-            return MLFQScheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, swapper,
-                                 self._profile(), mlfq)
+            mlfq = MLFQConfig(
+                levels=cfg.mlfq_levels,
+                base_quantum_s=cfg.mlfq_base_quantum_s,
+                ratio=cfg.mlfq_ratio,
+                starvation_s=cfg.mlfq_starvation_s,
+                senior_s=cfg.mlfq_senior_s,
+            )
+            return MLFQScheduler(
+                self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, swapper, self._profile(), mlfq
+            )
         raise ValueError(f"scheduler policy {cfg.policy!r} is not available (fcfs, mlfq)")
 
     @torch.inference_mode()
@@ -233,8 +249,14 @@ class Engine:
             return self.tokenizer(prompt, add_special_tokens=False).input_ids
         return list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    on_output: Callable[[RequestOutput], object] | None = None, priority: int = 0) -> Sequence:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        on_output: Callable[[RequestOutput], object] | None = None,
+        priority: int = 0,
+    ) -> Sequence:
         """Check and queue a request; returns at once. Raises SamplingError for a request that cannot
         be served (the message is for the client) and Overloaded when the queue is full."""
         ids = self.encode(prompt)
@@ -249,8 +271,9 @@ class Engine:
         self._wake.set()
         return seq
 
-    def add_requests(self, items: list[tuple[str, str | list[int], SamplingParams, Callable | None, int]]
-                     ) -> list[Exception | None]:
+    def add_requests(
+        self, items: list[tuple[str, str | list[int], SamplingParams, Callable | None, int]]
+    ) -> list[Exception | None]:
         """add_request for each (id, prompt, params, on_output, priority); per item, None or the
         error that refused it."""
         errors: list[Exception | None] = []
@@ -277,8 +300,19 @@ class Engine:
                 with self._pending_lock:
                     self._pending -= 1
                 if item.request_id in self._seqs:
-                    self._emit(item, RequestOutput(item.request_id, "", [], True, "error", len(item.prompt_ids), 0,
-                                                   error=f"request id {item.request_id!r} is already running"))
+                    self._emit(
+                        item,
+                        RequestOutput(
+                            item.request_id,
+                            "",
+                            [],
+                            True,
+                            "error",
+                            len(item.prompt_ids),
+                            0,
+                            error=f"request id {item.request_id!r} is already running",
+                        ),
+                    )
                     continue
                 item.arrival_index = next(self._arrivals)
                 self._seqs[item.request_id] = item
@@ -291,9 +325,14 @@ class Engine:
     def snapshot(self) -> dict:
         """The scheduler's and the KV cache's state as plain numbers, for metrics."""
         sched = self.scheduler
-        return {**sched.state(), "waiting": len(sched.waiting), "running": len(sched.running),
-                "kv_used": self.blocks.num_used, "kv_total": self.blocks.num_blocks,
-                "prefix_hit_tokens": sched.prefix_hit_tokens}
+        return {
+            **sched.state(),
+            "waiting": len(sched.waiting),
+            "running": len(sched.running),
+            "kv_used": self.blocks.num_used,
+            "kv_total": self.blocks.num_blocks,
+            "prefix_hit_tokens": sched.prefix_hit_tokens,
+        }
 
     # ---- the loop -------------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -333,8 +372,9 @@ class Engine:
         self.stats.prompt_tokens += sum(n for _, n in batch.prefills)
         return self._complete(batch, logits, sampled, start)
 
-    def _complete(self, batch: ScheduledBatch, logits: torch.Tensor | None, sampled: list[Sequence],
-                  start: float) -> bool:
+    def _complete(
+        self, batch: ScheduledBatch, logits: torch.Tensor | None, sampled: list[Sequence], start: float
+    ) -> bool:
         """Send the previous step's tokens while this one computes, then take this step's tokens."""
         self._flush()
         if sampled:
@@ -367,8 +407,15 @@ class Engine:
             return None
         for seq in seqs:
             p = seq.params
-            if (seq.finished or not p.greedy or p.logprobs or p.uses_penalties or p.min_tokens > len(seq.output_ids)
-                    or len(seq.output_ids) + 2 > p.max_tokens or seq.num_tokens + 2 > self.max_model_len):
+            if (
+                seq.finished
+                or not p.greedy
+                or p.logprobs
+                or p.uses_penalties
+                or p.min_tokens > len(seq.output_ids)
+                or len(seq.output_ids) + 2 > p.max_tokens
+                or seq.num_tokens + 2 > self.max_model_len
+            ):
                 return None
         if not self.scheduler.reserve_next(seqs):
             return None
@@ -437,9 +484,20 @@ class Engine:
                 self._send_final(seq)
                 continue
             delta = detokenize.take_delta(seq.detok, params.stop, final=False)
-            self._emit(seq, RequestOutput(seq.request_id, delta, [token], False, None, len(seq.prompt_ids), n_out,
-                                          seq.num_cached_tokens,
-                                          [logprob] if params.logprobs and logprob is not None else None))
+            self._emit(
+                seq,
+                RequestOutput(
+                    seq.request_id,
+                    delta,
+                    [token],
+                    False,
+                    None,
+                    len(seq.prompt_ids),
+                    n_out,
+                    seq.num_cached_tokens,
+                    [logprob] if params.logprobs and logprob is not None else None,
+                ),
+            )
         if unsent and self.on_flush is not None:
             self.on_flush()
         return bool(unsent)
@@ -462,9 +520,20 @@ class Engine:
         reason = seq.finish_reason
         delta = detokenize.take_delta(seq.detok, seq.params.stop, final=True)
         last = [seq.output_ids[-1]] if seq.output_ids and reason != "cancelled" else []
-        self._emit(seq, RequestOutput(seq.request_id, delta, last, True, reason, len(seq.prompt_ids),
-                                      len(seq.output_ids), seq.num_cached_tokens,
-                                      seq.logprobs[-1:] if seq.params.logprobs else None))
+        self._emit(
+            seq,
+            RequestOutput(
+                seq.request_id,
+                delta,
+                last,
+                True,
+                reason,
+                len(seq.prompt_ids),
+                len(seq.output_ids),
+                seq.num_cached_tokens,
+                seq.logprobs[-1:] if seq.params.logprobs else None,
+            ),
+        )
 
     def _emit(self, seq: Sequence, out: RequestOutput) -> None:
         if seq.on_output is not None:
@@ -477,7 +546,7 @@ class Engine:
 
     # ---- running it -----------------------------------------------------------------------------
     @classmethod
-    def launch(cls, folder: str | Path, config: EngineConfig | None = None) -> "Engine":
+    def launch(cls, folder: str | Path, config: EngineConfig | None = None) -> Engine:
         """Build the engine on a new thread and run its loop there; returns once it is built.
 
         Servers should use this rather than Engine(...).start(): with PyTorch's OpenMP, once the main
@@ -502,7 +571,7 @@ class Engine:
             raise result
         return result
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="fastserve-engine", daemon=True)
@@ -546,7 +615,7 @@ class Engine:
         while self.has_work():
             self.step()
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list["Result"]:
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[Result]:
         """Offline: run these prompts to completion; results in order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         results = [Result() for _ in prompts]
@@ -562,8 +631,9 @@ class Engine:
                 r.done.wait()
         return results
 
-    async def stream(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                     priority: int = 0) -> AsyncIterator[RequestOutput]:
+    async def stream(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
         """Outputs as they are made, for asyncio callers; needs start(). Cancelling the iteration
         aborts the request."""
         loop = asyncio.get_running_loop()

@@ -1,5 +1,6 @@
 """Reads and checks the engine folder the builder wrote; refuses one it cannot use, naming the file
 and the reason, before anything heavy is loaded."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,10 @@ def open_engine_folder(path: str | Path) -> EngineFolder:
     meta = _read_json(folder / "engine.json")
     version = meta.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise EngineFolderError(f"{folder / 'engine.json'}: format_version {version!r} is not one this backend "
-                                f"reads ({', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); rebuild the engine")
+        raise EngineFolderError(
+            f"{folder / 'engine.json'}: format_version {version!r} is not one this backend "
+            f"reads ({', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); rebuild the engine"
+        )
     config = _read_json(folder / "config.json")
     if not list(folder.glob("*.safetensors")):
         raise EngineFolderError(f"{folder}: no *.safetensors weights")

@@ -1,6 +1,7 @@
 """The paged KV cache: one preallocated pool of fixed-size blocks per layer, and the block manager
 that hands blocks to sequences, counts references, and shares full prompt blocks between requests
 (prefix caching: a full block is keyed by a hash of its tokens and of the blocks before it)."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -22,12 +23,22 @@ class KVPool:
     storage: torch.Tensor
 
     @classmethod
-    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> "KVPool":
-        storage = torch.zeros((num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype,
-                              device=device)
-        return cls([storage[i, 0] for i in range(num_layers)], [storage[i, 1] for i in range(num_layers)],
-                   block_size, storage)
+    def allocate(
+        cls,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> KVPool:
+        storage = torch.zeros(
+            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
+        )
+        return cls(
+            [storage[i, 0] for i in range(num_layers)], [storage[i, 1] for i in range(num_layers)], block_size, storage
+        )
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -105,7 +116,7 @@ class BlockManager:
         blocks, hashes, parent = [], [], 0
         bs = self.block_size
         for i in range(max_tokens // bs):
-            h = self.chain_hash(parent, token_ids[i * bs:(i + 1) * bs])
+            h = self.chain_hash(parent, token_ids[i * bs : (i + 1) * bs])
             block = self._hash_to_block.get(h)
             if block is None:
                 break

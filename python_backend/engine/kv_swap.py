@@ -13,6 +13,7 @@ it), while proactive swap-ins issued after the fence overlap with the forward pa
 blocks that a swap-in read from is reused only once that copy is done. On a CPU the copies are plain
 and immediate.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -86,8 +87,9 @@ class KVSwapper:
         self.stats = SwapStats()
         layers = pool.storage.shape[0]
         self.by_block = pool.storage.permute(2, 0, 1, 3, 4, 5)  # a view [blocks, layers, 2, ...] of the pool
-        self.host = torch.empty((num_host_blocks, layers, *self.by_block.shape[2:]), dtype=pool.storage.dtype,
-                                pin_memory=self.cuda)
+        self.host = torch.empty(
+            (num_host_blocks, layers, *self.by_block.shape[2:]), dtype=pool.storage.dtype, pin_memory=self.cuda
+        )
         self.runs = HostRuns(num_host_blocks)
         self._pending: list[tuple[object, HostRun]] = []  # runs freed once the event (their last read) is done
         self._keep: list[tuple[object, object]] = []  # (event, pinned ids) alive until the copy is done
@@ -127,7 +129,7 @@ class KVSwapper:
         run = self.runs.allocate(len(blocks))
         if run is None:
             raise RuntimeError(f"no run of {len(blocks)} free host blocks (check can_hold first)")
-        dst = self.host[run.start:run.start + run.length]
+        dst = self.host[run.start : run.start + run.length]
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the last step wrote them
             with torch.cuda.stream(self.stream):
@@ -140,7 +142,7 @@ class KVSwapper:
 
     def swap_in(self, run: HostRun, blocks: list[int]) -> None:
         """Copy a run of host blocks into these (newly allocated) device blocks and give the run back."""
-        src = self.host[run.start:run.start + run.length]
+        src = self.host[run.start : run.start + run.length]
         if self.cuda:
             with torch.cuda.stream(self.stream):
                 idx = self._side_index(blocks)

@@ -37,6 +37,7 @@ iteration:
   ahead of every queue, seniors in arrival order, until it finishes. MLFQ favours short jobs at the
   long ones' expense; this bounds how far the longest fall behind FCFS, which is what sets the p99.
 """
+
 from __future__ import annotations
 
 import time
@@ -61,7 +62,7 @@ class PrefillProfile:
         return self.a + self.b * tokens
 
     @classmethod
-    def fit(cls, samples: list[tuple[int, float]], decode_step: float) -> "PrefillProfile":
+    def fit(cls, samples: list[tuple[int, float]], decode_step: float) -> PrefillProfile:
         n = len(samples)
         mx = sum(x for x, _ in samples) / n
         my = sum(y for _, y in samples) / n
@@ -85,9 +86,16 @@ class MLFQConfig:
 
 
 class MLFQScheduler(Scheduler):
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 swapper: KVSwapper | None, profile: PrefillProfile, config: MLFQConfig | None = None,
-                 clock=time.perf_counter):
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        swapper: KVSwapper | None,
+        profile: PrefillProfile,
+        config: MLFQConfig | None = None,
+        clock=time.perf_counter,
+    ):
         # not Scheduler.__init__: its waiting/running lists are views of `jobs` here
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
@@ -96,15 +104,18 @@ class MLFQScheduler(Scheduler):
         self.prefix_hit_tokens = 0
         self.cfg = cfg = config or MLFQConfig()
         if cfg.levels < 0 or cfg.ratio < 1.0 or cfg.base_quantum_s < 0 or cfg.starvation_s <= 0 or cfg.senior_s < 0:
-            raise ValueError(f"MLFQ settings: need mlfq_levels >= 0 (0: from the profile), mlfq_ratio >= 1, mlfq_base_quantum_s >= 0 and "
-                             f"mlfq_starvation_s > 0 and mlfq_senior_s >= 0; got {cfg.levels}, {cfg.ratio}, "
-                             f"{cfg.base_quantum_s}, {cfg.starvation_s}, {cfg.senior_s}")
+            raise ValueError(
+                f"MLFQ settings: need mlfq_levels >= 0 (0: from the profile), mlfq_ratio >= 1, "
+                f"mlfq_base_quantum_s >= 0 and "
+                f"mlfq_starvation_s > 0 and mlfq_senior_s >= 0; got {cfg.levels}, {cfg.ratio}, "
+                f"{cfg.base_quantum_s}, {cfg.starvation_s}, {cfg.senior_s}"
+            )
         self.swapper = swapper
         self.profile = profile
         self.clock = clock
         # default base quantum: a 256-token prefill or four decode steps, whichever is longer
         base = cfg.base_quantum_s or max(profile.prefill_time(256), 4 * profile.decode_step)
-        self.quanta = [base * cfg.ratio ** i for i in range(cfg.levels or self.auto_levels(base, cfg.ratio, profile))]
+        self.quanta = [base * cfg.ratio**i for i in range(cfg.levels or self.auto_levels(base, cfg.ratio, profile))]
         self.jobs: list[Sequence] = []  # every unfinished sequence
         self.num_swap_outs = 0
         self.num_swap_ins = 0
@@ -278,8 +289,9 @@ class MLFQScheduler(Scheduler):
             seats -= 1
             budget -= n
             batch.add(seq, n)
-        self.num_pauses += sum(1 for s in order if id(s) in self._chosen and id(s) not in chosen
-                               and s.status is Status.RUNNING)
+        self.num_pauses += sum(
+            1 for s in order if id(s) in self._chosen and id(s) not in chosen and s.status is Status.RUNNING
+        )
         self._chosen = chosen
         return batch
 
@@ -299,8 +311,12 @@ class MLFQScheduler(Scheduler):
         for seq in reversed(order):
             if self.blocks.num_free >= low:
                 break
-            if (seq.status is Status.RUNNING and id(seq) not in chosen and seq.block_table
-                    and self.swapper.can_hold(len(seq.block_table))):
+            if (
+                seq.status is Status.RUNNING
+                and id(seq) not in chosen
+                and seq.block_table
+                and self.swapper.can_hold(len(seq.block_table))
+            ):
                 self._evict(seq)
 
     def fence(self) -> None:
@@ -318,10 +334,17 @@ class MLFQScheduler(Scheduler):
         seq.status = Status.FINISHED
 
     def state(self) -> dict:
-        return {"queue_lengths": self.queue_lengths(), "swapped": len(self.swapped),
-                "host_blocks_used": self.swapper.host_blocks_used if self.swapper else 0,
-                "host_blocks_total": self.swapper.num_host_blocks if self.swapper else 0,
-                "preemptions": self.num_preemptions, "swap_outs": self.num_swap_outs,
-                "swap_ins": self.num_swap_ins, "recomputes": self.num_recomputes,
-                "promotions": self.num_promotions, "seniors": self.num_seniors, "pauses": self.num_pauses,
-                "quanta_s": self.quanta}
+        return {
+            "queue_lengths": self.queue_lengths(),
+            "swapped": len(self.swapped),
+            "host_blocks_used": self.swapper.host_blocks_used if self.swapper else 0,
+            "host_blocks_total": self.swapper.num_host_blocks if self.swapper else 0,
+            "preemptions": self.num_preemptions,
+            "swap_outs": self.num_swap_outs,
+            "swap_ins": self.num_swap_ins,
+            "recomputes": self.num_recomputes,
+            "promotions": self.num_promotions,
+            "seniors": self.num_seniors,
+            "pauses": self.num_pauses,
+            "quanta_s": self.quanta,
+        }

@@ -4,6 +4,7 @@ seeded request draws the same tokens whatever else shares its batch.
 
 An all-greedy batch (the common serving case) is one argmax: no sort, no softmax.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,8 @@ def _penalize(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> No
         if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
             out = torch.tensor(seq.output_ids, device=device, dtype=torch.long)
             counts = torch.zeros(logits.shape[1], device=device, dtype=logits.dtype).scatter_add_(
-                0, out, torch.ones_like(out, dtype=logits.dtype))
+                0, out, torch.ones_like(out, dtype=logits.dtype)
+            )
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
@@ -54,13 +56,18 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],
-           default_generator: torch.Generator | None = None) -> tuple[list[int], list[float] | None]:
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int], default_generator: torch.Generator | None = None
+) -> tuple[list[int], list[float] | None]:
     """logits [B, V] float32, one row per sequence -> the chosen token ids, and their log-probabilities
     when any sequence asked for them (None otherwise)."""
     want_logprobs = any(s.params.logprobs for s in seqs)
-    adjust = [i for i, s in enumerate(seqs) if s.params.uses_penalties or
-              (s.params.min_tokens and len(s.output_ids) < s.params.min_tokens and not s.params.ignore_eos)]
+    adjust = [
+        i
+        for i, s in enumerate(seqs)
+        if s.params.uses_penalties
+        or (s.params.min_tokens and len(s.output_ids) < s.params.min_tokens and not s.params.ignore_eos)
+    ]
     if adjust:
         logits = logits.clone()
         _penalize(logits, seqs, [i for i in adjust if seqs[i].params.uses_penalties])

@@ -9,6 +9,7 @@ to the waiting queue to be recomputed later (its prompt blocks often come back f
 The policy is the order of urgency. FCFS: (priority, arrival). A second policy implements
 `Policy` and changes only that order and when it is re-evaluated.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -51,8 +52,14 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: Policy | None = None, watermark: float = 0.01):
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: Policy | None = None,
+        watermark: float = 0.01,
+    ):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -160,7 +167,7 @@ class Scheduler:
                 ids = ids or seq.all_ids
                 i = len(seq.block_hashes)
                 parent = seq.block_hashes[-1] if seq.block_hashes else 0
-                h = self.blocks.chain_hash(parent, ids[i * bs:(i + 1) * bs])
+                h = self.blocks.chain_hash(parent, ids[i * bs : (i + 1) * bs])
                 self.blocks.register(seq.block_table[i], h)
                 seq.block_hashes.append(h)
 
@@ -185,9 +192,17 @@ class Scheduler:
         """The iteration's jobs used `seconds` of service."""
 
     def state(self) -> dict:
-        return {"queue_lengths": [len(self.waiting) + len(self.running)], "swapped": 0, "host_blocks_used": 0,
-                "host_blocks_total": 0, "preemptions": self.num_preemptions, "swap_outs": 0, "swap_ins": 0,
-                "recomputes": self.num_preemptions, "promotions": 0}
+        return {
+            "queue_lengths": [len(self.waiting) + len(self.running)],
+            "swapped": 0,
+            "host_blocks_used": 0,
+            "host_blocks_total": 0,
+            "preemptions": self.num_preemptions,
+            "swap_outs": 0,
+            "swap_ins": 0,
+            "recomputes": self.num_preemptions,
+            "promotions": 0,
+        }
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence wherever it is and free its blocks."""

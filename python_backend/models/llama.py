@@ -5,6 +5,7 @@ The projections are fused (Q, K and V as one matrix; gate and up as one) so a la
 products. Numerics follow transformers' definitions (RMSNorm in float32, rotary tables computed in
 float32), which is what lets greedy output match it token for token.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,7 @@ class ModelConfig:
     sliding_window: int | None = None
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelConfig":
+    def from_hf(cls, cfg: dict) -> ModelConfig:
         arch = (cfg.get("architectures") or [None])[0]
         if arch not in ARCHITECTURES:
             raise ValueError(f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
@@ -48,13 +49,20 @@ class ModelConfig:
         heads = cfg["num_attention_heads"]
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None
         return cls(
-            architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta), rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), sliding_window=window,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_window=window,
         )
 
 
@@ -94,8 +102,12 @@ def _packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = No
 def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN's prepacked bf16/fp16 weights: about 25% faster small-batch matrix products on CPUs with
     AMX or AVX-512 (measured on SmolLM2's shapes at 32 rows), and bit-identical to F.linear."""
-    if not (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+    if not (
+        device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    ):
         return False
     # without those instructions (an AVX2-only CPU) oneDNN refuses to pack: plain F.linear there
     probe = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
@@ -137,8 +149,15 @@ class LlamaModel:
     """Weights and the forward pass. Not an nn.Module: nothing here trains, and plain tensors keep
     the step free of module dispatch."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-                 max_len: int, kernels: bool = False):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        max_len: int,
+        kernels: bool = False,
+    ):
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.kernels = kernels and kernels_available(device, cfg)
 
@@ -158,21 +177,25 @@ class LlamaModel:
             p = f"model.layers.{i}."
             a = p + "self_attn."
             biases = [opt(a + f"{n}_proj.bias") for n in "qkv"]
-            self.layers.append(Layer(
-                qkv_w=torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")]),
-                qkv_b=torch.cat(biases) if all(b is not None for b in biases) else None,
-                o_w=w(a + "o_proj.weight"),
-                gate_up_w=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
-                down_w=w(p + "mlp.down_proj.weight"),
-                ln1=w(p + "input_layernorm.weight"), ln2=w(p + "post_attention_layernorm.weight"),
-                q_norm=opt(a + "q_norm.weight"), k_norm=opt(a + "k_norm.weight"),
-            ))
+            self.layers.append(
+                Layer(
+                    qkv_w=torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")]),
+                    qkv_b=torch.cat(biases) if all(b is not None for b in biases) else None,
+                    o_w=w(a + "o_proj.weight"),
+                    gate_up_w=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                    down_w=w(p + "mlp.down_proj.weight"),
+                    ln1=w(p + "input_layernorm.weight"),
+                    ln2=w(p + "post_attention_layernorm.weight"),
+                    q_norm=opt(a + "q_norm.weight"),
+                    k_norm=opt(a + "k_norm.weight"),
+                )
+            )
         inv_freq, attn_scaling = rope_inv_freq(cfg)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * attn_scaling).to(device=device, dtype=dtype)
         self.sin = (emb.sin() * attn_scaling).to(device=device, dtype=dtype)
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.head_dim**-0.5
         self._linear = F.linear
         if _can_pack(device, dtype):
             self._pack_weights()
@@ -197,9 +220,13 @@ class LlamaModel:
         graphs over all layers, as a decode step runs them). Returns the timings."""
         from python_backend.ops import gemv
 
-        groups = {"qkv": ([la.qkv_w for la in self.layers], False), "o": ([la.o_w for la in self.layers], False),
-                  "gate_up": ([la.gate_up_w for la in self.layers], False),
-                  "down": ([la.down_w for la in self.layers], True), "lm_head": ([self.lm_head], False)}
+        groups = {
+            "qkv": ([la.qkv_w for la in self.layers], False),
+            "o": ([la.o_w for la in self.layers], False),
+            "gate_up": ([la.gate_up_w for la in self.layers], False),
+            "down": ([la.down_w for la in self.layers], True),
+            "lm_head": ([self.lm_head], False),
+        }
         timings = {}
         for name, (weights, silu_mul) in groups.items():
             for rows in (1, 2, 4):
@@ -236,19 +263,40 @@ class LlamaModel:
 
         def one(config) -> None:
             for la in self.layers:
-                add_norm_qkv_rope(out, residual, la.ln1, eps, la.qkv_w, la.qkv_b, positions, self.cos, self.sin,
-                                  slots, k_cache, v_cache, *heads, config=config)
+                add_norm_qkv_rope(
+                    out,
+                    residual,
+                    la.ln1,
+                    eps,
+                    la.qkv_w,
+                    la.qkv_b,
+                    positions,
+                    self.cos,
+                    self.sin,
+                    slots,
+                    k_cache,
+                    v_cache,
+                    *heads,
+                    config=config,
+                )
 
         times = {"three_kernels": gemv.graph_time(three) / len(self.layers)}
         for config in gemv.CANDIDATES:
-            times[gemv.name(config)] = gemv.graph_time(lambda: one(config)) / len(self.layers)
+            times[gemv.name(config)] = gemv.graph_time(lambda c=config: one(c)) / len(self.layers)
         best = min(gemv.CANDIDATES, key=lambda c: times[gemv.name(c)])
         if times[gemv.name(best)] < gemv.MARGIN * times["three_kernels"]:
             self.fused_qkv[rows] = best
         return times
 
-    def _proj(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-              silu_mul: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _proj(
+        self,
+        name: str,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        silu_mul: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One projection of the kernel path: the GEMV kernel where tune_decode_gemv chose it for
         this many rows, cuBLAS otherwise (with silu_mul, x is the gate-up output). `out` takes the
         result (float32 for logits), as gemv's does."""
@@ -266,8 +314,9 @@ class LlamaModel:
         return y if out is None else out.copy_(y)
 
     @classmethod
-    def load(cls, folder: Path, dtype: torch.dtype, device: torch.device, max_len: int,
-             kernels: bool = False) -> "LlamaModel":
+    def load(
+        cls, folder: Path, dtype: torch.dtype, device: torch.device, max_len: int, kernels: bool = False
+    ) -> LlamaModel:
         import json
 
         from safetensors.torch import load_file
@@ -285,9 +334,16 @@ class LlamaModel:
             tensors += [t for t in vars(layer).values() if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], logit_rows: torch.Tensor | None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        k_cache: list[torch.Tensor],
+        v_cache: list[torch.Tensor],
+        logit_rows: torch.Tensor | None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids, positions [T] -> float32 logits [len(logit_rows), vocab] for the rows asked for
         (every row where logit_rows is None, as in a decode step), in `out` where given."""
         if self.kernels:
@@ -297,7 +353,9 @@ class LlamaModel:
         sin = self.sin.index_select(0, positions)[:, None, :]
         eps = self.cfg.rms_norm_eps
         for i, layer in enumerate(self.layers):
-            q, k, v = self._pre_attention(h, layer.ln1, layer.qkv_w, layer.qkv_b, layer.q_norm, layer.k_norm, cos, sin, eps)
+            q, k, v = self._pre_attention(
+                h, layer.ln1, layer.qkv_w, layer.qkv_b, layer.q_norm, layer.k_norm, cos, sin, eps
+            )
             attn = paged_attention(q, k, v, k_cache[i], v_cache[i], meta, self.scale)
             h = self._post_attention(h, attn, layer.o_w, layer.ln2, layer.gate_up_w, layer.down_w, eps)
         h = rms_norm(h if logit_rows is None else h.index_select(0, logit_rows), self.norm, eps)
@@ -323,25 +381,67 @@ class LlamaModel:
             if one:
                 from python_backend.ops.fused_qkv import add_norm_qkv_rope
 
-                q, residual = add_norm_qkv_rope(out, residual, layer.ln1, eps, layer.qkv_w, layer.qkv_b, positions,
-                                                self.cos, self.sin, meta.slot_mapping, k_cache[i], v_cache[i],
-                                                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, config=one)
+                q, residual = add_norm_qkv_rope(
+                    out,
+                    residual,
+                    layer.ln1,
+                    eps,
+                    layer.qkv_w,
+                    layer.qkv_b,
+                    positions,
+                    self.cos,
+                    self.sin,
+                    meta.slot_mapping,
+                    k_cache[i],
+                    v_cache[i],
+                    cfg.num_heads,
+                    cfg.num_kv_heads,
+                    cfg.head_dim,
+                    config=one,
+                )
             else:
                 qkv = self._proj("qkv", x, layer.qkv_w, layer.qkv_b)
                 if layer.q_norm is not None:
                     nq = cfg.num_heads + cfg.num_kv_heads
                     qk = qkv[:, : self.q_size + self.kv_size].view(t, nq, cfg.head_dim)
                     qk[:, : cfg.num_heads] = rms_norm(qk[:, : cfg.num_heads], layer.q_norm, eps)
-                    qk[:, cfg.num_heads:] = rms_norm(qk[:, cfg.num_heads:], layer.k_norm, eps)
-                q = ta.rope_write_kv(qkv, positions, self.cos, self.sin, meta.slot_mapping, k_cache[i], v_cache[i],
-                                     cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+                    qk[:, cfg.num_heads :] = rms_norm(qk[:, cfg.num_heads :], layer.k_norm, eps)
+                q = ta.rope_write_kv(
+                    qkv,
+                    positions,
+                    self.cos,
+                    self.sin,
+                    meta.slot_mapping,
+                    k_cache[i],
+                    v_cache[i],
+                    cfg.num_heads,
+                    cfg.num_kv_heads,
+                    cfg.head_dim,
+                )
             attn = torch.empty_like(q)
             if nd:
-                ta.decode_attention(q[:nd], k_cache[i], v_cache[i], meta.decode_block_tables, meta.decode_seq_lens,
-                                    self.scale, meta.num_splits, out=attn[:nd])
+                ta.decode_attention(
+                    q[:nd],
+                    k_cache[i],
+                    v_cache[i],
+                    meta.decode_block_tables,
+                    meta.decode_seq_lens,
+                    self.scale,
+                    meta.num_splits,
+                    out=attn[:nd],
+                )
             if t > nd:
-                ta.prefill_attention(q[nd:], k_cache[i], v_cache[i], meta.prefill_block_tables, meta.prefill_cu_q,
-                                     meta.prefill_context_lens, meta.prefill_max_q, self.scale, out=attn[nd:])
+                ta.prefill_attention(
+                    q[nd:],
+                    k_cache[i],
+                    v_cache[i],
+                    meta.prefill_block_tables,
+                    meta.prefill_cu_q,
+                    meta.prefill_context_lens,
+                    meta.prefill_max_q,
+                    self.scale,
+                    out=attn[nd:],
+                )
             o = self._proj("o", attn.view(t, self.q_size), layer.o_w)
             x, residual = fused.add_rms_norm(o, residual, layer.ln2, eps)
             out = self._proj("down", self._proj("gate_up", x, layer.gate_up_w), layer.down_w, silu_mul=True)
@@ -362,10 +462,12 @@ class LlamaModel:
         nq = cfg.num_heads + cfg.num_kv_heads
         qk = qkv[:, : self.q_size + self.kv_size].view(t, nq, cfg.head_dim)
         if q_norm is not None:
-            qk = torch.cat([rms_norm(qk[:, : cfg.num_heads], q_norm, eps), rms_norm(qk[:, cfg.num_heads:], k_norm, eps)], 1)
+            qk = torch.cat(
+                [rms_norm(qk[:, : cfg.num_heads], q_norm, eps), rms_norm(qk[:, cfg.num_heads :], k_norm, eps)], 1
+            )
         qk = qk * cos + _rotate_half(qk) * sin
-        v = qkv[:, self.q_size + self.kv_size:].reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        return qk[:, : cfg.num_heads], qk[:, cfg.num_heads:].contiguous(), v
+        v = qkv[:, self.q_size + self.kv_size :].reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        return qk[:, : cfg.num_heads], qk[:, cfg.num_heads :].contiguous(), v
 
     def _post_attention(self, h, attn, o_w, ln2, gate_up_w, down_w, eps: float):
         """Output projection and residual, then norm, SiLU-gated MLP and residual."""

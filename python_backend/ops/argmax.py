@@ -5,6 +5,7 @@ single-sequence decode step on the H100 (results/llama1b-h100-single-step-profil
 blocks for one row. Here many programs each reduce a chunk of a row, and one program per row picks
 the best chunk. Ties go to the lowest index, as torch.argmax does.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ gathered with index_select (a whole block per index, far cheaper than per-token 
 query heads that share a KV head are laid along the query axis, so grouped-query attention needs no
 copy of K and V. Prefill runs per sequence, causal, over cached prefix blocks plus the new tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,16 +39,23 @@ class AttentionMetadata:
     prefill_max_q: int = 0
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Store the new tokens' K and V ([T, Hkv, D]) at their slots."""
     hkv, d = k.shape[-2:]
     k_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, v)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     mask: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """q [B, H, D] (one token per sequence) -> [B, H, D]."""
     b, h, d = q.shape
     _, bs, hkv, _ = k_cache.shape
@@ -59,8 +67,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out.reshape(b, h, d)
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq: PrefillSeq,
-                      scale: float) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq: PrefillSeq, scale: float
+) -> torch.Tensor:
     """q [q_len, H, D] for the newest q_len tokens of a sequence whose K/V (all context_len tokens,
     the new ones included) are in the cache -> [q_len, H, D]."""
     q_len, h, d = q.shape
@@ -82,8 +91,15 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out[0].transpose(0, 1)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     """One layer's attention for a flat batch of T new tokens: q [T, H, D], k and v [T, Hkv, D]."""
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)

@@ -5,6 +5,7 @@ follows the PyTorch definitions in models/llama.py step for step (the residual s
 value and the SiLU are rounded to the model's dtype where PyTorch rounds them), so the fused model
 stays token-for-token comparable with transformers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,22 @@ from python_backend.ops.rounding import rounded
 
 
 @triton.jit
-def _add_rms_norm_kernel(X, RES, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, n, eps,
-                         BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr):
+def _add_rms_norm_kernel(
+    X,
+    RES,
+    W,
+    OUT,
+    RES_OUT,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    n,
+    eps,
+    BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    PDL: tl.constexpr,
+):
     wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -40,22 +55,52 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """[T, N] -> [T, N], as llama.rms_norm."""
     out = torch.empty_like(x)
     if x.shape[0]:
-        _add_rms_norm_kernel[(x.shape[0],)](x, x, weight, out, out, x.stride(0), 0, out.stride(0), 0, x.shape[1], eps,
-                                            BLOCK=triton.next_power_of_2(x.shape[1]), HAS_RES=False, PDL=False, num_warps=4)
+        _add_rms_norm_kernel[(x.shape[0],)](
+            x,
+            x,
+            weight,
+            out,
+            out,
+            x.stride(0),
+            0,
+            out.stride(0),
+            0,
+            x.shape[1],
+            eps,
+            BLOCK=triton.next_power_of_2(x.shape[1]),
+            HAS_RES=False,
+            PDL=False,
+            num_warps=4,
+        )
     return out
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(x + residual), x + residual): the residual stream's update and the next norm in one pass."""
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
     use_pdl = pdl.enabled(x.device)
     if x.shape[0]:
-        _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, out, res_out, x.stride(0), residual.stride(0),
-                                            out.stride(0), res_out.stride(0), x.shape[1], eps,
-                                            BLOCK=triton.next_power_of_2(x.shape[1]), HAS_RES=True, PDL=use_pdl,
-                                            num_warps=4, **pdl.launch(use_pdl))
+        _add_rms_norm_kernel[(x.shape[0],)](
+            x,
+            residual,
+            weight,
+            out,
+            res_out,
+            x.stride(0),
+            residual.stride(0),
+            out.stride(0),
+            res_out.stride(0),
+            x.shape[1],
+            eps,
+            BLOCK=triton.next_power_of_2(x.shape[1]),
+            HAS_RES=True,
+            PDL=use_pdl,
+            num_warps=4,
+            **pdl.launch(use_pdl),
+        )
     return out, res_out
 
 

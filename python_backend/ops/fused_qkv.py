@@ -13,6 +13,7 @@ head, the two that rotary embedding mixes, so it can rotate its own products and
 queries to the output, keys and values to their cache slots. Rounding follows the three kernels it
 replaces (fused.add_rms_norm, the product rounded to the model's dtype, rope_write_kv) step for step.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,11 +44,39 @@ def _normed(h, rstd, LN, k, mask_k, dtype: tl.constexpr):
 
 
 @triton.jit
-def _add_norm_qkv_rope_kernel(X, RES, LN, W, B, POS, COS, SIN, SLOTS, Q_OUT, K_CACHE, V_CACHE, RES_OUT,
-                              M, K, eps, stride_x, stride_r, stride_ro, stride_w, stride_cos, stride_qo,
-                              H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr,
-                              BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ADD: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+def _add_norm_qkv_rope_kernel(
+    X,
+    RES,
+    LN,
+    W,
+    B,
+    POS,
+    COS,
+    SIN,
+    SLOTS,
+    Q_OUT,
+    K_CACHE,
+    V_CACHE,
+    RES_OUT,
+    M,
+    K,
+    eps,
+    stride_x,
+    stride_r,
+    stride_ro,
+    stride_w,
+    stride_cos,
+    stride_qo,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    M_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PDL: tl.constexpr,
+):
     dt: tl.constexpr = Q_OUT.dtype.element_ty
     half: tl.constexpr = D // 2
     pid = tl.program_id(0)
@@ -62,8 +91,9 @@ def _add_norm_qkv_rope_kernel(X, RES, LN, W, B, POS, COS, SIN, SLOTS, Q_OUT, K_C
     # the first chunk of weights is loaded before waiting for the kernel ahead (pdl.py): no kernel writes them
     k = tl.arange(0, BLOCK_K)
     w1_first = tl.load(W + n1[:, None] * stride_w + k[None, :], mask=mask_j[:, None] & (k < K)[None, :], other=0.0)
-    w2_first = tl.load(W + (n1 + half)[:, None] * stride_w + k[None, :], mask=mask_j[:, None] & (k < K)[None, :],
-                       other=0.0)
+    w2_first = tl.load(
+        W + (n1 + half)[:, None] * stride_w + k[None, :], mask=mask_j[:, None] & (k < K)[None, :], other=0.0
+    )
     wait_for_previous(PDL)
     # the norm's statistics, over whole rows; program 0 stores the new residual rows on the way
     ss = tl.zeros((M_PAD,), tl.float32)
@@ -74,7 +104,9 @@ def _add_norm_qkv_rope_kernel(X, RES, LN, W, B, POS, COS, SIN, SLOTS, Q_OUT, K_C
         xm = mask_m[:, None] & (k < K)[None, :]
         h = _residual_rows(X, RES, m, k, xm, stride_x, stride_r, HAS_ADD, dt)
         if HAS_ADD:
-            tl.store(RES_OUT + m[:, None] * stride_ro + k[None, :], h.to(dt), mask=store_rows[:, None] & (k < K)[None, :])
+            tl.store(
+                RES_OUT + m[:, None] * stride_ro + k[None, :], h.to(dt), mask=store_rows[:, None] & (k < K)[None, :]
+            )
         ss += tl.sum(h * h, 1)
     rstd = 1.0 / tl.sqrt(ss / K + eps)
     k = tl.arange(0, BLOCK_K)
@@ -117,11 +149,24 @@ def _add_norm_qkv_rope_kernel(X, RES, LN, W, B, POS, COS, SIN, SLOTS, Q_OUT, K_C
     tl.store(V_CACHE + cache_at + half, a2.to(V_CACHE.dtype.element_ty), mask=rm & is_v[None, :])
 
 
-def add_norm_qkv_rope(out: torch.Tensor | None, residual: torch.Tensor, ln: torch.Tensor, eps: float,
-                      qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, positions: torch.Tensor, cos: torch.Tensor,
-                      sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      num_heads: int, num_kv_heads: int, head_dim: int,
-                      config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def add_norm_qkv_rope(
+    out: torch.Tensor | None,
+    residual: torch.Tensor,
+    ln: torch.Tensor,
+    eps: float,
+    qkv_w: torch.Tensor,
+    qkv_b: torch.Tensor | None,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    config: GemvConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The work of fused.add_rms_norm(out, residual, ln), the QKV projection and rope_write_kv at once,
     for at most MAX_ROWS rows. `out` None: the residual is the layer's input as is (the first layer).
     Returns (rotated q [M, H, D], the residual stream's new rows); k and v go to the cache."""
@@ -130,8 +175,10 @@ def add_norm_qkv_rope(out: torch.Tensor | None, residual: torch.Tensor, ln: torc
     if m > MAX_ROWS:
         raise ValueError(f"add_norm_qkv_rope takes at most {MAX_ROWS} rows, got {m}")
     if n != (num_heads + 2 * num_kv_heads) * head_dim or qkv_w.shape[1] != k or head_dim % 2:
-        raise ValueError(f"add_norm_qkv_rope shapes: residual {tuple(residual.shape)}, qkv {tuple(qkv_w.shape)}, "
-                         f"heads {num_heads}+2x{num_kv_heads} of {head_dim}")
+        raise ValueError(
+            f"add_norm_qkv_rope shapes: residual {tuple(residual.shape)}, qkv {tuple(qkv_w.shape)}, "
+            f"heads {num_heads}+2x{num_kv_heads} of {head_dim}"
+        )
     if qkv_w.stride(1) != 1 or residual.stride(1) != 1 or (out is not None and out.stride(1) != 1):
         raise ValueError("add_norm_qkv_rope needs rows with unit stride")
     cfg = config or GemvConfig()
@@ -146,9 +193,38 @@ def add_norm_qkv_rope(out: torch.Tensor | None, residual: torch.Tensor, ln: torc
     x = out if out is not None else residual
     use_pdl = pdl.enabled(residual.device)
     _add_norm_qkv_rope_kernel[(triton.cdiv(pairs, block_p),)](
-        x, residual, ln, qkv_w, qkv_b if qkv_b is not None else qkv_w, positions, cos, sin, slots, q, k_cache, v_cache,
-        res_out, m, k, eps, x.stride(0), residual.stride(0), res_out.stride(0), qkv_w.stride(0), cos.stride(0),
-        q.stride(0), H=num_heads, HKV=num_kv_heads, D=head_dim, M_PAD=triton.next_power_of_2(m), BLOCK_P=block_p,
-        BLOCK_K=min(cfg.block_k, triton.next_power_of_2(k)), HAS_ADD=out is not None, HAS_BIAS=qkv_b is not None,
-        PDL=use_pdl, num_warps=cfg.num_warps, **pdl.launch(use_pdl))
+        x,
+        residual,
+        ln,
+        qkv_w,
+        qkv_b if qkv_b is not None else qkv_w,
+        positions,
+        cos,
+        sin,
+        slots,
+        q,
+        k_cache,
+        v_cache,
+        res_out,
+        m,
+        k,
+        eps,
+        x.stride(0),
+        residual.stride(0),
+        res_out.stride(0),
+        qkv_w.stride(0),
+        cos.stride(0),
+        q.stride(0),
+        H=num_heads,
+        HKV=num_kv_heads,
+        D=head_dim,
+        M_PAD=triton.next_power_of_2(m),
+        BLOCK_P=block_p,
+        BLOCK_K=min(cfg.block_k, triton.next_power_of_2(k)),
+        HAS_ADD=out is not None,
+        HAS_BIAS=qkv_b is not None,
+        PDL=use_pdl,
+        num_warps=cfg.num_warps,
+        **pdl.launch(use_pdl),
+    )
     return q, res_out

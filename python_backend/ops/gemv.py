@@ -9,6 +9,7 @@ keeps the few input rows in registers. The down projection can take the gate-up 
 apply SiLU-and-multiply as it loads it, which saves a launch and a round trip through memory; its
 rounding is that of fused.silu_mul, step for step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ class GemvConfig:
 @triton.jit
 def _weights(W, n, mask_n, k0, K, stride_w, BLOCK_K: tl.constexpr):
     k = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(W + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=mask_n[:, None] & (k < K)[None, :],
-                   other=0.0)
+    return tl.load(
+        W + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=mask_n[:, None] & (k < K)[None, :], other=0.0
+    )
 
 
 @triton.jit
@@ -54,9 +56,25 @@ def _inputs(X, m, mask_m, k0, K, stride_x, dtype: tl.constexpr, BLOCK_K: tl.cons
 
 
 @triton.jit
-def _gemv_kernel(X, W, B, OUT, M, N, K, stride_x, stride_w, stride_o,
-                 M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, DEFER: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(
+    X,
+    W,
+    B,
+    OUT,
+    M,
+    N,
+    K,
+    stride_x,
+    stride_w,
+    stride_o,
+    M_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    DEFER: tl.constexpr,
+    PDL: tl.constexpr,
+):
     dt: tl.constexpr = X.dtype.element_ty
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, M_PAD)
@@ -82,12 +100,21 @@ def _gemv_kernel(X, W, B, OUT, M, N, K, stride_x, stride_w, stride_o,
     if HAS_BIAS:
         acc += tl.load(B + n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     # rounded to the inputs' dtype even where OUT is float32 (logits), as F.linear(...).float() rounds
-    tl.store(OUT + m[:, None] * stride_o + n[None, :], rounded(acc, X.dtype.element_ty).to(OUT.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        OUT + m[:, None] * stride_o + n[None, :],
+        rounded(acc, X.dtype.element_ty).to(OUT.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
-         config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    silu_mul: bool = False,
+    config: GemvConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) @ weight[N, K]^T (+ bias) -> [M, N], like F.linear. With silu_mul, x is
     [M, 2K] (gate, up) and the product is taken with silu(gate) * up. `out` (x's dtype or float32,
     rows of unit stride) receives the product, rounded to x's dtype either way: F.linear(...).float()
@@ -107,10 +134,26 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return out
     use_pdl = pdl.enabled(x.device)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        M_PAD=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=min(cfg.block_k, triton.next_power_of_2(k)),
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, DEFER=cfg.defer, PDL=use_pdl, num_warps=cfg.num_warps,
-        **pdl.launch(use_pdl))
+        x,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        M_PAD=triton.next_power_of_2(m),
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=min(cfg.block_k, triton.next_power_of_2(k)),
+        HAS_BIAS=bias is not None,
+        SILU_MUL=silu_mul,
+        DEFER=cfg.defer,
+        PDL=use_pdl,
+        num_warps=cfg.num_warps,
+        **pdl.launch(use_pdl),
+    )
     return out
 
 
@@ -141,8 +184,9 @@ def graph_time(calls, replays: int = 5) -> float:
     return start.elapsed_time(end) / 1e3 / replays
 
 
-def time_per_call(weights: list[torch.Tensor], rows: int, config: GemvConfig | None, silu_mul: bool = False,
-                  replays: int = 5) -> float:
+def time_per_call(
+    weights: list[torch.Tensor], rows: int, config: GemvConfig | None, silu_mul: bool = False, replays: int = 5
+) -> float:
     """Seconds per product of `rows` rows with each of `weights` in turn (as the layers use them, so
     no weight is still in L2), under a CUDA graph as in a decode step; config None is F.linear."""
     k = weights[0].shape[1]
@@ -166,8 +210,9 @@ def name(cfg: GemvConfig) -> str:
     return f"{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}" + ("d" if cfg.defer else "")
 
 
-def choose(weights: list[torch.Tensor], rows: int, silu_mul: bool = False,
-           candidates: tuple[GemvConfig, ...] = CANDIDATES) -> tuple[GemvConfig | None, dict[str, float]]:
+def choose(
+    weights: list[torch.Tensor], rows: int, silu_mul: bool = False, candidates: tuple[GemvConfig, ...] = CANDIDATES
+) -> tuple[GemvConfig | None, dict[str, float]]:
     """The fastest candidate config where it beats cuBLAS by the margin, else None (cuBLAS). Also
     returns every timing, for the record."""
     times = {"cublas": time_per_call(weights, rows, None, silu_mul)}

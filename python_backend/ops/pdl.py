@@ -13,10 +13,11 @@ Opt-in (FASTSERVE_PDL=1), because on the H100 it did not pay: one sequence's gra
 greedy tokens are the same either way (tests/python_backend/engine/test_cuda_graphs.py). Never on
 CPUs or in Triton's interpreter.
 """
+
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 import triton
@@ -38,7 +39,7 @@ except ImportError:
         pass
 
 
-@lru_cache(maxsize=None)
+@cache
 def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
@@ -46,8 +47,12 @@ def _capable(index: int) -> bool:
 def enabled(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL: asked for, supported by this Triton, CUDA, compute
     capability 9 or later, compiled."""
-    if (not AVAILABLE or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-            or os.environ.get("FASTSERVE_PDL") != "1"):
+    if (
+        not AVAILABLE
+        or device.type != "cuda"
+        or os.environ.get("TRITON_INTERPRET") == "1"
+        or os.environ.get("FASTSERVE_PDL") != "1"
+    ):
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 

@@ -6,6 +6,7 @@ H100 (Triton 3.6) such round trips were folded away: the rotary kernel's product
 rounded and test_rope_write_kv_matches_torch failed by one bfloat16 step. `rounded` does the
 bfloat16 rounding (to nearest, ties to even) on the bits, which no compiler pass can fold.
 """
+
 from __future__ import annotations
 
 import triton

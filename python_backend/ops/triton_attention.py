@@ -16,6 +16,7 @@ V are [num_blocks, block_size, num_kv_heads, head_dim] and a token's slot is blo
   from the cache (cached prefix blocks and the chunk just written), so prefix caching and chunked
   prefill need nothing special.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,10 +49,24 @@ def _rotate(a, b, cos, sin, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rope_write_kv_kernel(QKV, POS, COS, SIN, SLOTS, Q_OUT, K_CACHE, V_CACHE,
-                          stride_qkv, stride_qo, stride_cos,
-                          H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                          H_PAD: tl.constexpr, HKV_PAD: tl.constexpr):
+def _rope_write_kv_kernel(
+    QKV,
+    POS,
+    COS,
+    SIN,
+    SLOTS,
+    Q_OUT,
+    K_CACHE,
+    V_CACHE,
+    stride_qkv,
+    stride_qo,
+    stride_cos,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    H_PAD: tl.constexpr,
+    HKV_PAD: tl.constexpr,
+):
     t = tl.program_id(0)
     half: tl.constexpr = D // 2
     pos = tl.load(POS + t)
@@ -80,27 +95,80 @@ def _rope_write_kv_kernel(QKV, POS, COS, SIN, SLOTS, Q_OUT, K_CACHE, V_CACHE,
     tl.store(V_CACHE + slot * (HKV * D) + hk * D + d, v, mask=mk)
 
 
-def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
-                  num_kv_heads: int, head_dim: int) -> torch.Tensor:
+def rope_write_kv(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> torch.Tensor:
     """qkv [T, (H + 2 Hkv) * D] (q, k, v side by side, as the fused projection makes them); cos and sin
     [max_len, D] tables. Returns the rotated q [T, H, D]; rotated k and v go to the cache."""
     t = qkv.shape[0]
     q = torch.empty(t, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if t:
-        _rope_write_kv_kernel[(t,)](qkv, positions, cos, sin, slots, q, k_cache, v_cache,
-                                    qkv.stride(0), q.stride(0), cos.stride(0),
-                                    H=num_heads, HKV=num_kv_heads, D=head_dim, H_PAD=_pow2(num_heads),
-                                    HKV_PAD=_pow2(num_kv_heads), num_warps=4)
+        _rope_write_kv_kernel[(t,)](
+            qkv,
+            positions,
+            cos,
+            sin,
+            slots,
+            q,
+            k_cache,
+            v_cache,
+            qkv.stride(0),
+            q.stride(0),
+            cos.stride(0),
+            H=num_heads,
+            HKV=num_kv_heads,
+            D=head_dim,
+            H_PAD=_pow2(num_heads),
+            HKV_PAD=_pow2(num_kv_heads),
+            num_warps=4,
+        )
     return q
 
 
 @triton.jit(do_not_specialize=["stride_tb"])  # the table width varies step to step: one compiled variant
-def _decode_kernel(Q, K, V, TABLES, LENS, OUT, O_PART, LSE_PART, COUNTS, scale,
-                   stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb,
-                   stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                   HKV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+def _decode_kernel(
+    Q,
+    K,
+    V,
+    TABLES,
+    LENS,
+    OUT,
+    O_PART,
+    LSE_PART,
+    COUNTS,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_tb,
+    stride_ob,
+    stride_oh,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    HKV: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    PREC: tl.constexpr,
+    PDL: tl.constexpr,
+):
     wait_for_previous(PDL)  # q, and this step's key and value, come from the kernel ahead
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -136,11 +204,17 @@ def _decode_kernel(Q, K, V, TABLES, LENS, OUT, O_PART, LSE_PART, COUNTS, scale,
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if NUM_SPLITS == 1:
-        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(OUT.dtype.element_ty),
-                 mask=gmask[:, None])
+        tl.store(
+            OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+            out.to(OUT.dtype.element_ty),
+            mask=gmask[:, None],
+        )
     else:
-        tl.store(O_PART + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + d[None, :], out,
-                 mask=gmask[:, None])
+        tl.store(
+            O_PART + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + d[None, :],
+            out,
+            mask=gmask[:, None],
+        )
         lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
         tl.store(LSE_PART + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
         # the last split of this (sequence, KV head) to finish merges them all by their log-sum-exp, in
@@ -155,14 +229,25 @@ def _decode_kernel(Q, K, V, TABLES, LENS, OUT, O_PART, LSE_PART, COUNTS, scale,
             top = tl.max(lse_all, 1)
             merged = tl.zeros([GROUP_PAD, D], tl.float32)
             for i in tl.static_range(NUM_SPLITS):
-                w_i = tl.exp(tl.load(LSE_PART + b * stride_lb + heads * stride_lh + i, mask=gmask, other=0.0,
-                                     cache_modifier=".cg") - top)
-                part = tl.load(O_PART + b * stride_pb + heads[:, None] * stride_ph + i * stride_ps + d[None, :],
-                               mask=gmask[:, None], other=0.0, cache_modifier=".cg")
+                w_i = tl.exp(
+                    tl.load(
+                        LSE_PART + b * stride_lb + heads * stride_lh + i, mask=gmask, other=0.0, cache_modifier=".cg"
+                    )
+                    - top
+                )
+                part = tl.load(
+                    O_PART + b * stride_pb + heads[:, None] * stride_ph + i * stride_ps + d[None, :],
+                    mask=gmask[:, None],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
                 merged += part * w_i[:, None]
             merged = merged / tl.sum(tl.exp(lse_all - top[:, None]), 1)[:, None]
-            tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :], merged.to(OUT.dtype.element_ty),
-                     mask=gmask[:, None])
+            tl.store(
+                OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                merged.to(OUT.dtype.element_ty),
+                mask=gmask[:, None],
+            )
             tl.atomic_xchg(counter, 0)  # ready for the next layer's launch
 
 
@@ -190,9 +275,16 @@ def num_splits_for(batch: int, num_kv_heads: int, max_len: int | None = None, nu
     return min(16, _pow2(want) if want & (want - 1) == 0 else _pow2(want) // 2)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, num_splits: int = 1,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int = 1,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """q [B, H, D], one token per sequence; block_tables [B, W] and seq_lens [B] (int32 or int64;
     a table may be longer than its sequence needs). Returns [B, H, D] (in `out` when given)."""
     b, h, d = q.shape
@@ -210,20 +302,69 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_n = 64 if d <= 128 else 32
     use_pdl = pdl.enabled(q.device)
     _decode_kernel[(b, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, o_part, lse, counts, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), o_part.stride(0), o_part.stride(1),
-        o_part.stride(2) if num_splits > 1 else 0, lse.stride(0), lse.stride(1),
-        HKV=hkv, GROUP=group, GROUP_PAD=max(16, _pow2(group)), D=d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, PREC=_precision(q.dtype), PDL=use_pdl, num_warps=4, **pdl.launch(use_pdl))
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        o_part,
+        lse,
+        counts,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        o_part.stride(0),
+        o_part.stride(1),
+        o_part.stride(2) if num_splits > 1 else 0,
+        lse.stride(0),
+        lse.stride(1),
+        HKV=hkv,
+        GROUP=group,
+        GROUP_PAD=max(16, _pow2(group)),
+        D=d,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        PREC=_precision(q.dtype),
+        PDL=use_pdl,
+        num_warps=4,
+        **pdl.launch(use_pdl),
+    )
     return out
 
 
 @triton.jit(do_not_specialize=["stride_tb"])
-def _prefill_kernel(Q, K, V, OUT, TABLES, CU_Q, CTX, scale,
-                    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_ot, stride_oh,
-                    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+def _prefill_kernel(
+    Q,
+    K,
+    V,
+    OUT,
+    TABLES,
+    CU_Q,
+    CTX,
+    scale,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_tb,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr,
+):
     s = tl.program_id(0)
     mt = tl.program_id(1)
     h = tl.program_id(2)
@@ -259,13 +400,24 @@ def _prefill_kernel(Q, K, V, OUT, TABLES, CU_Q, CTX, scale,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(OUT + (q_start + m)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(OUT.dtype.element_ty),
-             mask=mmask[:, None])
+    tl.store(
+        OUT + (q_start + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=mmask[:, None],
+    )
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      cu_q_lens: torch.Tensor, context_lens: torch.Tensor, max_q_len: int,
-                      scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_q_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_q_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """q [T, H, D]: the new tokens of S sequences back to back, sequence i's at rows
     cu_q_lens[i]:cu_q_lens[i+1]; context_lens [S] counts cached plus new tokens, whose K/V are all in
     the cache already. Causal. Returns [T, H, D] (in `out` when given)."""
@@ -278,9 +430,29 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_m = 64 if q.dtype != torch.float32 else 32
     block_n = 64 if q.dtype != torch.float32 else 32
     grid = (s, triton.cdiv(max_q_len, block_m), h)
-    _prefill_kernel[grid](q, k_cache, v_cache, out, block_tables, cu_q_lens, context_lens, scale,
-                          q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                          block_tables.stride(0), out.stride(0), out.stride(1),
-                          GROUP=h // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-                          PREC=_precision(q.dtype), num_warps=4)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        cu_q_lens,
+        context_lens,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=h // hkv,
+        D=d,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PREC=_precision(q.dtype),
+        num_warps=4,
+    )
     return out

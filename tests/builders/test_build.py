@@ -1,4 +1,5 @@
 """The builder: sources, the engine folder, atomicity, and round trips through transformers."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,8 @@ from tests.conftest import ROOT, build_entry, prompt_ids, save_tiny_model
 
 def _greedy(model, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                             pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0)
+    return out[0, len(ids) :].tolist()
 
 
 def test_smollm2_entry_layout(smollm2_repo):
@@ -32,8 +32,16 @@ def test_smollm2_entry_layout(smollm2_repo):
     assert (engine / "model.safetensors").is_file() and (engine / "tokenizer.json").is_file()
     assert meta["has_chat_template"]
     config = (entry / "config.pbtxt").read_text()
-    for needle in ('backend: "python"', "decoupled: true", "dynamic_batching", 'name: "text_input"',
-                   'name: "text_output"', "KIND_CPU", 'key: "engine_dir"', 'key: "kv_cache_gb"'):
+    for needle in (
+        'backend: "python"',
+        "decoupled: true",
+        "dynamic_batching",
+        'name: "text_input"',
+        'name: "text_output"',
+        "KIND_CPU",
+        'key: "engine_dir"',
+        'key: "kv_cache_gb"',
+    ):
         assert needle in config
     assert "from python_backend.model import TritonPythonModel" in (entry / "1" / "model.py").read_text()
     assert not list((entry / "1").glob(".engine.tmp-*"))
@@ -123,14 +131,29 @@ def test_failed_rebuild_keeps_previous_engine(tmp_path, smollm2_source):
     folder = save_tiny_model(tmp_path / "tiny", "llama", smollm2_source[1])
     repo = tmp_path / "repo"
     build_entry(repo, str(folder), "tiny")
-    code = build_main(["--model", str(folder), "--name", "tiny", "--repository", str(repo),
-                       "--max-model-len", "99999", "--force"])
+    code = build_main(
+        ["--model", str(folder), "--name", "tiny", "--repository", str(repo), "--max-model-len", "99999", "--force"]
+    )
     assert code != 0
     assert (repo / "tiny" / "1" / "engine" / "engine.json").is_file()
     assert not list((repo / "tiny" / "1").glob(".engine.tmp-*"))
 
 
 def test_script_entry_point(tmp_path):
-    proc = subprocess.run([sys.executable, "builders/build.py", "--model", str(tmp_path / "nope"), "--name", "x",
-                           "--repository", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "builders/build.py",
+            "--model",
+            str(tmp_path / "nope"),
+            "--name",
+            "x",
+            "--repository",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "no such file or folder" in proc.stderr

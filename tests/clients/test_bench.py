@@ -1,4 +1,5 @@
 """The load generator behind `fastserve bench --triton`, against the real server."""
+
 from __future__ import annotations
 
 from clients.bench import load

@@ -1,4 +1,5 @@
 """The client library and `fastserve generate`, against the real server."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,8 +30,9 @@ def test_async_api(smollm2_server):
     c = Client(smollm2_server.grpc_url, "grpc", "smollm2")
 
     async def main():
-        results = await asyncio.gather(*[c.agenerate(f"Number {i} is", max_tokens=5, temperature=0.0, ignore_eos=True)
-                                         for i in range(4)])
+        results = await asyncio.gather(
+            *[c.agenerate(f"Number {i} is", max_tokens=5, temperature=0.0, ignore_eos=True) for i in range(4)]
+        )
         pieces = [p async for p in c.astream("Hello there", max_tokens=6, temperature=0.0)]
         chat = await c.achat([{"role": "user", "content": "Hi"}], max_tokens=8)
         return results, pieces, chat
@@ -63,10 +65,25 @@ def test_errors_surface_as_generate_error(smollm2_server):
 
 
 def test_cli_generate(smollm2_server):
-    base = [sys.executable, "-m", "fastserve.cli", "generate", "--url", smollm2_server.grpc_url,
-            "--max-tokens", "20", "--temperature", "0"]
-    out = subprocess.run(base + ["--stream", "--chat", "What is the capital of France?"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    base = [
+        sys.executable,
+        "-m",
+        "fastserve.cli",
+        "generate",
+        "--url",
+        smollm2_server.grpc_url,
+        "--max-tokens",
+        "20",
+        "--temperature",
+        "0",
+    ]
+    out = subprocess.run(
+        base + ["--stream", "--chat", "What is the capital of France?"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "Paris" in out.stdout
     bad = subprocess.run(base + ["--top-p", "5", "Hi"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "top_p" in bad.stderr

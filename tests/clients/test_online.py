@@ -1,4 +1,5 @@
 """The online load generator: the arrival trace, the mix, and one small run of both policies."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,24 @@ def test_online_run_compares_policies_and_writes_json_and_plot(tmp_path, smollm2
     build_entry(tmp_path / "repo", str(folder), "tiny", "--max-num-seqs", "2")
     out = tmp_path / "online.json"
     args = argparse.Namespace(
-        repository=str(tmp_path / "repo"), model="tiny", engine_dir=None, device="cpu", dtype=None, url=None,
-        cuda_graphs=True, policies="fcfs,mlfq", load=0.8, rate=0.0, arrivals="poisson", mix="0.7:2-4,0.3:20-30",
-        num_requests=12, input_len=4, input_len_max=12, seed=1, out=str(out))
+        repository=str(tmp_path / "repo"),
+        model="tiny",
+        engine_dir=None,
+        device="cpu",
+        dtype=None,
+        url=None,
+        cuda_graphs=True,
+        policies="fcfs,mlfq",
+        load=0.8,
+        rate=0.0,
+        arrivals="poisson",
+        mix="0.7:2-4,0.3:20-30",
+        num_requests=12,
+        input_len=4,
+        input_len_max=12,
+        seed=1,
+        out=str(out),
+    )
     result = online(args)
     assert result["capacity"]["requests_per_s"] > 0
     assert set(result["policies"]) == {"fcfs", "mlfq"}

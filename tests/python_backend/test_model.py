@@ -1,4 +1,5 @@
 """The Python-backend model behind the real tritonserver: streaming, cancellation, bad input, metrics."""
+
 from __future__ import annotations
 
 import json
@@ -28,21 +29,25 @@ def metric(server, name: str, **labels) -> float:
     return total
 
 
-def _stream_request(url: str, model: str, prompt: str, max_tokens: int, settings: dict | None = None,
-                    cancel_after: int | None = None):
+def _stream_request(
+    url: str, model: str, prompt: str, max_tokens: int, settings: dict | None = None, cancel_after: int | None = None
+):
     """One raw gRPC stream; returns (texts, final_seen, error)."""
     responses: queue.SimpleQueue = queue.SimpleQueue()
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     inputs = []
-    for name, dtype, value in [("text_input", "BYTES", np.array([[prompt.encode()]], dtype=np.object_)),
-                               ("max_tokens", "INT32", np.array([[max_tokens]], dtype=np.int32)),
-                               ("stream", "BOOL", np.array([[True]], dtype=np.bool_))]:
+    for name, dtype, value in [
+        ("text_input", "BYTES", np.array([[prompt.encode()]], dtype=np.object_)),
+        ("max_tokens", "INT32", np.array([[max_tokens]], dtype=np.int32)),
+        ("stream", "BOOL", np.array([[True]], dtype=np.bool_)),
+    ]:
         t = grpcclient.InferInput(name, list(value.shape), dtype)
         t.set_data_from_numpy(value)
         inputs.append(t)
-    client.async_stream_infer(model, inputs, parameters={"ignore_eos": True, **(settings or {})},
-                              enable_empty_final_response=True)
+    client.async_stream_infer(
+        model, inputs, parameters={"ignore_eos": True, **(settings or {})}, enable_empty_final_response=True
+    )
     texts, final, error = [], False, None
     try:
         while True:
@@ -101,8 +106,9 @@ def test_grpc_stream_and_http_match_engine(smollm2_server, reference_engine, sha
 
 def test_http_generate_includes_prompt_unless_excluded(smollm2_server):
     body = {"text_input": "The capital of France is", "max_tokens": 8, "temperature": 0.0}
-    req = urllib.request.Request(f"http://{smollm2_server.http_url}/v2/models/smollm2/generate",
-                                 data=json.dumps(body).encode(), method="POST")
+    req = urllib.request.Request(
+        f"http://{smollm2_server.http_url}/v2/models/smollm2/generate", data=json.dumps(body).encode(), method="POST"
+    )
     data = json.loads(urllib.request.urlopen(req, timeout=120).read())
     assert data["text_output"].startswith("The capital of France is") and data["finish_reason"] == "length"
     assert data["num_output_tokens"] == 8
@@ -110,9 +116,14 @@ def test_http_generate_includes_prompt_unless_excluded(smollm2_server):
 
 def test_32_concurrent_streams_finish(smollm2_server):
     with ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(lambda i: _stream_request(smollm2_server.grpc_url, "smollm2",
-                                                           f"Write item number {i} of a long list:", 128),
-                                range(32)))
+        results = list(
+            pool.map(
+                lambda i: _stream_request(
+                    smollm2_server.grpc_url, "smollm2", f"Write item number {i} of a long list:", 128
+                ),
+                range(32),
+            )
+        )
     for texts, final, error in results:
         assert error is None and final and "".join(texts)
     assert smollm2_server.is_ready()
@@ -120,20 +131,31 @@ def test_32_concurrent_streams_finish(smollm2_server):
 
 def test_stream_interval_sends_one_response_per_interval(smollm2_server):
     """tiny_mlfq is built with --stream-interval 4: 10 tokens come in at most 3 responses, same text."""
-    texts, final, error = _stream_request(smollm2_server.grpc_url, "tiny_mlfq", "One two three", 10,
-                                          {"temperature": 0.0})
+    texts, final, error = _stream_request(
+        smollm2_server.grpc_url, "tiny_mlfq", "One two three", 10, {"temperature": 0.0}
+    )
     assert error is None and final
     assert 1 <= len(texts) <= 3, texts
-    whole = Client(smollm2_server.grpc_url, "grpc", "tiny_mlfq").generate("One two three", max_tokens=10,
-                                                                         temperature=0.0, ignore_eos=True)
+    whole = Client(smollm2_server.grpc_url, "grpc", "tiny_mlfq").generate(
+        "One two three", max_tokens=10, temperature=0.0, ignore_eos=True
+    )
     assert "".join(texts) == whole.text and whole.num_output_tokens == 10
 
 
 def test_cancelled_streams_free_their_blocks(smollm2_server):
     with ThreadPoolExecutor(50) as pool:
-        results = list(pool.map(lambda i: _stream_request(smollm2_server.grpc_url, "smollm2",
-                                                           f"Count slowly to a thousand, attempt {i}:", 2000,
-                                                           cancel_after=2), range(50)))
+        results = list(
+            pool.map(
+                lambda i: _stream_request(
+                    smollm2_server.grpc_url,
+                    "smollm2",
+                    f"Count slowly to a thousand, attempt {i}:",
+                    2000,
+                    cancel_after=2,
+                ),
+                range(50),
+            )
+        )
     assert all(error is None and len(texts) >= 2 for texts, _, error in results)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -164,9 +186,13 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("fields,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
 def test_bad_input_is_invalid_arg_and_server_keeps_serving(smollm2_server, fields, message):
-    types = {"text_input": ("BYTES", np.object_), "max_tokens": ("INT32", np.int32),
-             "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
-             "sampling_parameters": ("BYTES", np.object_)}
+    types = {
+        "text_input": ("BYTES", np.object_),
+        "max_tokens": ("INT32", np.int32),
+        "temperature": ("FP32", np.float32),
+        "top_p": ("FP32", np.float32),
+        "sampling_parameters": ("BYTES", np.object_),
+    }
     values = {"text_input": "Hello", "max_tokens": 8, **fields}
     inputs = []
     for name, value in values.items():
@@ -190,8 +216,9 @@ def test_bad_input_is_invalid_arg_and_server_keeps_serving(smollm2_server, field
 
 
 def _http_generate(server, body: dict, model: str = "smollm2") -> tuple[int, dict]:
-    req = urllib.request.Request(f"http://{server.http_url}/v2/models/{model}/generate",
-                                 data=json.dumps(body).encode(), method="POST")
+    req = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/{model}/generate", data=json.dumps(body).encode(), method="POST"
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -203,8 +230,11 @@ def test_wrong_tensor_type_rejected_and_server_keeps_serving(smollm2_server):
     client = Client(smollm2_server.http_url, "http", "smollm2")
     with pytest.raises(GenerateError):
         client.generate("Hello", max_tokens=4, temperature="hot")
-    req = urllib.request.Request(f"http://{smollm2_server.http_url}/v2/models/smollm2/generate",
-                                 data=json.dumps({"text_input": "Hi", "max_tokens": 2.5}).encode(), method="POST")
+    req = urllib.request.Request(
+        f"http://{smollm2_server.http_url}/v2/models/smollm2/generate",
+        data=json.dumps({"text_input": "Hi", "max_tokens": 2.5}).encode(),
+        method="POST",
+    )
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(req, timeout=60)
     assert client.generate("Hi", 3).num_output_tokens == 3
@@ -212,14 +242,19 @@ def test_wrong_tensor_type_rejected_and_server_keeps_serving(smollm2_server):
 
 def test_overload_is_unavailable_not_a_hang(smollm2_server):
     with ThreadPoolExecutor(20) as pool:
-        results = list(pool.map(lambda i: _stream_request(smollm2_server.grpc_url, "tiny", f"x {i}", 200),
-                                range(20)))
+        results = list(pool.map(lambda i: _stream_request(smollm2_server.grpc_url, "tiny", f"x {i}", 200), range(20)))
     errors = [e for _, _, e in results if e is not None]
     assert errors and all("already queued" in e.message() for e in errors)
     assert any(final for _, final, e in results if e is None)
     with ThreadPoolExecutor(12) as pool:  # over HTTP too: refused at once, the rest served
-        answers = list(pool.map(lambda i: _http_generate(smollm2_server, {"text_input": f"z {i}", "max_tokens": 200,
-                                                                          "ignore_eos": True}, "tiny"), range(12)))
+        answers = list(
+            pool.map(
+                lambda i: _http_generate(
+                    smollm2_server, {"text_input": f"z {i}", "max_tokens": 200, "ignore_eos": True}, "tiny"
+                ),
+                range(12),
+            )
+        )
     refused = [body for status, body in answers if status != 200]
     assert refused and all("already queued" in body["error"] for body in refused)
     assert any(status == 200 and body["num_output_tokens"] == 200 for status, body in answers)
@@ -231,8 +266,10 @@ def test_metrics_move_with_traffic(smollm2_server):
     ttft_before = metric(smollm2_server, "fastserve_time_to_first_token_seconds_count", model="smollm2")
     Client(smollm2_server.grpc_url, "grpc", "smollm2").generate("Tell me about rivers.", 10, ignore_eos=True)
     deadline = time.time() + 10
-    while time.time() < deadline and metric(smollm2_server, "fastserve_generation_tokens_total",
-                                            model="smollm2") < before + 10:
+    while (
+        time.time() < deadline
+        and metric(smollm2_server, "fastserve_generation_tokens_total", model="smollm2") < before + 10
+    ):
         time.sleep(0.1)
     assert metric(smollm2_server, "fastserve_generation_tokens_total", model="smollm2") >= before + 10
     assert metric(smollm2_server, "fastserve_time_to_first_token_seconds_count", model="smollm2") > ttft_before
@@ -248,8 +285,9 @@ def test_mlfq_entry_serves_priorities_and_reports_its_queues(smollm2_server):
     results: dict[int, object] = {}
 
     def run(i: int) -> None:
-        results[i] = Client(url, "grpc", "tiny_mlfq").generate("priority check", 40, temperature=0.0, ignore_eos=True,
-                                                                priority=i % 2)
+        results[i] = Client(url, "grpc", "tiny_mlfq").generate(
+            "priority check", 40, temperature=0.0, ignore_eos=True, priority=i % 2
+        )
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
     for t in threads:
@@ -258,12 +296,17 @@ def test_mlfq_entry_serves_priorities_and_reports_its_queues(smollm2_server):
         t.join(timeout=120)
     assert len(results) == 6 and all((r.text, r.num_output_tokens) == (alone.text, 40) for r in results.values())
     deadline = time.time() + 10
-    while time.time() < deadline and metric(smollm2_server, "fastserve_host_kv_blocks", model="tiny_mlfq",
-                                            state="total") == 0:
+    while (
+        time.time() < deadline
+        and metric(smollm2_server, "fastserve_host_kv_blocks", model="tiny_mlfq", state="total") == 0
+    ):
         time.sleep(0.2)
     assert metric(smollm2_server, "fastserve_host_kv_blocks", model="tiny_mlfq", state="total") > 0
     text = urllib.request.urlopen(smollm2_server.metrics_url, timeout=10).read().decode()
-    levels = {ln.split('level="')[1].split('"')[0] for ln in text.splitlines()
-              if ln.startswith("fastserve_scheduler_queue_length{") and 'model="tiny_mlfq"' in ln}
+    levels = {
+        ln.split('level="')[1].split('"')[0]
+        for ln in text.splitlines()
+        if ln.startswith("fastserve_scheduler_queue_length{") and 'model="tiny_mlfq"' in ln
+    }
     assert levels == {str(i) for i in range(5)}  # --mlfq-levels 5 reached the engine
     assert metric(smollm2_server, "fastserve_scheduler_queue_length", model="smollm2", level="0") >= 0

@@ -1,4 +1,5 @@
 """The real tritonserver, started the way `fastserve serve` starts it, answers over HTTP and gRPC."""
+
 from __future__ import annotations
 
 import subprocess
@@ -45,24 +46,41 @@ def test_grpc_inference_batched(echo_server):
 
 
 def test_failed_model_raises_with_reason():
-    server = TritonServer(TEST_REPOS / "broken", http_port=free_port(), grpc_port=free_port(),
-                          metrics_port=free_port())
+    server = TritonServer(TEST_REPOS / "broken", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     with pytest.raises(ServerError, match="missing engine.json"):
         server.start(timeout=120)
     assert server.proc is not None and server.proc.poll() is not None
 
 
 def test_cli_serve_exits_nonzero_on_failed_model():
-    cmd = [sys.executable, "-m", "fastserve.cli", "serve", "--repository", str(TEST_REPOS / "broken"),
-           "--http-port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
-           "--timeout", "120"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastserve.cli",
+        "serve",
+        "--repository",
+        str(TEST_REPOS / "broken"),
+        "--http-port",
+        str(free_port()),
+        "--grpc-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+        "--timeout",
+        "120",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
     assert "missing engine.json" in proc.stderr
 
 
 def test_cli_serve_missing_repository():
-    proc = subprocess.run([sys.executable, "-m", "fastserve.cli", "serve", "--repository", "/nonexistent/repo"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastserve.cli", "serve", "--repository", "/nonexistent/repo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "/nonexistent/repo" in proc.stderr

@@ -1,6 +1,7 @@
 """scripts/gpu_bf16_agreement.py's teacher-forced measure, run on the CPU in float32 (where the engine is
 token-exact against transformers): forced along a greedy output, the engine and transformers pick that
 output again at every position; an off-by-one in the prefixes or the logits' positions would not."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """scripts/sim_schedule.py: the real schedulers on a virtual clock, with a size-aware oracle."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,18 @@ from python_backend.engine.mlfq import MLFQConfig  # noqa: E402
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(mix="0.8:16-64,0.2:512-1024", seats=2, token_budget=512, kv_blocks=100000, base=0.0184,
-                per_seq=0.0073, prefill_a=0.016, prefill_b=0.0003, host_blocks=0, swap_block_s=0.0002)
+    base = dict(
+        mix="0.8:16-64,0.2:512-1024",
+        seats=2,
+        token_budget=512,
+        kv_blocks=100000,
+        base=0.0184,
+        per_seq=0.0073,
+        prefill_a=0.016,
+        prefill_b=0.0003,
+        host_blocks=0,
+        swap_block_s=0.0002,
+    )
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -34,10 +45,12 @@ def test_every_job_finishes_and_mlfq_favours_short_jobs_as_the_oracle_does():
 def test_under_kv_pressure_mlfq_swaps_and_pays_for_the_copies():
     jobs = sim_schedule.trace(40, 0.5, "0.8:16-64,0.2:512-1024", seed=1, in_lo=32, in_hi=128)
     tokens = sum(n_out for _, _, n_out, _ in jobs)
-    cheap = sim_schedule.simulate(jobs, "mlfq", _args(seats=4, kv_blocks=100, host_blocks=4000, swap_block_s=0.0),
-                                  MLFQConfig())
-    dear = sim_schedule.simulate(jobs, "mlfq", _args(seats=4, kv_blocks=100, host_blocks=4000, swap_block_s=0.01),
-                                 MLFQConfig())
+    cheap = sim_schedule.simulate(
+        jobs, "mlfq", _args(seats=4, kv_blocks=100, host_blocks=4000, swap_block_s=0.0), MLFQConfig()
+    )
+    dear = sim_schedule.simulate(
+        jobs, "mlfq", _args(seats=4, kv_blocks=100, host_blocks=4000, swap_block_s=0.01), MLFQConfig()
+    )
     fcfs = sim_schedule.simulate(jobs, "fcfs", _args(seats=4, kv_blocks=100), MLFQConfig())
     assert cheap["tokens"] == dear["tokens"] == fcfs["tokens"] == tokens  # swapped jobs resume and finish
     assert dear["mean"] > cheap["mean"]  # the copies are charged to the steps that make them

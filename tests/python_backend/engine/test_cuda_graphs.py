@@ -1,4 +1,5 @@
 """Decode steps replayed as CUDA graphs give the same tokens as the eager path and transformers."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_graphs_match_eager_and_transformers(engine_dir):
     hf = AutoModelForCausalLM.from_pretrained(engine_dir, dtype=torch.float32).cuda().eval()
     for ids, got in zip(prompts[:4], with_graphs):
         ref = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=40, min_new_tokens=40, do_sample=False)
-        assert got == ref[0, len(ids):].tolist()
+        assert got == ref[0, len(ids) :].tolist()
     assert graphed.blocks.num_used == 0
 
 
@@ -53,8 +54,10 @@ def test_graph_steps_run_ahead_give_the_same_tokens(engine_dir):
     assert [len(t) for t in got] == [8 + 7 * i for i in range(6)]
     assert ahead.stats.steps_ahead > 20 and plain.stats.steps_ahead == 0
     single = ahead.generate([prompts[2]], [SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)])[0]
-    assert single.token_ids == plain.generate([prompts[2]], [SamplingParams(max_tokens=50, temperature=0.0,
-                                                                              ignore_eos=True)])[0].token_ids
+    assert (
+        single.token_ids
+        == plain.generate([prompts[2]], [SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)])[0].token_ids
+    )
     assert ahead.blocks.num_used == 0
 
 

@@ -1,4 +1,5 @@
 """Engine behaviour a server relies on: seeded sampling, no leaks, prefix caching, stops, threads."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,13 +31,16 @@ def test_seeded_sampling_independent_of_batch(engine):
     alone = engine.generate(["Tell me a story about a dragon."], params)[0]
     others = [f"Question number {i}: what is {i} times {i + 3}?" for i in range(31)]
     mixed_params = [SamplingParams(max_tokens=24, temperature=1.0, seed=i, ignore_eos=True) for i in range(31)]
-    crowd = engine.generate(others[:15] + ["Tell me a story about a dragon."] + others[15:],
-                            mixed_params[:15] + [params] + mixed_params[15:])
+    crowd = engine.generate(
+        others[:15] + ["Tell me a story about a dragon."] + others[15:],
+        mixed_params[:15] + [params] + mixed_params[15:],
+    )
     assert crowd[15].token_ids == alone.token_ids
     assert crowd[15].text == alone.text
-    different_seed = engine.generate(["Tell me a story about a dragon."],
-                                     SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=99,
-                                                    ignore_eos=True))[0]
+    different_seed = engine.generate(
+        ["Tell me a story about a dragon."],
+        SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=99, ignore_eos=True),
+    )[0]
     assert different_seed.token_ids != alone.token_ids
 
 
@@ -47,8 +51,12 @@ def test_thousand_requests_with_aborts_leak_nothing(tiny_engine_dir):
     results = [Result() for _ in range(1000)]
     for i in range(1000):
         prompt = [rng.randrange(100, 1000) for _ in range(rng.randint(1, 40))]
-        engine.add_request(f"q{i}", prompt, SamplingParams(max_tokens=rng.randint(1, 24), temperature=0.0,
-                                                            ignore_eos=True), results[i].collect)
+        engine.add_request(
+            f"q{i}",
+            prompt,
+            SamplingParams(max_tokens=rng.randint(1, 24), temperature=0.0, ignore_eos=True),
+            results[i].collect,
+        )
         if i % 7 == 3:
             engine.abort(f"q{i}")
         if i % 11 == 5:
@@ -84,7 +92,7 @@ def test_stop_strings_never_leak(engine):
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     full = engine.generate(["The capital of France is"], params)[0].text
     assert "Paris" in full
-    stop = full[full.index("Paris") + 2: full.index("Paris") + 5]  # a stop string inside the output
+    stop = full[full.index("Paris") + 2 : full.index("Paris") + 5]  # a stop string inside the output
     deltas: list[str] = []
     seq_params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop])
     engine.add_request("stop-test", "The capital of France is", seq_params, lambda o: deltas.append(o.text))
@@ -97,8 +105,9 @@ def test_stop_strings_never_leak(engine):
 def test_max_tokens_and_min_tokens(engine):
     out = engine.generate(["Hi"], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))[0]
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
-    chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
-                                                add_generation_prompt=True)
+    chat = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     short = engine.generate([chat], SamplingParams(max_tokens=60, temperature=0.0))[0]
     assert short.finish_reason == "stop"
     n = len(short.token_ids)
@@ -114,8 +123,9 @@ def test_utf8_deltas_are_whole_characters(engine):
         deltas.append(out.text)
         result.collect(out)
 
-    engine.add_request("zh", "请用中文介绍一下北京。", SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
-                       collect)
+    engine.add_request(
+        "zh", "请用中文介绍一下北京。", SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), collect
+    )
     engine.run_until_done()
     assert all("\ufffd" not in d for d in deltas)
     whole = engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)
@@ -123,15 +133,18 @@ def test_utf8_deltas_are_whole_characters(engine):
     assert any(ord(c) > 0x2E80 for c in whole), "expected CJK output to exercise multi-byte characters"
 
 
-@pytest.mark.parametrize("params, message", [
-    (SamplingParams(max_tokens=0), "max_tokens"),
-    (SamplingParams(temperature=-1.0), "temperature"),
-    (SamplingParams(top_p=0.0), "top_p"),
-    (SamplingParams(top_p=1.5), "top_p"),
-    (SamplingParams(top_k=-2), "top_k"),
-    (SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
-    (SamplingParams(temperature=float("nan")), "temperature"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (SamplingParams(max_tokens=0), "max_tokens"),
+        (SamplingParams(temperature=-1.0), "temperature"),
+        (SamplingParams(top_p=0.0), "top_p"),
+        (SamplingParams(top_p=1.5), "top_p"),
+        (SamplingParams(top_k=-2), "top_k"),
+        (SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
+        (SamplingParams(temperature=float("nan")), "temperature"),
+    ],
+)
 def test_bad_sampling_values_rejected(engine, params, message):
     with pytest.raises(SamplingError, match=message):
         engine.add_request("bad", "hello", params)
@@ -162,8 +175,12 @@ def test_async_stream_and_cancel(tiny_engine_dir):
     engine = Engine(tiny_engine_dir, EngineConfig(num_kv_blocks=64)).start()
 
     async def main():
-        outs = [o async for o in engine.stream("s1", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True,
-                                                                                temperature=0.0))]
+        outs = [
+            o
+            async for o in engine.stream(
+                "s1", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0)
+            )
+        ]
         assert outs[-1].finished and outs[-1].num_output_tokens == 8
         agen = engine.stream("s2", [5, 6, 7], SamplingParams(max_tokens=500, ignore_eos=True, temperature=0.0))
         await agen.__anext__()
@@ -185,7 +202,7 @@ def test_logprobs_of_chosen_tokens(engine, smollm2_source):
     seq = engine.add_request("lp", ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True))
     engine.run_until_done()
     with torch.no_grad():
-        logits = source(torch.tensor([ids + seq.output_ids])).logits[0, len(ids) - 1:-1].float()
+        logits = source(torch.tensor([ids + seq.output_ids])).logits[0, len(ids) - 1 : -1].float()
     expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(seq.output_ids)[:, None])[:, 0]
     assert len(seq.logprobs) == 6
     torch.testing.assert_close(torch.tensor(seq.logprobs), expected, atol=1e-4, rtol=1e-4)

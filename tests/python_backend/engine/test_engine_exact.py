@@ -1,5 +1,6 @@
 """The engine's greedy output equals transformers' token for token, under staggered arrivals and
 KV-memory pressure that forces preemption."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,9 +14,14 @@ from tests.conftest import build_entry, prompt_ids, run_staggered, save_tiny_mod
 
 def hf_greedy(model, ids: list[int], n: int, eos: int | None) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
-                             pad_token_id=eos if eos is not None else 0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos if eos is not None else 0,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def test_smollm2_matches_transformers_under_preemption(smollm2_engine_dir, smollm2_source, shared_prompts):
@@ -43,8 +49,9 @@ def test_tiny_architectures_match_transformers(tmp_path, arch, smollm2_source, s
     engine = Engine(entry / "1" / "engine", EngineConfig(num_kv_blocks=24, max_num_batched_tokens=128))
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompts = [prompt_ids(tok, p) for p in shared_prompts[::3]]
-    results = run_staggered(engine, prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True), every=2,
-                            per_step=3)
+    results = run_staggered(
+        engine, prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True), every=2, per_step=3
+    )
     for ids, r in zip(prompts, results):
         assert r.token_ids == hf_greedy(hf, ids, 32, None)
     assert engine.blocks.num_used == 0

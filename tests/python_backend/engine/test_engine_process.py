@@ -1,5 +1,6 @@
 """The engine in its own process: the same outputs as in this one, refusals at once, and no request
 left hanging when the process ends (asked to, or killed)."""
+
 from __future__ import annotations
 
 import os
@@ -127,10 +128,12 @@ def test_an_engine_that_cannot_start_is_named(tiny_engine_dir):
 def test_a_batch_of_requests_refuses_only_its_bad_ones(proc, tiny_engine_dir):
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     results = [Result() for _ in range(4)]
-    items = [("batch-0", PROMPTS[0], params, results[0].collect, 0),
-             ("batch-1", "", params, results[1].collect, 0),
-             ("batch-2", PROMPTS[2], SamplingParams(top_p=0.0), results[2].collect, 0),
-             ("batch-3", [5, 6, 7], params, results[3].collect, 1)]
+    items = [
+        ("batch-0", PROMPTS[0], params, results[0].collect, 0),
+        ("batch-1", "", params, results[1].collect, 0),
+        ("batch-2", PROMPTS[2], SamplingParams(top_p=0.0), results[2].collect, 0),
+        ("batch-3", [5, 6, 7], params, results[3].collect, 1),
+    ]
     errors = proc.add_requests(items)
     assert errors[0] is None and errors[3] is None
     assert isinstance(errors[1], SamplingError) and "empty" in str(errors[1])
@@ -149,6 +152,7 @@ def test_submitting_never_waits_on_an_engine_whose_outputs_back_up(tiny_engine_d
 
     engine = EngineProcess(tiny_engine_dir, EngineConfig(num_kv_blocks=512, max_num_seqs=4, max_queue_size=128))
     try:
+
         def slow(out):
             time.sleep(0.02)
 

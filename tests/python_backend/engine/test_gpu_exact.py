@@ -1,5 +1,6 @@
 """On a GPU, with the Triton kernels and CUDA graphs: SmolLM2's greedy output on the shared prompts
 equals transformers' in float32, and agrees on at least 95% of the first 64 tokens in bfloat16."""
+
 from __future__ import annotations
 
 import gc
@@ -25,9 +26,14 @@ def _hf_greedy(model, ids: list[int], eos: list[int]) -> list[int]:
     """Stopping on the engine's own EOS set: which tokens a GGUF tokenizer calls EOS varies between
     transformers versions (5.17 on the GPU hosts), and a different stop set is not a different model."""
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=N, do_sample=False, eos_token_id=eos,
-                             pad_token_id=eos[0] if eos else 0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids], device="cuda"),
+            max_new_tokens=N,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos[0] if eos else 0,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def _agreement(got: list[int], ref: list[int]) -> float:
@@ -65,18 +71,37 @@ def test_gpu_greedy_matches_transformers(dtype, tmp_path, smollm2_source, shared
             first = next((i for i, (a, b) in enumerate(zip(r.token_ids, ref)) if a != b), None)
             if first is None and len(r.token_ids) != len(ref):
                 first = min(len(r.token_ids), len(ref))
-            report.append({"id": p["id"], "agreement": _agreement(r.token_ids, ref), "first_difference": first,
-                           "hf_top2_margin_there": None if first is None else _margin(hf, ids + ref[:first])})
+            report.append(
+                {
+                    "id": p["id"],
+                    "agreement": _agreement(r.token_ids, ref),
+                    "first_difference": first,
+                    "hf_top2_margin_there": None if first is None else _margin(hf, ids + ref[:first]),
+                }
+            )
     finally:
         source.to(device="cpu", dtype=torch.float32)
     mean = sum(x["agreement"] for x in report) / len(report)
     differing = [x for x in report if x["first_difference"] is not None]
     if os.environ.get("FASTSERVE_RESULTS"):
         out = Path(os.environ["FASTSERVE_RESULTS"]) / f"gpu-exact-{dtype}.json"
-        out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "dtype": dtype, "prompts": len(prompts),
-                                   "tokens": N, "eos_token_ids": eos, "tokenizer_eos": tok.eos_token_id,
-                                   "mean_agreement": mean, "identical": len(report) - len(differing),
-                                   "differing": differing}, indent=2) + "\n")
+        out.write_text(
+            json.dumps(
+                {
+                    "gpu": torch.cuda.get_device_name(0),
+                    "dtype": dtype,
+                    "prompts": len(prompts),
+                    "tokens": N,
+                    "eos_token_ids": eos,
+                    "tokenizer_eos": tok.eos_token_id,
+                    "mean_agreement": mean,
+                    "identical": len(report) - len(differing),
+                    "differing": differing,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     if dtype == "float32":
         assert not differing, f"differs from transformers: {differing}"
     else:

@@ -4,6 +4,7 @@ On a CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_
 whole kernel path (the runner's flat int64 inputs, mixed decode + chunked-prefill batches, prefix
 hits, split-KV decode) is checked here before it ever meets a GPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,10 @@ from python_backend.engine.engine import Engine, EngineConfig  # noqa: E402
 from python_backend.engine.sequence import SamplingParams  # noqa: E402
 from tests.conftest import build_entry, save_tiny_model  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="needs a GPU or Triton's interpreter")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs a GPU or Triton's interpreter",
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,19 @@ def tiny_dir(tmp_path_factory, smollm2_source):
 def _engine(folder, kernels: bool) -> Engine:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # a small token budget forces chunked prefill next to decodes; 8-token blocks put block edges inside prompts
-    return Engine(folder, EngineConfig(device=device, dtype="float32", kernels=kernels, num_kv_blocks=96,
-                                       block_size=8, max_num_batched_tokens=24, max_num_seqs=4, cuda_graphs=False))
+    return Engine(
+        folder,
+        EngineConfig(
+            device=device,
+            dtype="float32",
+            kernels=kernels,
+            num_kv_blocks=96,
+            block_size=8,
+            max_num_batched_tokens=24,
+            max_num_seqs=4,
+            cuda_graphs=False,
+        ),
+    )
 
 
 def test_kernel_engine_matches_torch_engine(tiny_dir, monkeypatch):
@@ -61,8 +75,11 @@ def test_decode_gemv_path_matches_torch_engine(tiny_dir, monkeypatch):
     want = [r.token_ids for r in _engine(tiny_dir, kernels=False).generate(prompts, params)]
     eng = _engine(tiny_dir, kernels=True)
     # wide blocks: the interpreter's time goes by the number of programs (the vocabulary has 49,152 rows)
-    eng.model.gemv = {(name, rows): GemvConfig(2048 if name == "lm_head" else 64, 32)
-                      for name in ("qkv", "o", "gate_up", "down", "lm_head") for rows in (1, 2, 4)}
+    eng.model.gemv = {
+        (name, rows): GemvConfig(2048 if name == "lm_head" else 64, 32)
+        for name in ("qkv", "o", "gate_up", "down", "lm_head")
+        for rows in (1, 2, 4)
+    }
     eng.model.fused_qkv = {}  # the QKV product through the GEMV kernel too (a GPU's start-up tuning may fuse it)
     calls = []
     from python_backend.ops import gemv as gemv_module
@@ -87,8 +104,9 @@ def test_fused_qkv_decode_path_matches_torch_engine(tiny_dir, monkeypatch):
     eng.model.fused_qkv = {rows: GemvConfig(32, 64) for rows in (1, 2, 4)}
     rows = []
     real = fused_qkv.add_norm_qkv_rope
-    monkeypatch.setattr(fused_qkv, "add_norm_qkv_rope", lambda out, res, *a, **k: rows.append(res.shape[0]) or
-                        real(out, res, *a, **k))
+    monkeypatch.setattr(
+        fused_qkv, "add_norm_qkv_rope", lambda out, res, *a, **k: rows.append(res.shape[0]) or real(out, res, *a, **k)
+    )
     assert [r.token_ids for r in eng.generate(prompts, params)] == want
     assert rows and set(rows) <= {1, 2, 3} and len(rows) % eng.model.cfg.num_layers == 0
     assert eng.blocks.num_used == 0

@@ -1,5 +1,6 @@
 """The host block pool: runs are handed out and merged back without overlap, and a swap round trip
 gives back the same K/V in other device blocks."""
+
 from __future__ import annotations
 
 import random
@@ -32,8 +33,15 @@ def test_host_runs_never_overlap_and_merge_back_to_one_run():
 
 
 def test_swap_round_trip_restores_the_blocks_and_frees_the_host_run():
-    pool = KVPool.allocate(num_layers=3, num_blocks=12, block_size=4, num_kv_heads=2, head_dim=8,
-                           dtype=torch.float32, device=torch.device("cpu"))
+    pool = KVPool.allocate(
+        num_layers=3,
+        num_blocks=12,
+        block_size=4,
+        num_kv_heads=2,
+        head_dim=8,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
     for t in [*pool.k, *pool.v]:
         t.copy_(torch.randn_like(t))
     swapper = KVSwapper(pool, num_host_blocks=8, device=torch.device("cpu"))

@@ -1,5 +1,6 @@
 """The skip-join MLFQ scheduler on its own (simulated iterations, no model), and with the engine:
 swapped-out and resumed sequences give token-for-token the output of uninterrupted ones."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,14 +22,20 @@ class Clock:
 
 
 def _job(i: int, prompt: int, out: int) -> Sequence:
-    return Sequence(request_id=f"j{i}", prompt_ids=[1] * prompt, params=SamplingParams(max_tokens=out),
-                    arrival_index=i)
+    return Sequence(request_id=f"j{i}", prompt_ids=[1] * prompt, params=SamplingParams(max_tokens=out), arrival_index=i)
 
 
 def _mlfq(clock: Clock, seats: int = 2, blocks: int = 256, starvation: float = 1e9) -> MLFQScheduler:
     profile = PrefillProfile(a=0.0, b=0.01, decode_step=0.25)  # 10 ms per prompt token
-    return MLFQScheduler(BlockManager(blocks, 4, enable_prefix_caching=False), seats, 64, None, profile,
-                         MLFQConfig(levels=6, base_quantum_s=1.0, ratio=2.0, starvation_s=starvation), clock=clock)
+    return MLFQScheduler(
+        BlockManager(blocks, 4, enable_prefix_caching=False),
+        seats,
+        64,
+        None,
+        profile,
+        MLFQConfig(levels=6, base_quantum_s=1.0, ratio=2.0, starvation_s=starvation),
+        clock=clock,
+    )
 
 
 def _simulate(sched: Scheduler, arrivals: dict[int, list[Sequence]], clock: Clock, iterations: int = 400):
@@ -74,7 +81,7 @@ def test_skip_join_places_long_prompts_below_the_top_queue():
     assert sched.quanta == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
     assert sched.entry_level(50) == 0  # 0.5 s of prefill fits the top quantum
     assert sched.entry_level(500) == 3  # 5 s: queues 0-2 (1, 2, 4 s) would drop it at once
-    assert sched.entry_level(10 ** 6) == 5  # longer than any quantum: the last queue
+    assert sched.entry_level(10**6) == 5  # longer than any quantum: the last queue
     long, short = _job(0, 500, 4), _job(1, 50, 4)
     sched.add(long)
     sched.add(short)
@@ -96,8 +103,15 @@ def test_long_jobs_in_the_last_queue_keep_arrival_order():
     there, arrival order holds, so the job nearest completion is not kept waiting."""
     clock = Clock()
     profile = PrefillProfile(a=0.0, b=0.01, decode_step=1.0)  # a job is charged 1 s per decode step
-    sched = MLFQScheduler(BlockManager(256, 4, enable_prefix_caching=False), 1, 64, None, profile,
-                          MLFQConfig(levels=4, base_quantum_s=1.0, ratio=2.0, starvation_s=1e9), clock=clock)
+    sched = MLFQScheduler(
+        BlockManager(256, 4, enable_prefix_caching=False),
+        1,
+        64,
+        None,
+        profile,
+        MLFQConfig(levels=4, base_quantum_s=1.0, ratio=2.0, starvation_s=1e9),
+        clock=clock,
+    )
     assert sched.quanta == [1.0, 2.0, 4.0, 8.0]
     done, runs = _simulate(sched, {0: [_job(0, 4, 60)], 40: [_job(1, 4, 60)]}, clock)
     assert done["j0"] < done["j1"]
@@ -145,9 +159,15 @@ def test_a_senior_job_runs_ahead_of_the_queues_until_it_ends():
     """With senior_s set, a job in the system that long is no longer paused for newer short jobs."""
     clock = Clock()
     profile = PrefillProfile(a=0.0, b=0.01, decode_step=0.25)
-    sched = MLFQScheduler(BlockManager(256, 4, enable_prefix_caching=False), 1, 64, None, profile,
-                          MLFQConfig(levels=6, base_quantum_s=1.0, ratio=2.0, starvation_s=1e9, senior_s=10.0),
-                          clock=clock)
+    sched = MLFQScheduler(
+        BlockManager(256, 4, enable_prefix_caching=False),
+        1,
+        64,
+        None,
+        profile,
+        MLFQConfig(levels=6, base_quantum_s=1.0, ratio=2.0, starvation_s=1e9, senior_s=10.0),
+        clock=clock,
+    )
     arrivals = {0: [_job(0, 4, 40)], **{t: [_job(t, 4, 3)] for t in range(2, 200, 2)}}
     done, runs = _simulate(sched, arrivals, clock, iterations=300)
     its = runs["j0"]
@@ -156,8 +176,9 @@ def test_a_senior_job_runs_ahead_of_the_queues_until_it_ends():
     assert after[0] <= 12 and sched.num_seniors >= 1
     assert any(b - a > 1 for a, b in zip(its, its[1:]) if a < 10)  # before, short jobs paused it
     without = _mlfq(Clock(), seats=1)
-    done_without, _ = _simulate(without, {0: [_job(0, 4, 40)], **{t: [_job(t, 4, 3)] for t in range(2, 200, 2)}},
-                                without.clock, iterations=300)
+    done_without, _ = _simulate(
+        without, {0: [_job(0, 4, 40)], **{t: [_job(t, 4, 3)] for t in range(2, 200, 2)}}, without.clock, iterations=300
+    )
     assert done["j0"] < done_without.get("j0", float("inf"))  # without: paused for every short job
 
 
@@ -188,8 +209,9 @@ def test_a_full_memory_iteration_does_work_linear_in_the_queue_and_takes_from_no
     bottleneck), and a waiting job evicts only jobs ranked after it."""
     profile = PrefillProfile(a=0.0, b=0.01, decode_step=0.25)
     blocks = CountingBlocks(64, 4, enable_prefix_caching=False)
-    sched = MLFQScheduler(blocks, 512, 100000, None, profile,
-                          MLFQConfig(levels=4, base_quantum_s=1.0, ratio=2.0), clock=Clock())
+    sched = MLFQScheduler(
+        blocks, 512, 100000, None, profile, MLFQConfig(levels=4, base_quantum_s=1.0, ratio=2.0), clock=Clock()
+    )
     running = [_job(i, 15, 100) for i in range(16)]  # 16 x 4 blocks (room for one more token each): the pool
     for seq in running:
         sched.add(seq)
@@ -210,8 +232,9 @@ def test_a_full_memory_iteration_does_work_linear_in_the_queue_and_takes_from_no
 
 
 @pytest.mark.parametrize("swap_space_gb,expect", [(1.0, "swap"), (1e-9, "recompute")])
-def test_preempted_sequences_resume_token_for_token(smollm2_engine_dir, smollm2_source, shared_prompts,
-                                                    swap_space_gb, expect):
+def test_preempted_sequences_resume_token_for_token(
+    smollm2_engine_dir, smollm2_source, shared_prompts, swap_space_gb, expect
+):
     _, tok = smollm2_source
     prompts = [prompt_ids(tok, p) for p in shared_prompts[:10]]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -220,8 +243,12 @@ def test_preempted_sequences_resume_token_for_token(smollm2_engine_dir, smollm2_
     # a new arrival's prefill fits the 50 ms top quantum, while running jobs sink below it within a few
     # steps, so each arrival preempts an older job; 18 blocks of 16 tokens hold about four of these
     # sequences, so a preempted job's blocks must go to host memory (or be dropped) to make room
-    engine = Engine(smollm2_engine_dir, EngineConfig(num_kv_blocks=18, policy="mlfq", swap_space_gb=swap_space_gb,
-                                                     mlfq_base_quantum_s=0.05, max_num_seqs=4))
+    engine = Engine(
+        smollm2_engine_dir,
+        EngineConfig(
+            num_kv_blocks=18, policy="mlfq", swap_space_gb=swap_space_gb, mlfq_base_quantum_s=0.05, max_num_seqs=4
+        ),
+    )
     got = [r.token_ids for r in run_staggered(engine, prompts, params, every=3)]
     state = engine.scheduler.state()
     if expect == "swap":

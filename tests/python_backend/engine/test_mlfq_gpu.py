@@ -1,5 +1,6 @@
 """On a GPU: sequences preempted by the MLFQ, swapped to pinned host memory on the side stream and
 swapped back, give token for token the output they give uninterrupted."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,10 +20,21 @@ def test_swapped_sequences_resume_token_for_token_on_gpu(small_gpu_engine_dir, s
     engine_dir = small_gpu_engine_dir
     prompts = [[(13 * i + j) % 40000 + 100 for j in range(20 + 9 * i)] for i in range(12)]
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-    want = [r.token_ids for r in Engine(engine_dir, EngineConfig(device="cuda", num_kv_blocks=256)).generate(
-        prompts, params)]
-    engine = Engine(engine_dir, EngineConfig(device="cuda", num_kv_blocks=24, policy="mlfq", max_num_seqs=4,
-                                             swap_space_gb=swap_space_gb, mlfq_base_quantum_s=0.002))
+    want = [
+        r.token_ids
+        for r in Engine(engine_dir, EngineConfig(device="cuda", num_kv_blocks=256)).generate(prompts, params)
+    ]
+    engine = Engine(
+        engine_dir,
+        EngineConfig(
+            device="cuda",
+            num_kv_blocks=24,
+            policy="mlfq",
+            max_num_seqs=4,
+            swap_space_gb=swap_space_gb,
+            mlfq_base_quantum_s=0.002,
+        ),
+    )
     results = run_staggered(engine, prompts, params, every=3)
     state = engine.scheduler.state()
     if expect == "swap":

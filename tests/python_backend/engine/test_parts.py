@@ -1,4 +1,5 @@
 """Unit tests of the engine's parts: block manager, scheduler, sampler, detokenizer."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,7 +19,7 @@ def test_blocks_refcount_and_prefix_reuse():
     tokens = list(range(12))
     parent = 0
     for i, block in enumerate(a):
-        parent = bm.chain_hash(parent, tokens[i * 4:(i + 1) * 4])
+        parent = bm.chain_hash(parent, tokens[i * 4 : (i + 1) * 4])
         bm.register(block, parent)
     bm.free(a)
     assert bm.num_free == 8  # reusable, but still holding the prefix
@@ -33,8 +34,13 @@ def test_blocks_refcount_and_prefix_reuse():
 
 
 def _seq(i: int, n_prompt: int, priority: int = 0) -> Sequence:
-    return Sequence(request_id=str(i), prompt_ids=list(range(1, n_prompt + 1)), params=SamplingParams(max_tokens=100),
-                    arrival_index=i, priority=priority)
+    return Sequence(
+        request_id=str(i),
+        prompt_ids=list(range(1, n_prompt + 1)),
+        params=SamplingParams(max_tokens=100),
+        arrival_index=i,
+        priority=priority,
+    )
 
 
 def test_scheduler_budget_chunking_and_admission():
@@ -76,7 +82,9 @@ def test_priority_orders_waiting_queue():
 
 def test_filters():
     logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
-    assert torch.isinf(_filter(logits, 2, 1.0, 0.0)[2:]).all() and not torch.isinf(_filter(logits, 2, 1.0, 0.0)[:2]).any()
+    assert (
+        torch.isinf(_filter(logits, 2, 1.0, 0.0)[2:]).all() and not torch.isinf(_filter(logits, 2, 1.0, 0.0)[:2]).any()
+    )
     probs = logits.softmax(-1)
     kept = ~torch.isinf(_filter(logits, 0, 0.8, 0.0))
     assert kept.tolist() == [True, True, False, False, False] and probs[:1].sum() < 0.8 <= probs[:2].sum()

@@ -2,6 +2,7 @@
 still on the device. On the GPU that is the default; here it is turned on to check the bookkeeping
 on the CPU: the same tokens as without it, ends by EOS, length, stop strings and cancellation in the
 middle of a run ahead, and every KV block given back."""
+
 from __future__ import annotations
 
 import random
@@ -33,8 +34,10 @@ def test_same_greedy_tokens_with_steps_run_ahead(engines, shared_prompts, smollm
     for mode, engine in engines.items():
         before = engine.stats.steps_ahead
         out[mode] = [(r.token_ids, r.finish_reason) for r in engine.generate(prompts, params)]
-        out[mode + "_staggered"] = [(r.token_ids, r.finish_reason) for r in run_staggered(
-            engine, prompts, SamplingParams(max_tokens=24, temperature=0.0), every=3)]
+        out[mode + "_staggered"] = [
+            (r.token_ids, r.finish_reason)
+            for r in run_staggered(engine, prompts, SamplingParams(max_tokens=24, temperature=0.0), every=3)
+        ]
         assert engine.blocks.num_used == 0
         out[mode + "_ahead"] = engine.stats.steps_ahead - before
     assert out["on"] == out["off"] and out["on_staggered"] == out["off_staggered"]
@@ -46,11 +49,15 @@ def test_eos_and_stop_strings_end_a_sequence_whose_next_step_already_ran(engines
     engine = engines["on"]
     eos = SamplingParams(max_tokens=200, temperature=0.0)  # the chat model ends its answer with EOS
     stop = SamplingParams(max_tokens=60, temperature=0.0, stop=[" the"])
-    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], tokenize=False,
-                                                  add_generation_prompt=True)
-    got = {mode: [(r.text, r.token_ids, r.finish_reason) for r in e.generate([prompt, "Tell me about the sea."],
-                                                                               [eos, stop])]
-           for mode, e in engines.items()}
+    prompt = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hi."}], tokenize=False, add_generation_prompt=True
+    )
+    got = {
+        mode: [
+            (r.text, r.token_ids, r.finish_reason) for r in e.generate([prompt, "Tell me about the sea."], [eos, stop])
+        ]
+        for mode, e in engines.items()
+    }
     assert got["on"] == got["off"]
     assert [reason for _, _, reason in got["on"]] == ["stop", "stop"]
     assert " the" not in got["on"][1][0]
@@ -66,8 +73,9 @@ def test_cancelling_during_steps_run_ahead_leaks_nothing(smollm2_source, tmp_pat
     lengths = [rng.randint(1, 30) for _ in results]
     for i, r in enumerate(results):
         prompt = [rng.randrange(100, 1000) for _ in range(rng.randint(1, 30))]
-        engine.add_request(f"q{i}", prompt, SamplingParams(max_tokens=lengths[i], temperature=0.0, ignore_eos=True),
-                           r.collect)
+        engine.add_request(
+            f"q{i}", prompt, SamplingParams(max_tokens=lengths[i], temperature=0.0, ignore_eos=True), r.collect
+        )
         for _ in range(rng.randint(0, 3)):
             engine.step()
         if i % 5 == 2:

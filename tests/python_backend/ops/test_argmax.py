@@ -1,4 +1,5 @@
 """The two-pass GPU argmax against torch.argmax, ties included (interpreter on a CPU)."""
+
 from __future__ import annotations
 
 import pytest

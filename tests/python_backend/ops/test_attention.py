@@ -1,4 +1,5 @@
 """Paged attention (prefill with and without a cached prefix, batched decode) against the dense oracle."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,7 +23,7 @@ def _case(lengths, chunk_from, h=6, hkv=2, d=16, bs=4, dtype=torch.float32, seed
         k = torch.randn(n, hkv, d, generator=g, dtype=dtype)
         v = torch.randn(n, hkv, d, generator=g, dtype=dtype)
         seqs.append((table, q, k, v))
-    for (table, q, k, v), start in zip(seqs, chunk_from):  # the cached part, as earlier steps wrote it
+    for (table, _q, k, v), start in zip(seqs, chunk_from):  # the cached part, as earlier steps wrote it
         for pos in range(start):
             k_cache[table[pos // bs], pos % bs] = k[pos]
             v_cache[table[pos // bs], pos % bs] = v[pos]
@@ -34,16 +35,24 @@ def test_prefill_matches_reference(lengths, cached):
     seqs, k_cache, v_cache, bs = _case(lengths, cached)
     qs, ks, vs, slots, prefills = [], [], [], [], []
     for (table, q, k, v), start in zip(seqs, cached):
-        prefills.append(PrefillSeq(start=sum(x.shape[0] for x in qs), q_len=q.shape[0] - start,
-                                   context_len=q.shape[0], block_table=torch.tensor(table)))
-        qs.append(q[start:]); ks.append(k[start:]); vs.append(v[start:])
+        prefills.append(
+            PrefillSeq(
+                start=sum(x.shape[0] for x in qs),
+                q_len=q.shape[0] - start,
+                context_len=q.shape[0],
+                block_table=torch.tensor(table),
+            )
+        )
+        qs.append(q[start:])
+        ks.append(k[start:])
+        vs.append(v[start:])
         slots += [table[p // bs] * bs + p % bs for p in range(start, q.shape[0])]
     meta = AttentionMetadata(slot_mapping=torch.tensor(slots), prefills=prefills)
     out = paged_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), k_cache, v_cache, meta, 0.25)
     row = 0
-    for (table, q, k, v), start in zip(seqs, cached):
+    for (_table, q, k, v), start in zip(seqs, cached):
         ref = reference_attention(q, k, v, 0.25)[start:]
-        torch.testing.assert_close(out[row:row + ref.shape[0]], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[row : row + ref.shape[0]], ref, atol=1e-5, rtol=1e-5)
         row += ref.shape[0]
 
 
@@ -61,6 +70,6 @@ def test_decode_matches_reference(dtype, tol):
     k = torch.stack([s[2][-1] for s in seqs])
     v = torch.stack([s[3][-1] for s in seqs])
     out = paged_attention(q, k, v, k_cache, v_cache, meta, 0.25)
-    for i, (table, qq, kk, vv) in enumerate(seqs):
+    for i, (_table, qq, kk, vv) in enumerate(seqs):
         ref = reference_attention(qq, kk, vv, 0.25)[-1]
         torch.testing.assert_close(out[i].float(), ref.float(), atol=tol, rtol=tol)

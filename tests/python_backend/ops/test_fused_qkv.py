@@ -3,6 +3,7 @@
 On a GPU over the Llama-3.2-1B layer shape in bfloat16; without one in Triton's interpreter on small
 shapes (tests/conftest.py sets TRITON_INTERPRET=1), half precision standing in for bfloat16.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e .[dev] installs it)")
 
-from python_backend.ops import fused, triton_attention as ta  # noqa: E402
+from python_backend.ops import fused  # noqa: E402
+from python_backend.ops import triton_attention as ta
 from python_backend.ops.fused_qkv import add_norm_qkv_rope  # noqa: E402
 from python_backend.ops.gemv import MAX_ROWS, GemvConfig  # noqa: E402
 
@@ -20,8 +22,11 @@ DEV = torch.device("cuda" if GPU else "cpu")
 DTYPES = [torch.float32, torch.bfloat16 if GPU else torch.float16]
 # hidden, heads, kv heads, head dim
 SHAPES = [(2048, 32, 8, 64), (896, 14, 2, 64)] if GPU else [(96, 6, 2, 16), (40, 2, 1, 8)]
-CONFIGS = [GemvConfig(4, 1024, 4), GemvConfig(2, 2048, 4), GemvConfig(8, 256, 8)] if GPU else \
-    [GemvConfig(4, 32), GemvConfig(8, 128)]
+CONFIGS = (
+    [GemvConfig(4, 1024, 4), GemvConfig(2, 2048, 4), GemvConfig(8, 256, 8)]
+    if GPU
+    else [GemvConfig(4, 32), GemvConfig(8, 128)]
+)
 
 
 def _case(rows: int, hidden: int, h: int, hkv: int, d: int, dtype: torch.dtype, bias: bool, seed: int = 0):
@@ -30,7 +35,7 @@ def _case(rows: int, hidden: int, h: int, hkv: int, d: int, dtype: torch.dtype, 
     out = torch.randn(rows, hidden, generator=g).to(dtype).to(DEV)
     residual = torch.randn(rows, hidden, generator=g).to(dtype).to(DEV)
     ln = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype).to(DEV)
-    w = (torch.randn(n, hidden, generator=g) / hidden ** 0.5).to(dtype).to(DEV)
+    w = (torch.randn(n, hidden, generator=g) / hidden**0.5).to(dtype).to(DEV)
     b = (0.1 * torch.randn(n, generator=g)).to(dtype).to(DEV) if bias else None
     angles = torch.outer(torch.arange(300).float(), 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
     emb = torch.cat((angles, angles), -1)
@@ -58,8 +63,9 @@ def test_fused_qkv_matches_the_three_kernels(rows, hidden, h, hkv, d, dtype, con
     k_want, v_want = _caches(hkv, d, dtype)
     q_want = ta.rope_write_kv(qkv, positions, cos, sin, slots, k_want, v_want, h, hkv, d)
     k_got, v_got = _caches(hkv, d, dtype)
-    q_got, res = add_norm_qkv_rope(out, residual, ln, eps, w, b, positions, cos, sin, slots, k_got, v_got,
-                                   h, hkv, d, config=config)
+    q_got, res = add_norm_qkv_rope(
+        out, residual, ln, eps, w, b, positions, cos, sin, slots, k_got, v_got, h, hkv, d, config=config
+    )
     torch.testing.assert_close(res, want_res, atol=0, rtol=0)
     tol = 1e-4 if dtype == torch.float32 else (2e-2 if dtype == torch.bfloat16 else 4e-3)
     torch.testing.assert_close(q_got, q_want, atol=tol, rtol=tol)
@@ -79,8 +85,9 @@ def test_fused_qkv_first_layer_norms_the_residual_as_is(dtype):
     k_want, v_want = _caches(hkv, d, dtype)
     q_want = ta.rope_write_kv(qkv, positions, cos, sin, slots, k_want, v_want, h, hkv, d)
     k_got, v_got = _caches(hkv, d, dtype)
-    q_got, res = add_norm_qkv_rope(None, residual, ln, 1e-6, w, None, positions, cos, sin, slots, k_got, v_got,
-                                   h, hkv, d, config=CONFIGS[0])
+    q_got, res = add_norm_qkv_rope(
+        None, residual, ln, 1e-6, w, None, positions, cos, sin, slots, k_got, v_got, h, hkv, d, config=CONFIGS[0]
+    )
     assert res is residual
     tol = 1e-4 if dtype == torch.float32 else (2e-2 if dtype == torch.bfloat16 else 4e-3)
     torch.testing.assert_close(q_got, q_want, atol=tol, rtol=tol)

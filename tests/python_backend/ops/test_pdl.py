@@ -1,4 +1,5 @@
 """ops/pdl.py: programmatic dependent launch stays off unless asked for and possible."""
+
 from __future__ import annotations
 
 import torch

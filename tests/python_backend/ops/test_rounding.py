@@ -1,4 +1,5 @@
 """`rounded` rounds float32 to bfloat16 exactly as PyTorch does (to nearest, ties to even)."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,12 @@ def _round_kernel(X, Y, N, BLOCK: tl.constexpr):
 
 def test_rounded_is_torch_bfloat16_rounding():
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(4000, generator=g) * 10.0 ** torch.randint(-6, 6, (4000,), generator=g),
-                   torch.tensor([0.0, -0.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), 65504.0])])
+    x = torch.cat(
+        [
+            torch.randn(4000, generator=g) * 10.0 ** torch.randint(-6, 6, (4000,), generator=g),
+            torch.tensor([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 65504.0]),
+        ]
+    )
     y = torch.empty_like(x)
     xd, yd = x.to(DEV), y.to(DEV)
     _round_kernel[(triton.cdiv(x.numel(), 1024),)](xd, yd, x.numel(), BLOCK=1024)

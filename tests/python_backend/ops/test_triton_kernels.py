@@ -5,6 +5,7 @@ GQA ratios, bfloat16). Without one they run in Triton's interpreter (tests/conft
 TRITON_INTERPRET=1), on smaller shapes: the interpreter is slow, but it checks the same index
 arithmetic, masking and split merging.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,8 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e .[dev] installs it)")
 
 from python_backend.models.llama import _rotate_half, rms_norm  # noqa: E402
-from python_backend.ops import fused, triton_attention as ta  # noqa: E402
+from python_backend.ops import fused  # noqa: E402
+from python_backend.ops import triton_attention as ta  # noqa: E402
 from python_backend.ops.attention import reference_attention  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -54,8 +56,14 @@ DECODE_CASES = [  # lengths, heads, kv heads, head dim, block size, splits
     ([1, 200], 6, 2, 64, 16, 8),
 ]
 if GPU:
-    DECODE_CASES += [([1], 32, 8, 64, 16, 16), ([4096], 32, 8, 64, 16, 16), ([4096, 1, 777, 2048] * 8, 32, 8, 64, 16, 2),
-                     ([3000, 17, 4095], 28, 4, 128, 16, 4), ([64] * 256, 32, 8, 64, 16, 1), ([511, 1024], 16, 16, 64, 32, 8)]
+    DECODE_CASES += [
+        ([1], 32, 8, 64, 16, 16),
+        ([4096], 32, 8, 64, 16, 16),
+        ([4096, 1, 777, 2048] * 8, 32, 8, 64, 16, 2),
+        ([3000, 17, 4095], 28, 4, 128, 16, 4),
+        ([64] * 256, 32, 8, 64, 16, 1),
+        ([511, 1024], 16, 16, 64, 32, 8),
+    ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -64,10 +72,10 @@ def test_decode_matches_reference(lengths, h, hkv, d, bs, splits, dtype):
     seqs, k_cache, v_cache, tables = _paged(lengths, h, hkv, d, bs, dtype)
     q = torch.stack([s[1][-1] for s in seqs]).to(DEV)
     lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
-    for launch in range(2):  # the split merge's arrival counters must be left at zero for the next launch
-        out = ta.decode_attention(q, k_cache, v_cache, tables, lens, d ** -0.5, num_splits=splits)
+    for _launch in range(2):  # the split merge's arrival counters must be left at zero for the next launch
+        out = ta.decode_attention(q, k_cache, v_cache, tables, lens, d**-0.5, num_splits=splits)
         for i, (_, qs, ks, vs) in enumerate(seqs):
-            ref = reference_attention(qs.to(DEV), ks.to(DEV), vs.to(DEV), d ** -0.5)[-1]
+            ref = reference_attention(qs.to(DEV), ks.to(DEV), vs.to(DEV), d**-0.5)[-1]
             torch.testing.assert_close(out[i].float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
     if splits > 1:
         assert ta._split_counters(DEV, 1).count_nonzero() == 0
@@ -79,8 +87,12 @@ PREFILL_CASES = [  # lengths, tokens already cached, heads, kv heads, head dim, 
     ([70], [64], 8, 8, 16, 16),
 ]
 if GPU:
-    PREFILL_CASES += [([4096], [0], 32, 8, 64, 16), ([1000, 3000, 1], [900, 0, 0], 32, 8, 64, 16),
-                      ([257, 512, 129], [256, 128, 0], 28, 4, 128, 16), ([300] * 16, [0] * 16, 32, 32, 64, 32)]
+    PREFILL_CASES += [
+        ([4096], [0], 32, 8, 64, 16),
+        ([1000, 3000, 1], [900, 0, 0], 32, 8, 64, 16),
+        ([257, 512, 129], [256, 128, 0], 28, 4, 128, 16),
+        ([300] * 16, [0] * 16, 32, 32, 64, 32),
+    ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -91,11 +103,11 @@ def test_prefill_matches_reference(lengths, cached, h, hkv, d, bs, dtype):
     q_lens = [n - c for n, c in zip(lengths, cached)]
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
     ctx = torch.tensor(lengths, dtype=torch.int32, device=DEV)
-    out = ta.prefill_attention(q, k_cache, v_cache, tables, cu, ctx, max(q_lens), d ** -0.5)
+    out = ta.prefill_attention(q, k_cache, v_cache, tables, cu, ctx, max(q_lens), d**-0.5)
     row = 0
     for (_, qs, ks, vs), c in zip(seqs, cached):
-        ref = reference_attention(qs.to(DEV), ks.to(DEV), vs.to(DEV), d ** -0.5)[c:]
-        torch.testing.assert_close(out[row:row + ref.shape[0]].float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+        ref = reference_attention(qs.to(DEV), ks.to(DEV), vs.to(DEV), d**-0.5)[c:]
+        torch.testing.assert_close(out[row : row + ref.shape[0]].float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
         row += ref.shape[0]
 
 
@@ -118,7 +130,7 @@ def test_rope_write_kv_matches_torch(dtype):
     tol = 1e-6 if dtype == torch.float32 else 0.0
     torch.testing.assert_close(q.float(), want[:, :h], atol=tol, rtol=tol)
     torch.testing.assert_close(k_cache.view(-1, hkv, d)[slots].float(), want[:, h:], atol=tol, rtol=tol)
-    torch.testing.assert_close(v_cache.view(-1, hkv, d)[slots], qkv[:, (h + hkv) * d:].view(t, hkv, d))
+    torch.testing.assert_close(v_cache.view(-1, hkv, d)[slots], qkv[:, (h + hkv) * d :].view(t, hkv, d))
     untouched = torch.ones(16, dtype=torch.bool)
     untouched[slots.cpu()] = False
     assert k_cache.view(-1, hkv, d)[untouched.to(DEV)].abs().sum() == 0
