@@ -23,17 +23,11 @@ if __package__ in (None, ""):  # run as a script: python builders/build.py
 
 from builders.repository import MODEL_PY, EntrySettings, render_config  # noqa: E402
 from builders.sources import SourceError, resolve  # noqa: E402
+from python_backend.engine import config  # noqa: E402
+from python_backend.engine.config import EngineConfig, ServingConfig  # noqa: E402
 from fastserve import __version__  # noqa: E402
 
 ENGINE_FORMAT_VERSION = 1
-DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
 
 
 class BuildError(RuntimeError):
@@ -73,35 +67,10 @@ def build_settings(args: argparse.Namespace, dtype: str) -> dict:
 
 
 def engine_parameters(args: argparse.Namespace, dtype: str) -> dict[str, str]:
-    """Engine settings that config.pbtxt carries as parameters (changeable at load time)."""
-    params = {
-        "engine_dir": "engine",
-        "device": args.device,
-        "dtype": dtype,
-        "scheduler_policy": args.scheduler,
-        "kv_block_size": str(args.kv_block_size),
-        "max_num_seqs": str(args.max_num_seqs),
-        "max_num_batched_tokens": str(args.max_num_batched_tokens),
-        "max_queue_size": str(args.max_queue_size),
-        "stream_interval": str(args.stream_interval),
-        "engine_process": "true" if args.engine_process else "false",
-    }
-    # the MLFQ's settings always: the policy can be switched at load time
-    params.update(
-        swap_space_gb=str(args.swap_space_gb),
-        mlfq_levels=str(args.mlfq_levels),
-        mlfq_base_quantum_s=str(args.mlfq_base_quantum),
-        mlfq_ratio=str(args.mlfq_ratio),
-        mlfq_starvation_s=str(args.mlfq_starvation),
-        mlfq_senior_s=str(args.mlfq_senior),
-    )
-    if args.device == "gpu":
-        params["kv_cache_memory_fraction"] = str(args.kv_cache_memory_fraction)
-    else:
-        params["kv_cache_gb"] = str(args.kv_cache_gb)
-    if args.num_kv_blocks:
-        params["num_kv_blocks"] = str(args.num_kv_blocks)
-    return params
+    """The settings config.pbtxt carries as parameters (changeable at load time)."""
+    engine = config.from_arguments(args, EngineConfig)
+    engine.dtype = dtype
+    return config.to_parameters([engine, config.from_arguments(args, ServingConfig)])
 
 
 def _save_weights(model, folder: Path) -> None:
@@ -163,13 +132,8 @@ def build(args: argparse.Namespace) -> Path:
     """Run one build; returns the entry folder."""
     start = time.monotonic()
     source = resolve(args.model)  # cheap checks first: files, architecture
-    dtype = (
-        DTYPES.get(args.dtype, None) if args.dtype != "auto" else ("bfloat16" if args.device == "gpu" else "float32")
-    )
-    if dtype is None:
-        raise BuildError(f"--dtype {args.dtype}: choose one of auto, {', '.join(sorted(set(DTYPES.values())))}")
-    if args.stream_interval < 1:
-        raise BuildError(f"--stream-interval {args.stream_interval}: must be at least 1")
+    on_gpu = args.device != "cpu"
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     repository = Path(args.repository)
     entry = repository / args.name
     version = entry / "1"
@@ -178,7 +142,7 @@ def build(args: argparse.Namespace) -> Path:
     created_entry = not entry.exists()
     entry_config = EntrySettings(
         name=args.name,
-        device=args.device,
+        device="gpu" if on_gpu else "cpu",
         instances=args.instances,
         gpus=args.gpus,
         max_batch_size=args.max_batch_size,
@@ -247,65 +211,14 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF model folder, GGUF file, hub id, or 'smollm2'")
     p.add_argument("--name", required=True, help="model name in the repository")
     p.add_argument("--repository", default="model_repository", help="model repository folder")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on gpu, float32 on cpu), float32, bfloat16, float16")
-    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where Triton runs the model")
     p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
     p.add_argument("--gpus", type=int, nargs="*", default=[], help="GPU ids for the instance group")
-    p.add_argument("--max-model-len", type=int, default=0, help="context length (default: the model's)")
-    p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV-cache block")
-    p.add_argument("--num-kv-blocks", type=int, default=0, help="KV blocks (default: from memory)")
-    p.add_argument("--kv-cache-memory-fraction", type=float, default=0.9, help="GPU memory share for weights+KV")
-    p.add_argument("--kv-cache-gb", type=float, default=2.0, help="CPU memory for the KV pool (GiB)")
     p.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
-    p.add_argument("--max-queue-size", type=int, default=1024, help="waiting requests before UNAVAILABLE")
-    p.add_argument(
-        "--stream-interval",
-        type=int,
-        default=1,
-        help="streaming: send one response per this many tokens (fewer sends at high concurrency)",
-    )
-    p.add_argument(
-        "--engine-process",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run the engine loop in a process of its own, off the Triton stub's interpreter lock "
-        "(--no-engine-process: on a thread of the stub)",
-    )
-    p.add_argument(
-        "--scheduler",
-        choices=["fcfs", "mlfq"],
-        default="fcfs",
-        help="scheduling policy: fcfs, or mlfq (FastServe's skip-join MLFQ with KV swapping)",
-    )
-    p.add_argument("--swap-space-gb", type=float, default=4.0, help="mlfq: host memory for swapped-out KV (GiB)")
-    p.add_argument(
-        "--mlfq-levels",
-        type=int,
-        default=0,
-        help="mlfq: number of queues (0: enough to span 128 decode steps, measured at start-up)",
-    )
-    p.add_argument(
-        "--mlfq-base-quantum",
-        type=float,
-        default=0.0,
-        help="mlfq: top queue's quantum in seconds (0: from the engine's start-up profile)",
-    )
-    p.add_argument("--mlfq-ratio", type=float, default=2.0, help="mlfq: quantum growth per queue")
-    p.add_argument(
-        "--mlfq-starvation",
-        type=float,
-        default=30.0,
-        help="mlfq: seconds without running before a job returns to the top queue",
-    )
-    p.add_argument(
-        "--mlfq-senior",
-        type=float,
-        default=0.0,
-        help="mlfq: seconds in the system after which a job runs ahead of the queues until it ends (0: off)",
-    )
     p.add_argument("--force", action="store_true", help="rebuild even when source and settings are unchanged")
+    engine = p.add_argument_group("engine settings (written to config.pbtxt; see docs/settings.md)")
+    config.add_arguments(engine, EngineConfig)
+    serving = p.add_argument_group("Triton model settings (written to config.pbtxt)")
+    config.add_arguments(serving, ServingConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,31 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from python_backend.engine.sequence import SamplingError, SamplingParams
+from python_backend.tensors import REQUEST_FIELDS
 
 # name -> (python type, SamplingParams field or None when it is not a sampling setting)
-SETTINGS: dict[str, tuple[type, str | None]] = {
-    "max_tokens": (int, "max_tokens"),
-    "temperature": (float, "temperature"),
-    "top_p": (float, "top_p"),
-    "top_k": (int, "top_k"),
-    "min_p": (float, "min_p"),
-    "min_tokens": (int, "min_tokens"),
-    "min_length": (int, "min_tokens"),
-    "seed": (int, "seed"),
-    "repetition_penalty": (float, "repetition_penalty"),
-    "presence_penalty": (float, "presence_penalty"),
-    "frequency_penalty": (float, "frequency_penalty"),
-    "ignore_eos": (bool, "ignore_eos"),
-    "logprobs": (bool, "logprobs"),
-    "stop": (list, "stop"),
-    "stop_words": (list, "stop"),
-    "stream": (bool, None),
-    "exclude_input_in_output": (bool, None),
-    "return_num_input_tokens": (bool, None),
-    "return_num_output_tokens": (bool, None),
-    "priority": (int, None),
-    "chat": (bool, None),
-}
+SETTINGS: dict[str, tuple[type, str | None]] = {f.name: (f.kind, f.sampling) for f in REQUEST_FIELDS}
 DEFAULT_MAX_TOKENS = 16
 
 
