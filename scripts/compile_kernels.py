@@ -1,8 +1,8 @@
 """Compile every Triton kernel of the engine for a GPU architecture ahead of time, without a GPU.
 
 Triton's interpreter, which runs the kernels on CPUs, checks what they compute but not what the
-compiler accepts: a loop that reassigned a bfloat16 tile to float32 passed every CPU test and then
-failed to compile on the H100. This compiles each kernel in the specialisations a decode or prefill
+compiler accepts: a loop that reassigns a bfloat16 tile to float32, for one, passes every CPU test
+and fails to compile for a GPU. This compiles each kernel in the specialisations a decode or prefill
 step uses, with Triton's own ptxas (tests/python_backend/ops/test_compile_sm90.py runs it).
 
     python3 scripts/compile_kernels.py [--arch 90]

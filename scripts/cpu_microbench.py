@@ -7,7 +7,7 @@
 3. decode attention over gathered blocks: query heads laid along the query axis against a copy of
    K and V made contiguous for grouped-query attention.
 
-    python scripts/cpu_microbench.py --out results/cpu-microbench.json
+    python scripts/cpu_microbench.py --out cpu-microbench.json
 """
 
 from __future__ import annotations

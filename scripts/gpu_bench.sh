@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 measurements on a GPU host with PyTorch but no network (the device tool's H100/H200).
+# GPU checks and benchmarks on a host with PyTorch but no network: models, wheels and data are carried in.
 #
 #   bash scripts/gpu_bench.sh TOKENIZER_DIR OUT_DIR [PHASE ...]
 #
@@ -15,19 +15,19 @@
 #   throughput  256 x 256 -> 128 tokens, EOS ignored: engine vs transformers generate (b64) and
 #               generate_batch, and a single sequence against the weight-streaming time
 #   random      256 requests, input and output lengths uniform in 100..1024: engine vs generate (b64)
-#   kvbound     issue 7 where KV memory binds: 100 blocks, 8 seats, at $KV_LOAD of the measured capacity, one
-#               trace per seed in $KV_SEEDS, after the GPU swap/resume exactness test
-#   seats       issue 7 with two decode seats and ample KV (queueing for a seat), at $SEATS_RATE requests/s
+#   kvbound     FCFS and MLFQ where KV memory binds: 100 blocks, 8 seats, at $KV_LOAD of the measured capacity,
+#               one trace per seed in $KV_SEEDS, after the GPU swap/resume exactness test
+#   seats       FCFS and MLFQ with two decode seats and ample KV (queueing for a seat), at $SEATS_RATE requests/s
 #               on the trace of $SEATS_SEED
 #   gemvsweep   the decode GEMV kernel's configurations against cuBLAS on the 1B shapes (gpu_gemv_sweep.py)
 #   profile     one sequence's decode step: kernel times and graphed/eager step time (gpu_profile_step.py)
-#   mlfq        issue 7: swap/resume exactness on the GPU, then online load (80% short / 20% long outputs)
+#   mlfq        swap/resume exactness on the GPU, then online load (80% short / 20% long outputs)
 #               against FCFS and MLFQ with the KV pool limited to 1,024 blocks, at 85% of the measured
 #               capacity ($MLFQ_LOAD, $MLFQ_ARRIVALS: poisson or bursty, $MLFQ_POLICIES: the order)
 #   triton      the same 256 x 256 -> 128 offline and through the packed tritonserver at 256 streams,
 #               the engine in its own process or on the stub's thread, one response per token or per 4
 #               ($TRITON_RUNS: where:interval pairs; $TRITON_REPEATS)
-#               (.gpu/tritonserver-py3.12.tar.xz from ../shared/tools/pack-tritonserver.sh; the
+#               (.gpu/tritonserver-py3.12.tar.xz, a packed server carried in with its launcher; the
 #               Python-backend stub needs numpy < 2, carried as .whl/numpy, in an environment of its
 #               own that leaves out the image's packages built on numpy 2: scripts/stub_site.py)
 #   tprofile    where the server's time goes at 256 streams: scripts/triton_profile.py samples the stub and
@@ -83,7 +83,7 @@ if want kernels; then
     tests/python_backend/engine/test_kernel_path.py tests/python_backend/engine/test_cuda_graphs.py 2>&1 | tail -15
 fi
 if want exact; then
-  [[ -d ../shared/data ]] || export FASTSERVE_SHARED=$root/.gpu/shared  # carried: ../shared does not travel
+  [[ -d ../shared/data ]] || export FASTSERVE_SHARED=$root/.gpu/shared  # else a carried copy
   FASTSERVE_RESULTS=$out python3 -m pytest -q -p no:cacheprovider tests/python_backend/engine/test_gpu_exact.py 2>&1 | tail -15
 fi
 if want agreement; then
@@ -129,7 +129,7 @@ if want kvbound; then
   done
 fi
 if want seats; then
-  # seat-limited: two decode seats and ample KV, so queueing for a seat dominates as in the CPU run
+  # seat-limited: two decode seats and ample KV, so queueing for a seat dominates, as it does on a CPU
   entry llama1b_s2 --max-model-len 4096 --max-num-seqs 2 --max-num-batched-tokens 4096
   online llama1b_s2 online-llama1b-h100-2seats.json --num-requests 300 --rate ${SEATS_RATE:-6.06} --seed ${SEATS_SEED:-0}
 fi

@@ -1,7 +1,7 @@
 """How far SmolLM2's bfloat16 greedy output moves under changes that are not bugs (GPU).
 
 The reference is the one test_gpu_exact.py uses: transformers, one prompt at a time, SDPA attention.
-Against it: our engine (all 32 shared prompts in one batch, and one prompt at a time), transformers
+Against it: our engine (all 32 test prompts in one batch, and one prompt at a time), transformers
 with eager attention, transformers with the prompts left-padded into one batch, and float32. Agreement
 is the share of the first 64 tokens equal position by position, as in the test.
 
@@ -11,7 +11,7 @@ reference's own prefix, does it pick the reference's next token? For the engine 
 per position (prompt + reference prefix, one greedy token, served from the prefix cache); for
 transformers one forward pass over prompt + reference.
 
-    python3 scripts/gpu_bf16_agreement.py --out results/smollm2-bf16-agreement.json
+    python3 scripts/gpu_bf16_agreement.py --out agreement.json
     python3 scripts/gpu_bf16_agreement.py --device cpu --prompts 4 --out /tmp/agreement.json  # a quick check
 """
 

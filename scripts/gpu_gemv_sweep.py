@@ -2,7 +2,7 @@
 (random bf16 weights, 16 copies of each as the layers hold them, so none is still in L2), under CUDA
 graphs as in a decode step; also checks each configuration's output against F.linear. Writes JSON.
 
-    python3 scripts/gpu_gemv_sweep.py --out results/gemv-sweep.json
+    python3 scripts/gpu_gemv_sweep.py --out gemv-sweep.json
 """
 
 from __future__ import annotations

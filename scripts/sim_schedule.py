@@ -1,12 +1,12 @@
 """Replay an online trace through the real schedulers (scheduler.py, mlfq.py) on a virtual clock,
-with step times from a cost model instead of a model. Minutes of CPU benchmark become a second, so
-scheduler settings can be compared over many traces before a real run; the real runs decide.
+with step times from a cost model instead of a model. Minutes of serving become a second, so
+scheduler settings can be compared over many traces before a real benchmark, which decides.
 
     python scripts/sim_schedule.py --rate 0.289 --seeds 20 --variant levels=0 --variant senior=20
 
 Cost model (seconds): a step costs `base + per_seq * decodes + per_token * prefill_tokens`; the
-defaults are SmolLM2 bf16 on the two-core CPU machine (one-sequence decode step 25.7 ms, two 33 ms,
-prefill 16 ms + 0.3 ms/token, from results/online-smollm2-cpu-2seats-rate0.289-own-service.json).
+defaults model SmolLM2 in bfloat16 on a small CPU host with two decode seats (a one-sequence decode
+step about 26 ms, two about 33 ms, prefill 16 ms + 0.3 ms per token).
 """
 
 from __future__ import annotations

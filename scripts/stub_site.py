@@ -1,6 +1,6 @@
 """A view of a site-packages folder for the Triton Python-backend stub of nvidia-pytriton 0.7, whose
 tensors use the numpy 1.x ABI: symbolic links to every package except numpy and the packages compiled
-against numpy 2 (which fail to import beside numpy 1.x). Used on the GPU hosts, whose image has numpy 2.
+against numpy 2 (which fail to import beside numpy 1.x). For hosts whose own packages have numpy 2.
 
     python3 scripts/stub_site.py HOST_SITE_PACKAGES OUT_FOLDER
 """

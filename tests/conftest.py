@@ -19,7 +19,7 @@ except ImportError:
     pass
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("FASTSERVE_SHARED", ROOT.parent / "shared"))  # a GPU host gets a copy
+SHARED = Path(os.environ.get("FASTSERVE_SHARED", ROOT.parent / "shared"))  # or a copy elsewhere
 TEST_REPOS = Path(__file__).resolve().parent / "repos"
 
 

@@ -3,9 +3,10 @@
 The host pool is allocated once, [host_blocks, layers, 2, block_size, kv_heads, head_dim] (pinned on a
 GPU, so copies are asynchronous), and a swapped-out sequence holds one contiguous run of it. A swap is
 then one gather (or scatter) over the device pool's single tensor, every layer at once, and one copy:
-three operations with the block ids' copy, where a copy per layer and per K and V made 64 on the
-16-layer model (in a memory-bound H100 run MLFQ's long jobs then lost 20% to FCFS's, not 25%). Allocating a pinned
-buffer per swap cost the host about 15% of such a run (py-spy: `torch.empty(..., pin_memory=True)`).
+three operations with the block ids' copy, where a copy per layer and per K and V would make dozens
+(64 for 16 layers) and slow the jobs that are swapped most. The host pool is pinned once because
+allocating a pinned buffer per swap (`torch.empty(..., pin_memory=True)`) is slow enough to take a
+sizeable share of the host's time when swaps are frequent.
 
 On a GPU the copies run on a side stream: `fence()` makes the compute stream wait for the swaps this
 step's batch depends on (swap-ins of its sequences, and swap-outs whose device blocks were handed to
@@ -113,9 +114,9 @@ class KVSwapper:
 
     def _side_index(self, blocks: list[int]) -> torch.Tensor:
         """The block ids on the device, copied on the side stream from pinned memory (call inside it).
-        Made with torch.tensor(..., device=...) on the compute stream instead, the copy waited for
-        the step in flight: every swap stalled the host for a whole step (H100, 1,024 blocks: 5,272
-        swaps made MLFQ's run 107 s against FCFS's 17 s)."""
+        Made with torch.tensor(..., device=...) on the compute stream instead, the copy would wait
+        for the step in flight: every swap would stall the host for a whole step, and with frequent
+        swaps MLFQ would run several times slower than FCFS."""
         host = torch.tensor(blocks, dtype=torch.long).pin_memory()
         idx = host.to(self.device, non_blocking=True)
         event = torch.cuda.Event()

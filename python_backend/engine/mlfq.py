@@ -8,15 +8,15 @@ iteration:
 - Queues 0..L-1 have quanta q_i = base * ratio**i seconds of service. A job is charged its own
   service: what its tokens of the iteration would take alone by the start-up profile (a one-sequence
   decode step per token, the prefill time of its chunk), not the iteration's wall time, which grows
-  with the batch. Charged wall time, short jobs on the H100 under load used up the upper queues'
-  quanta within tens of tokens, sank among the long jobs and became the first victims of eviction.
+  with the batch. Charged wall time, short jobs under load would use up the upper queues' quanta
+  within tens of tokens, sink among the long jobs and become the first victims of eviction.
   Once a job has used its queue's quantum it moves one queue down. By default L is chosen so that
   the queues above the last span LONG_JOB_STEPS decode steps: a job still running then is a long
   one, and the last queue runs long jobs in arrival order. More queues would
   keep long jobs in least-attained-service order, which pauses the ones nearest completion for newer
   ones: their mean completion time grows far beyond what the short jobs gain. (64 steps rather than
-  128 took the CPU benchmark's simulated mean JCT from 2.0x to 2.3x below FCFS's: short answers are
-  done by then, and long jobs spend less time pausing each other.)
+  128: short answers are done by then, and long jobs spend less time pausing each other, which
+  lowers the mean JCT.)
 - Skip-join: a new job enters the highest queue whose quantum covers its prefill time (estimated
   from its input length with the profile the engine measured at start-up), so a long prompt never
   enters queues it would fall out of at once.
@@ -30,9 +30,9 @@ iteration:
   of need.
 - A job that has not run for `starvation_s` goes back to the top queue for one quantum, then returns
   to the queue it was promoted from. Stepping down through every queue again instead, a promoted
-  long job ran ahead of the short ones for all the upper quanta (seconds on the CPU) and undid what
-  MLFQ is for: in scripts/sim_schedule.py, replaying 12 traces of the CPU benchmark's mix through
-  this scheduler, mean JCT fell 2.0x below FCFS's with the full descent and 2.3x with the return.
+  long job would run ahead of the short ones for all the upper quanta (seconds on a slow device)
+  and undo what MLFQ is for: with the return, mean JCT stays clearly lower (scripts/sim_schedule.py
+  replays traces through this scheduler to compare such choices).
 - Optionally (`senior_s` > 0), a job in the system longer than `senior_s` becomes senior: it runs
   ahead of every queue, seniors in arrival order, until it finishes. MLFQ favours short jobs at the
   long ones' expense; this bounds how far the longest fall behind FCFS, which is what sets the p99.
@@ -226,9 +226,9 @@ class MLFQScheduler(Scheduler):
         """Free `need` device blocks by evicting running jobs ranked after `position` in this
         iteration's order, least urgent first; a job never takes memory from a more urgent one.
         Jobs after `position` are untouched until the loop reaches them, so one cursor walking back
-        from the end serves the whole iteration (a scan per job was quadratic in the queue: with
-        hundreds waiting on the H100 the host time per step grew to tens of milliseconds and
-        throughput fell to a quarter of FCFS's). Evicts nothing unless the need can be met."""
+        from the end serves the whole iteration (a scan per job would be quadratic in the queue: with
+        hundreds waiting, the host time per step grows to tens of milliseconds and throughput
+        collapses). Evicts nothing unless the need can be met."""
         if need <= self.blocks.num_free:
             return True
         order, cursor = self._order, self._cursor

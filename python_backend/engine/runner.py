@@ -111,9 +111,8 @@ class DecodeGraphs:
     def capture_all(self, max_batch: int, max_blocks: int) -> int:
         """Capture every graph a decode step can need, largest batch first so that the smaller ones
         reuse its memory. Captured lazily instead, a batch size or table width first met while
-        serving stalled that step by the capture (tens of milliseconds each): on the H100 at 256
-        streams, runs whose requests met new shapes had first tokens 0.5-1.3 s late against 0.22 s.
-        Returns the number captured."""
+        serving would stall that step by the capture (tens of milliseconds each), and under load
+        such stalls delay first tokens several-fold. Returns the number captured."""
         widths = range(self.width_step, -(-max_blocks // self.width_step) * self.width_step + 1, self.width_step)
         batches = [b for b in GRAPH_BATCHES if b <= graph_batch(min(max_batch, self.max_batch))]
         for batch in sorted(batches, reverse=True):
@@ -161,7 +160,8 @@ class DecodeGraphs:
 def _aligned(parts: list[np.ndarray], sizes: list[int]) -> list[np.ndarray]:
     """The parts, each input padded to an even length, so that every tensor split from them starts
     16 bytes aligned. Triton compiles a kernel variant per pointer alignment: with inputs at odd
-    offsets, new alignments kept turning up while serving and each cost a compile (~1 s)."""
+    offsets, new alignments would keep turning up while serving, each costing a compile (about a
+    second)."""
     out, i = [], 0
     for n in sizes:
         taken = 0

@@ -101,7 +101,7 @@ def _packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = No
 
 def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN's prepacked bf16/fp16 weights: about 25% faster small-batch matrix products on CPUs with
-    AMX or AVX-512 (measured on SmolLM2's shapes at 32 rows), and bit-identical to F.linear."""
+    AMX or AVX-512 (a small model's shapes at 32 rows), and bit-identical to F.linear."""
     if not (
         device.type == "cpu"
         and dtype in (torch.bfloat16, torch.float16)

@@ -114,7 +114,7 @@ def paged_attention(
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Dense causal attention for one sequence with no cache: q [L, H, D], k and v [L, Hkv, D].
-    The oracle the paged paths and later GPU kernels are tested against."""
+    The oracle the paged paths and the GPU kernels are tested against."""
     g = q.shape[1] // k.shape[1]
     kk = k.repeat_interleave(g, dim=1).transpose(0, 1).float()
     vv = v.repeat_interleave(g, dim=1).transpose(0, 1).float()

@@ -2,9 +2,9 @@
 rotary embedding and the KV-cache write (GPU; also runs in Triton's interpreter).
 
 A single sequence's decode step is some 150 short kernels, and each costs its launch and its ramp
-as well as its work: at one row on the H100 the add + RMSNorm took about 2 us, the rotary and KV
-write 2.3 us, against 7.4 us for the QKV product itself (results/llama1b-h100-single-step-profile-
-run-ahead.json). This kernel does the three in one launch per layer for batches of up to four rows.
+as well as its work: at one row the add + RMSNorm and the rotary and KV write, though tiny in work,
+together cost over half as much as the QKV product itself. This kernel does the three in one launch
+per layer for batches of up to four rows.
 
 Every program recomputes the normalised input rows from the previous layer's output and the
 residual stream (a few KiB, from L2) instead of waiting for another kernel to write them; program 0

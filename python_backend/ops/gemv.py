@@ -2,12 +2,12 @@
 Triton's interpreter).
 
 A decode step of one to four sequences reads every weight once and does almost no arithmetic, so
-its time is the time to stream the weights. cuBLAS reaches only about 55% of the H100's bandwidth on
-the attention projections at one row (results/llama1b-h100-single-step-profile.json). This kernel
-gives each program a few whole output rows, streams their weights along K in wide vector loads and
-keeps the few input rows in registers. The down projection can take the gate-up output directly and
-apply SiLU-and-multiply as it loads it, which saves a launch and a round trip through memory; its
-rounding is that of fused.silu_mul, step for step.
+its time is the time to stream the weights. cuBLAS reaches only about half of the memory bandwidth
+on the attention projections at one row. This kernel gives each program a few whole output rows,
+streams their weights along K in wide vector loads and keeps the few input rows in registers. The
+down projection can take the gate-up output directly and apply SiLU-and-multiply as it loads it,
+which saves a launch and a round trip through memory; its rounding is that of fused.silu_mul, step
+for step.
 """
 
 from __future__ import annotations
@@ -157,9 +157,9 @@ def gemv(
     return out
 
 
-# those that beat cuBLAS by the margin somewhere on the H100 (results/llama1b-h100-gemv-sweep.json from
-# scripts/gpu_gemv_sweep.py): the LM head at one and two rows, the output projection (5.6 us against
-# 6.4) and the fused down projection (16.3 us against 18.0) at one row; few, for few start-up compiles
+# configs that beat cuBLAS by the margin on some of Llama-3.2-1B's shapes (scripts/gpu_gemv_sweep.py times
+# them): the LM head at one and two rows, the output and fused down projections at one row; few, for few
+# start-up compiles
 CANDIDATES = (GemvConfig(4, 1024, 4), GemvConfig(2, 2048, 4), GemvConfig(4, 2048, 8))
 
 

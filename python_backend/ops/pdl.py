@@ -2,16 +2,14 @@
 finished, does the work that does not depend on it, then waits.
 
 A single sequence's decode step is a chain of about a hundred short kernels; each one's launch, ramp
-and tail showed as gaps in which HBM idles (results/llama1b-h100-single-step-profile*.json). With
-PDL a projection issues the loads of its weights (which no kernel writes) while the kernel before it
-drains, and waits (`griddepcontrol.wait`) only before it reads that kernel's output. Every kernel
-launched this way must call `wait_for_previous` before touching anything an earlier kernel wrote,
-and writes nothing before it.
+and tail leave gaps in which HBM idles. With PDL a projection issues the loads of its weights (which
+no kernel writes) while the kernel before it drains, and waits (`griddepcontrol.wait`) only before it
+reads that kernel's output. Every kernel launched this way must call `wait_for_previous` before
+touching anything an earlier kernel wrote, and writes nothing before it.
 
-Opt-in (FASTSERVE_PDL=1), because on the H100 it did not pay: one sequence's graphed step took
-1.238 ms with it (twice) and 1.221 ms without, in one run (results/llama1b-h100-pdl-ab.json). The
-greedy tokens are the same either way (tests/python_backend/engine/test_cuda_graphs.py). Never on
-CPUs or in Triton's interpreter.
+Opt-in (FASTSERVE_PDL=1), because it does not pay: a graphed one-sequence step is no faster with it
+(if anything slightly slower). The greedy tokens are the same either way
+(tests/python_backend/engine/test_cuda_graphs.py). Never on CPUs or in Triton's interpreter.
 """
 
 from __future__ import annotations

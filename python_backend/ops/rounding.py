@@ -1,10 +1,10 @@
 """Rounding to the model's dtype inside Triton kernels, in a form the compiler keeps.
 
 PyTorch rounds every bfloat16 op's result to bfloat16; our fused kernels reproduce that with
-`x.to(bf16).to(fp32)` round trips, so that greedy choices at near-ties match transformers. On the
-H100 (Triton 3.6) such round trips were folded away: the rotary kernel's products were no longer
-rounded and test_rope_write_kv_matches_torch failed by one bfloat16 step. `rounded` does the
-bfloat16 rounding (to nearest, ties to even) on the bits, which no compiler pass can fold.
+`x.to(bf16).to(fp32)` round trips, so that greedy choices at near-ties match transformers. But the
+compiler may fold such round trips away (Triton 3.6 does for Hopper), leaving products unrounded and
+one bfloat16 step off PyTorch's. `rounded` does the bfloat16 rounding (to nearest, ties to even) on
+the bits, which no compiler pass can fold.
 """
 
 from __future__ import annotations

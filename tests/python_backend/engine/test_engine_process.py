@@ -147,7 +147,7 @@ def test_a_batch_of_requests_refuses_only_its_bad_ones(proc, tiny_engine_dir):
 
 def test_submitting_never_waits_on_an_engine_whose_outputs_back_up(tiny_engine_dir):
     """A slow consumer fills the output pipe and the child blocks sending; a large batch submitted
-    then must not block the caller (which once held the lock the reader needed: both processes stopped)."""
+    then must not block the caller (were it to hold the lock the reader needs, both processes would stop)."""
     import time
 
     engine = EngineProcess(tiny_engine_dir, EngineConfig(num_kv_blocks=512, max_num_seqs=4, max_queue_size=128))

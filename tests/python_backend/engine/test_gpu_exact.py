@@ -24,7 +24,7 @@ N = 64
 
 def _hf_greedy(model, ids: list[int], eos: list[int]) -> list[int]:
     """Stopping on the engine's own EOS set: which tokens a GGUF tokenizer calls EOS varies between
-    transformers versions (5.17 on the GPU hosts), and a different stop set is not a different model."""
+    transformers versions, and a different stop set is not a different model."""
     with torch.inference_mode():
         out = model.generate(
             torch.tensor([ids], device="cuda"),

@@ -205,8 +205,8 @@ class CountingBlocks(BlockManager):
 
 def test_a_full_memory_iteration_does_work_linear_in_the_queue_and_takes_from_no_more_urgent_job():
     """Memory full of running jobs and a long queue: one iteration looks at each job a bounded number
-    of times (it was a scan of all jobs per waiting job, which on the H100 made the host the
-    bottleneck), and a waiting job evicts only jobs ranked after it."""
+    of times (a scan of all jobs per waiting job would make the host the bottleneck), and a waiting
+    job evicts only jobs ranked after it."""
     profile = PrefillProfile(a=0.0, b=0.01, decode_step=0.25)
     blocks = CountingBlocks(64, 4, enable_prefix_caching=False)
     sched = MLFQScheduler(

@@ -1,6 +1,6 @@
 """The Llama model on the CPU in bfloat16: it loads and serves whether or not this CPU lets oneDNN prepack
-the weights (an AVX2-only CPU does not, and loading used to fail there), and the prepacked products give
-the same greedy tokens as plain F.linear."""
+the weights (an AVX2-only CPU does not), and the prepacked products give the same greedy tokens as
+plain F.linear."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles for the H100 and H200 (sm_90), on any machine: the interpreter that runs
+"""Every Triton kernel compiles for Hopper GPUs (sm_90), on any machine: the interpreter that runs
 them in the CPU tests does not check what the compiler accepts (scripts/compile_kernels.py says why)."""
 
 from __future__ import annotations
