@@ -23,9 +23,9 @@ if __package__ in (None, ""):  # run as a script: python builders/build.py
 
 from builders.repository import MODEL_PY, EntrySettings, render_config  # noqa: E402
 from builders.sources import SourceError, resolve  # noqa: E402
+from fastserve import __version__  # noqa: E402
 from python_backend.engine import config  # noqa: E402
 from python_backend.engine.config import EngineConfig, ServingConfig  # noqa: E402
-from fastserve import __version__  # noqa: E402
 
 ENGINE_FORMAT_VERSION = 1
 
@@ -170,6 +170,7 @@ def build(args: argparse.Namespace) -> Path:
                     "format_version": ENGINE_FORMAT_VERSION,
                     "builder_version": __version__,
                     "architecture": info["architecture"],
+                    "device": "gpu" if on_gpu else "cpu",
                     "dtype": dtype,
                     "quantization": None,
                     "pruning": None,

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     from builders.build import add_build_parser
 
     add_build_parser(sub)
-    from clients.bench import add_bench_parser
+    from benchmarks.bench import add_bench_parser
 
     add_bench_parser(sub)
     from clients.cli import add_generate_parser

@@ -64,6 +64,12 @@ class Metrics:
         self.recomputes = family(
             "fastserve_recomputes_total", "Preempted sequences whose KV cache was dropped, to be recomputed", mf.COUNTER
         ).Metric(labels=labels)
+        self.engine_restarts = family(
+            "fastserve_engine_restarts_total", "New engine processes started after one died", mf.COUNTER
+        ).Metric(labels=labels)
+        self.engine_up = family(
+            "fastserve_engine_up", "1 while an engine takes requests, 0 while it is down or restarting", mf.GAUGE
+        ).Metric(labels=labels)
         self._last: dict[str, int] = {}
         self._gauges: dict[int, float] = {}  # the last value set, per gauge
         finish = family("fastserve_request_finish_total", "Finished requests by reason", mf.COUNTER)

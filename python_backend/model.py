@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import queue
 import threading
 import time
@@ -22,9 +23,12 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from python_backend.engine.engine import Engine, EngineConfig, Overloaded
+from python_backend.engine import config as settings
+from python_backend.engine.client import EngineUnavailable, Overloaded, Submission
+from python_backend.engine.config import EngineConfig, ServingConfig
+from python_backend.engine.engine import Engine
 from python_backend.engine.engine_folder import EngineFolderError
-from python_backend.engine.engine_process import EngineProcess, EngineProcessError
+from python_backend.engine.engine_process import EngineProcess
 from python_backend.engine.sequence import RequestOutput, SamplingError
 from python_backend.metrics import Metrics
 from python_backend.request import GenerateRequest, parse
@@ -102,33 +106,56 @@ def _drain(outbox: queue.SimpleQueue, first) -> tuple[list[RequestOutput | _Refu
     return [*refusals, *merged.values()], stop
 
 
+class _TritonLogHandler(logging.Handler):
+    """The engine's Python logging, tracebacks included, into Triton's server log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            if record.levelno >= logging.ERROR:
+                pb_utils.Logger.log_error(text)
+            elif record.levelno >= logging.WARNING:
+                pb_utils.Logger.log_warn(text)
+            else:
+                pb_utils.Logger.log_info(text)
+        except Exception:
+            self.handleError(record)
+
+
+def _route_logs() -> None:
+    logger = logging.getLogger("fastserve")
+    if not any(isinstance(h, _TritonLogHandler) for h in logger.handlers):
+        logger.addHandler(_TritonLogHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        _route_logs()
         self.model_config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in self.model_config.get("parameters", {}).items()}
-        engine_dir = Path(params.get("engine_dir") or "engine")
-        if not engine_dir.is_absolute():
-            engine_dir = Path(args["model_repository"]) / args["model_version"] / engine_dir
         try:
+            settings.check_keys(params)
             config = EngineConfig.from_parameters(params)
-            self.stream_interval = int(params.get("stream_interval") or 1)
-            if self.stream_interval < 1:
-                raise ValueError(f"parameter stream_interval={self.stream_interval}: must be at least 1")
-            own_process = params.get("engine_process", "true").lower()
-            if own_process not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"parameter engine_process={own_process!r}: must be true or false")
+            self.serving = ServingConfig.from_parameters(params)
         except ValueError as e:
             raise pb_utils.TritonModelException(f"config.pbtxt: {e}") from None
+        engine_dir = Path(self.serving.engine_dir)
+        if not engine_dir.is_absolute():
+            engine_dir = Path(args["model_repository"]) / args["model_version"] / engine_dir
+        self.stream_interval = self.serving.stream_interval
         if args.get("model_instance_kind") == "GPU":
             config.device = f"cuda:{args.get('model_instance_device_id', 0)}"
         elif config.device == "gpu":
             config.device = "cuda"
+        self._restarts_seen = 0
         try:
-            if own_process in ("true", "1", "yes"):  # the engine loop off this interpreter's lock
-                self.engine = EngineProcess(engine_dir, config)
+            if self.serving.engine_process:  # the engine loop off this interpreter's lock
+                self.engine = EngineProcess(engine_dir, config, restarts=self.serving.engine_restarts)
             else:
                 self.engine = Engine.launch(engine_dir, config)
-        except (EngineFolderError, EngineProcessError) as e:
+        except (EngineFolderError, EngineUnavailable) as e:
             raise pb_utils.TritonModelException(str(e)) from None
         self.metrics = Metrics(pb_utils, args["model_name"], args["model_version"])
         self._ids = itertools.count()
@@ -162,7 +189,10 @@ class TritonPythonModel:
             if admitted:
                 try:
                     errors = self.engine.add_requests(
-                        [(rid, a.prompt, a.req.params, self._outbox.put, a.req.priority) for rid, a in admitted]
+                        [
+                            Submission(rid, a.prompt, a.req.params, self._outbox.put, a.req.priority)
+                            for rid, a in admitted
+                        ]
                     )
                 except Exception as e:  # every request still gets an answer
                     errors = [e] * len(admitted)
@@ -197,7 +227,7 @@ class TritonPythonModel:
         """A request that will not run: a clear error for its client; the server keeps serving."""
         if isinstance(error, SamplingError):
             self._fail(sender, str(error), pb_utils.TritonError.INVALID_ARG)
-        elif isinstance(error, (Overloaded, EngineProcessError)):
+        elif isinstance(error, (Overloaded, EngineUnavailable)):
             self._fail(sender, str(error), pb_utils.TritonError.UNAVAILABLE)
         else:  # never let one request take the model down
             self._fail(sender, f"internal error: {type(error).__name__}: {error}", pb_utils.TritonError.INTERNAL)
@@ -240,8 +270,19 @@ class TritonPythonModel:
                     self._poll_cancelled()
                     self._flush_tallies()
                     self.metrics.engine_state(self.engine.snapshot())
+                    self._engine_health()
                 except Exception as e:
                     pb_utils.Logger.log_error(f"fastserve: response thread: {type(e).__name__}: {e}")
+
+    def _engine_health(self) -> None:
+        """Count engine restarts and say whether an engine is up. Triton's Python backend gives a model
+        no call to mark itself not ready, so /v2/models/<name>/ready stays 200 while the engine is
+        down; requests then fail with UNAVAILABLE and this gauge reads 0."""
+        restarts = getattr(self.engine, "restarts", 0)
+        if restarts > self._restarts_seen:
+            self.metrics.engine_restarts.increment(restarts - self._restarts_seen)
+            self._restarts_seen = restarts
+        self.metrics.engine_up.set(1 if getattr(self.engine, "up", True) else 0)
 
     def _yield_to_execute(self) -> None:
         """Wait (up to 0.2 s) while execute() admits requests."""
@@ -326,7 +367,8 @@ class TritonPythonModel:
                 return
             text = a.text if req.exclude_input_in_output or req.chat else req.prompt + a.text
         if out.finish_reason == "error":
-            self._fail(a.sender, out.error or "the engine failed while generating", pb_utils.TritonError.INTERNAL)
+            code = pb_utils.TritonError.UNAVAILABLE if out.unavailable else pb_utils.TritonError.INTERNAL
+            self._fail(a.sender, out.error or "the engine failed while generating", code)
             return
         tensors = [_tensor("text_output", text.encode("utf-8"), np.object_)]
         if out.finished:

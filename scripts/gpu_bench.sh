@@ -83,11 +83,9 @@ if want kernels; then
     tests/python_backend/engine/test_kernel_path.py tests/python_backend/engine/test_cuda_graphs.py 2>&1 | tail -15
 fi
 if want exact; then
-  [[ -d ../shared/data ]] || export FASTSERVE_SHARED=$root/.gpu/shared  # else a carried copy
   FASTSERVE_RESULTS=$out python3 -m pytest -q -p no:cacheprovider tests/python_backend/engine/test_gpu_exact.py 2>&1 | tail -15
 fi
 if want agreement; then
-  [[ -d ../shared/data ]] || export FASTSERVE_SHARED=$root/.gpu/shared
   python3 scripts/gpu_bf16_agreement.py --out "$out/smollm2-bf16-agreement.json" | tail -40
 fi
 bench() { python3 -m fastserve.cli bench --offline --repository $work/repo --model llama1b --device cuda "$@"; }

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from builders.sources import smollm2_path  # noqa: E402
 from python_backend.engine.engine import Engine, EngineConfig  # noqa: E402
 from python_backend.engine.sequence import SamplingParams  # noqa: E402
-from tests.conftest import SHARED, build_entry, prompt_ids  # noqa: E402
+from tests.conftest import ROOT, build_entry, prompt_ids  # noqa: E402
 
 N = 64
 
@@ -101,7 +101,7 @@ def main() -> None:
     dev = args.device
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    shared = [json.loads(x) for x in (SHARED / "data" / "prompts.jsonl").read_text().splitlines() if x.strip()]
+    shared = [json.loads(x) for x in (ROOT / "tests" / "data" / "prompts.jsonl").read_text().splitlines() if x.strip()]
     prompts = [prompt_ids(tok, p) for p in shared][: args.prompts or None]
     params = SamplingParams(max_tokens=N, temperature=0.0)
     outputs: dict[str, list[list[int]]] = {}

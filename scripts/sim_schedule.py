@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clients.online import parse_mix  # noqa: E402
+from benchmarks.online import parse_mix  # noqa: E402
 from python_backend.engine.kv_cache import BlockManager  # noqa: E402
 from python_backend.engine.mlfq import MLFQConfig, MLFQScheduler, PrefillProfile  # noqa: E402
 from python_backend.engine.scheduler import Scheduler  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clients.bench import _scrape, _server_view, load, salted, synthetic_prompts  # noqa: E402
+from benchmarks.bench import _scrape, _server_view, load, salted, synthetic_prompts  # noqa: E402
 from python_backend.serve import TritonServer, free_port  # noqa: E402
 
 

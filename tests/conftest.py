@@ -1,4 +1,4 @@
-"""Shared fixtures: a real tritonserver on free ports, the shared prompts, the SmolLM2 file."""
+"""Shared fixtures: a real tritonserver on free ports, the project's prompts, the SmolLM2 file."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ except ImportError:
     pass
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("FASTSERVE_SHARED", ROOT.parent / "shared"))  # or a copy elsewhere
 TEST_REPOS = Path(__file__).resolve().parent / "repos"
 
 
@@ -38,10 +37,9 @@ def echo_server():
 
 
 @pytest.fixture(scope="session")
-def shared_prompts() -> list[dict]:
-    path = SHARED / "data" / "prompts.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} is not here: the shared data sits beside the checkout")
+def prompt_set() -> list[dict]:
+    """The project's prompts for exactness checks: chat and completion, English and Chinese."""
+    path = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -82,7 +80,7 @@ def smollm2_source():
 
 
 def prompt_ids(tokenizer, prompt: dict) -> list[int]:
-    """Token ids of a shared prompt: chat prompts through the chat template, others as plain text."""
+    """Token ids of a test prompt: chat prompts through the chat template, others as plain text."""
     if prompt["kind"] == "chat":
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt["text"]}], tokenize=False, add_generation_prompt=True
@@ -143,7 +141,7 @@ def serving_repo(smollm2_repo, smollm2_source, tmp_path_factory) -> Path:
         "2",
         "--swap-space-gb",
         "0.01",
-        "--mlfq-base-quantum",
+        "--mlfq-base-quantum-s",
         "0.002",
         "--mlfq-levels",
         "5",

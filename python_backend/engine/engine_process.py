@@ -1,16 +1,17 @@
-"""The engine in a process of its own, so the server's interpreter lock serves only requests and responses.
+"""The engine in a process of its own, so the server's interpreter lock serves only requests and responses,
+and a new one when it dies.
 
-Inside Triton's Python stub, execute(), the response thread and the engine loop share one GIL. On an
-H100 at 256 streams the loop makes about 28,000 tokens a second and is busy in Python most of each
-step; the response thread, whose every send waits on the server and then on the GIL again, got
-about 300 sends a second and the engine itself slowed to half its offline speed (README, issue 6).
-vLLM runs its engine core in a separate process for the same
-reason. Here the child runs the loop alone on its main thread: it reads commands between steps and
-hands each step's outputs, while the GPU computes the next step, to a thread that sends them. The parent
-tokenizes, checks requests (so a bad one is refused at once, with the same messages as the engine),
-and hands outputs to each request's callback from a reader thread. Commands go out through a
-sender thread, so no caller ever blocks on the pipe: a caller blocked there while holding the lock
-the reader needs, with the child blocked sending to that reader, would stop both processes.
+Inside Triton's Python stub, execute(), the response thread and an engine loop would share one GIL;
+at hundreds of streams the loop is busy in Python most of each step, and sends and the engine slow
+each other down. Here the child runs the loop alone on its main thread: it reads commands between
+steps and hands each step's outputs, while the GPU computes the next step, to a thread that sends
+them. The parent tokenizes, checks requests (so a bad one is refused at once, with the same
+messages as the engine), and hands outputs to each request's callback from a reader thread.
+Commands go out through a sender thread, so no caller ever blocks on the pipe.
+
+When the child dies (killed, out of memory, a CUDA error), every request in flight ends at once with
+an 'unavailable' error, and the parent starts a new child, retrying with backoff up to `restarts`
+times. Meanwhile new requests are refused with EngineUnavailable, which a client can retry.
 
     engine = EngineProcess("model_repository/smollm2/1/engine", EngineConfig())
     engine.add_request("r1", "Hello", SamplingParams(max_tokens=8), on_output=print)
@@ -19,6 +20,7 @@ the reader needs, with the child blocked sending to that reader, would stop both
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -31,16 +33,31 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from python_backend.engine.engine import Engine, EngineConfig, check_request
+from python_backend.engine.client import EngineClient, EngineUnavailable, OutputCallback, Submission, check_request
+from python_backend.engine.config import EngineConfig
+from python_backend.engine.engine import Engine
 from python_backend.engine.engine_folder import open_engine_folder
-from python_backend.engine.sequence import RequestOutput, SamplingError, SamplingParams
+from python_backend.engine.messages import (
+    Abort,
+    AddRequests,
+    NewRequest,
+    Outputs,
+    Ready,
+    StartFailed,
+    Stop,
+    Stopped,
+)
+from python_backend.engine.sequence import RequestOutput, SamplingError
+
+log = logging.getLogger("fastserve.engine")
 
 _STATE_INTERVAL_S = 0.05  # how often the child sends the scheduler's state for the metrics
 _IDLE_WAIT_S = 0.05
+_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # between restart attempts; the last repeats
 
 
-class EngineProcessError(RuntimeError):
-    """The engine process could not start, or has exited."""
+class EngineProcessError(EngineUnavailable):
+    """The engine process could not start, or has exited for good."""
 
 
 def python_executable() -> str:
@@ -57,115 +74,137 @@ def python_executable() -> str:
     return found
 
 
-class EngineProcess:
-    """Engine's request interface (add_request, abort, snapshot, shutdown, tokenizer) over a child process."""
+class _Child:
+    """One engine process and the two threads that talk to it."""
 
-    def __init__(self, folder: str | Path, config: EngineConfig | None = None, start_timeout_s: float = 1800.0):
+    def __init__(self, folder: Path, config: EngineConfig, timeout_s: float):
+        if not hasattr(sys, "argv"):  # an embedded interpreter may have none; spawn reads it
+            sys.argv = [""]
+        ctx = mp.get_context("spawn")
+        ctx.set_executable(python_executable())
+        cmd_r, self.cmd = ctx.Pipe(duplex=False)
+        self.out, out_w = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(
+            target=_child_main, args=(str(folder), config, cmd_r, out_w), name="fastserve-engine", daemon=True
+        )
+        self.proc.start()
+        cmd_r.close()
+        out_w.close()
+        self.ready = self._wait_ready(timeout_s)
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.sender = threading.Thread(target=self._send_loop, name="fastserve-engine-sender", daemon=True)
+        self.sender.start()
+
+    def _wait_ready(self, timeout_s: float) -> Ready:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.out.poll(0.5):
+                try:
+                    message = self.out.recv()
+                except EOFError:
+                    break
+                if isinstance(message, Ready):
+                    return message
+                self.proc.join(timeout=10)
+                self.close()
+                raise EngineProcessError(message.message)
+            if not self.proc.is_alive():
+                break
+        self.proc.join(timeout=1)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.close()
+            raise EngineProcessError(f"the engine process was not ready after {timeout_s:.0f} s")
+        self.close()
+        raise EngineProcessError(f"the engine process exited (code {self.proc.exitcode}) before it was ready")
+
+    def _send_loop(self) -> None:
+        while True:
+            command = self.commands.get()
+            if command is None:
+                return
+            try:
+                self.cmd.send(command)
+            except OSError:  # the child is gone; its reader fails what is in flight
+                return
+
+    def close(self) -> None:
+        for conn in (self.cmd, self.out):
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+class EngineProcess(EngineClient):
+    """The engine's request interface over a child process, restarted when it dies."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        config: EngineConfig | None = None,
+        start_timeout_s: float = 1800.0,
+        restarts: int = 5,
+        on_restart: Callable[[], object] | None = None,
+    ):
         from transformers import AutoTokenizer
 
         self.config = config or EngineConfig()
         self.folder = open_engine_folder(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder.path))
-        if not hasattr(sys, "argv"):  # an embedded interpreter may have none; spawn reads it
-            sys.argv = [""]
-        ctx = mp.get_context("spawn")
-        ctx.set_executable(python_executable())
-        cmd_r, self._cmd = ctx.Pipe(duplex=False)
-        self._out, out_w = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(
-            target=_child_main,
-            args=(str(self.folder.path), self.config, cmd_r, out_w),
-            name="fastserve-engine",
-            daemon=True,
-        )
-        self._proc.start()
-        cmd_r.close()
-        out_w.close()
-        ready = self._wait_ready(start_timeout_s)
-        self.max_model_len: int = ready["max_model_len"]
-        self._state: dict = ready["state"]
-        self._callbacks: dict[str, Callable[[RequestOutput], object] | None] = {}
-        self._lock = threading.Lock()  # the callbacks and the command pipe
-        self._dead: str | None = None
+        self.start_timeout_s = start_timeout_s
+        self.max_restarts = restarts
+        self.on_restart = on_restart
+        self.restarts = 0  # new engine processes started after one died
+        self._lock = threading.Lock()  # the callbacks, the current child and its command queue
+        self._callbacks: dict[str, OutputCallback | None] = {}
         self._stopping = False
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._reader = threading.Thread(target=self._read_loop, name="fastserve-engine-reader", daemon=True)
-        self._sender = threading.Thread(target=self._send_loop, name="fastserve-engine-sender", daemon=True)
-        self._reader.start()
-        self._sender.start()
-
-    def _wait_ready(self, timeout_s: float) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._out.poll(0.5):
-                try:
-                    kind, payload = self._out.recv()
-                except EOFError:
-                    break
-                if kind == "ready":
-                    return payload
-                self._proc.join(timeout=10)
-                raise EngineProcessError(payload)
-            if not self._proc.is_alive():
-                break
-        self._proc.join(timeout=1)
-        if self._proc.is_alive():
-            self._proc.kill()
-            raise EngineProcessError(f"the engine process was not ready after {timeout_s:.0f} s")
-        raise EngineProcessError(f"the engine process exited (code {self._proc.exitcode}) before it was ready")
+        self._down: str | None = None  # why no engine takes requests now
+        self._child = _Child(self.folder.path, self.config, start_timeout_s)
+        self._proc = self._child.proc  # the newest engine process, alive or not
+        self.max_model_len: int = self._child.ready.max_model_len
+        self._state: dict = self._child.ready.state
+        self._reader = self._start_reader(self._child)
 
     # ---- requests -------------------------------------------------------------------------------
-    def add_request(
-        self,
-        request_id: str,
-        prompt: str | list[int],
-        params: SamplingParams,
-        on_output: Callable[[RequestOutput], object] | None = None,
-        priority: int = 0,
-    ) -> None:
-        """Check and queue a request; returns at once. Raises like Engine.add_request, and
-        EngineProcessError once the engine process has exited."""
-        error = self.add_requests([(request_id, prompt, params, on_output, priority)])[0]
-        if error is not None:
-            raise error
-
-    def add_requests(
-        self, items: list[tuple[str, str | list[int], SamplingParams, Callable | None, int]]
-    ) -> list[Exception | None]:
-        """Many requests at once: one tokenizer call and one message. Per item, None or the error
-        that refused it (the others still run)."""
-        texts = [p for _, p, _, _, _ in items if isinstance(p, str)]
+    def add_requests(self, items: list[Submission]) -> list[Exception | None]:
+        """Many requests at once: one tokenizer call and one message."""
+        texts = [it.prompt for it in items if isinstance(it.prompt, str)]
         encoded = iter(self.tokenizer(texts, add_special_tokens=False).input_ids if texts else [])
         errors: list[Exception | None] = []
         batch = []
         with self._lock:
-            for rid, prompt, params, on_output, priority in items:
-                ids = next(encoded) if isinstance(prompt, str) else list(prompt)
+            for it in items:
+                ids = next(encoded) if isinstance(it.prompt, str) else list(it.prompt)
                 try:
-                    if self._dead is not None:
-                        raise EngineProcessError(self._dead)
-                    check_request(ids, params, self.max_model_len, len(self._callbacks), self.config.max_queue_size)
-                    if rid in self._callbacks:
-                        raise SamplingError(f"request id {rid!r} is already running")
+                    if self._child is None:
+                        raise EngineUnavailable(self._down or "the engine is not running")
+                    check_request(ids, it.params, self.max_model_len, len(self._callbacks), self.config.max_queue_size)
+                    if it.request_id in self._callbacks:
+                        raise SamplingError(f"request id {it.request_id!r} is already running")
                 except Exception as e:
                     errors.append(e)
                     continue
-                self._callbacks[rid] = on_output
-                batch.append((rid, ids, params, priority))
+                self._callbacks[it.request_id] = it.on_output
+                batch.append(NewRequest(it.request_id, ids, it.params, it.priority))
                 errors.append(None)
             if batch:
-                self._commands.put(("add_many", batch))
+                self._child.commands.put(AddRequests(batch))
         return errors
 
     def abort(self, request_id: str) -> None:
-        """Stop a request at the next iteration; its callback gets a final 'cancelled' output."""
         with self._lock:
-            if self._dead is None and request_id in self._callbacks:
-                self._commands.put(("abort", request_id))
+            if self._child is not None and request_id in self._callbacks:
+                self._child.commands.put(Abort(request_id))
 
     def snapshot(self) -> dict:
         """The newest scheduler and KV-cache state the child sent (at most ~50 ms old)."""
         return self._state
+
+    @property
+    def up(self) -> bool:
+        """Whether an engine process is taking requests now."""
+        return self._child is not None
 
     @property
     def in_flight(self) -> int:
@@ -173,56 +212,116 @@ class EngineProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid
-
-    def _send_loop(self) -> None:
-        while True:
-            command = self._commands.get()
-            if command is None:
-                return
-            try:
-                self._cmd.send(command)
-            except OSError:  # the child is gone; the reader fails what is in flight
-                return
+        child = self._child
+        return None if child is None else child.proc.pid
 
     # ---- outputs --------------------------------------------------------------------------------
-    def _read_loop(self) -> None:
+    def _start_reader(self, child: _Child) -> threading.Thread:
+        reader = threading.Thread(target=self._read_loop, args=(child,), name="fastserve-engine-reader", daemon=True)
+        reader.start()
+        return reader
+
+    def _read_loop(self, child: _Child) -> None:
         while True:
             try:
-                kind, payload = self._out.recv()
+                message = child.out.recv()
             except (EOFError, OSError):
                 break
-            if kind == "out":
-                outputs, state = payload
-                if state is not None:
-                    self._state = state
-                for fields in outputs:
-                    self._deliver(RequestOutput(*fields))
-            elif kind == "stopped":
+            if isinstance(message, Outputs):
+                if message.state is not None:
+                    self._state = message.state
+                for out in message.unpack():
+                    self._deliver(out)
+            elif isinstance(message, Stopped):
                 break
-        self._proc.join(timeout=5)
+        child.proc.join(timeout=5)
         with self._lock:
-            if not self._stopping:
-                self._dead = f"the engine process exited (code {self._proc.exitcode}); reload the model"
+            stopping = self._stopping
+            if not stopping:
+                self._down = (
+                    f"the engine process exited (code {child.proc.exitcode}); a new one is starting, retry shortly"
+                )
+            self._child = None
             orphans, self._callbacks = list(self._callbacks.items()), {}
-        reason = "cancelled" if self._stopping else "error"
+        child.commands.put(None)
+        child.close()
+        if stopping:
+            self._end_all(orphans, RequestOutput("", "", [], True, "cancelled", 0, 0))
+            return
+        log.error("fastserve: %s; ending %d requests in flight", self._down, len(orphans))
+        self._end_all(orphans, RequestOutput("", "", [], True, "error", 0, 0, error=self._down, unavailable=True))
+        self._restart(child.proc.exitcode)
+
+    @staticmethod
+    def _end_all(orphans: list, final: RequestOutput) -> None:
         for rid, callback in orphans:
-            if callback is not None:
-                try:
-                    callback(RequestOutput(rid, "", [], True, reason, 0, 0, error=self._dead))
-                except Exception:
-                    pass
+            if callback is None:
+                continue
+            try:
+                callback(
+                    RequestOutput(
+                        rid,
+                        final.text,
+                        [],
+                        True,
+                        final.finish_reason,
+                        0,
+                        0,
+                        error=final.error,
+                        unavailable=final.unavailable,
+                    )
+                )
+            except Exception:
+                log.exception("fastserve: ending request %s failed", rid)
+
+    def _restart(self, exitcode: int | None) -> None:
+        """Start a new child, with backoff, up to max_restarts attempts."""
+        last = ""
+        for attempt in range(self.max_restarts):
+            if self._stopping:
+                return
+            time.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
+            if self._stopping:
+                return
+            log.warning("fastserve: starting a new engine process (attempt %d of %d)", attempt + 1, self.max_restarts)
+            try:
+                child = _Child(self.folder.path, self.config, self.start_timeout_s)
+            except Exception as e:
+                last = str(e)
+                log.error("fastserve: the new engine process did not start: %s", e)
+                continue
+            with self._lock:
+                if self._stopping:
+                    child.commands.put(Stop())
+                    child.commands.put(None)
+                    return
+                self._child, self._down, self._proc = child, None, child.proc
+                self._state = child.ready.state
+                self.restarts += 1
+            log.warning("fastserve: the engine process is back (pid %s, restart %d)", child.proc.pid, self.restarts)
+            if self.on_restart is not None:
+                self.on_restart()
+            self._reader = self._start_reader(child)
+            return
+        with self._lock:
+            self._down = (
+                f"the engine process exited (code {exitcode}) and {self.max_restarts} attempts to "
+                f"start a new one failed ({last}); reload the model"
+            )
+        log.error("fastserve: %s", self._down)
 
     def _deliver(self, out: RequestOutput) -> None:
         with self._lock:
-            callback = (
-                self._callbacks.pop(out.request_id, None) if out.finished else self._callbacks.get(out.request_id)
-            )
+            if out.finished:
+                callback = self._callbacks.pop(out.request_id, None)
+            else:
+                callback = self._callbacks.get(out.request_id)
         if callback is None:
             return
         try:
             callback(out)
         except Exception:  # a broken callback must not stop the others
+            log.exception("fastserve: output callback of request %s failed", out.request_id)
             if not out.finished:
                 self.abort(out.request_id)
 
@@ -231,55 +330,40 @@ class EngineProcess:
         """Stop the child; requests still in flight end as 'cancelled'."""
         with self._lock:
             self._stopping = True
-            if self._dead is None:
-                self._commands.put(("stop", None))
-            self._commands.put(None)
-        self._sender.join(timeout=timeout_s)
+            child = self._child
+            if child is not None:
+                child.commands.put(Stop())
+        if child is None:
+            return
         self._reader.join(timeout=timeout_s)
-        self._proc.join(timeout=timeout_s)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(timeout=5)
-        self._cmd.close()
-        self._out.close()
-
-
-def _encode(out: RequestOutput) -> tuple:
-    """A plain tuple pickles about four times faster than the dataclass (256 outputs: ~45 us, not ~200)."""
-    return (
-        out.request_id,
-        out.text,
-        out.token_ids,
-        out.finished,
-        out.finish_reason,
-        out.num_input_tokens,
-        out.num_output_tokens,
-        out.num_cached_tokens,
-        out.logprobs,
-        out.error,
-    )
+        child.proc.join(timeout=timeout_s)
+        if child.proc.is_alive():
+            child.proc.kill()
+            child.proc.join(timeout=5)
+        child.commands.put(None)
+        child.sender.join(timeout=5)
+        child.close()
 
 
 class _Outbox:
     """The child's side of the output pipe. The engine hands each step's outputs over and goes on; a
     thread of its own sends them, everything waiting as one message. So a parent slow to read (its
-    GIL busy with responses) delays delivery but never the engine: with the engine writing the pipe
-    itself, a full pipe stopped the decode loop."""
+    GIL busy with responses) delays delivery but never the engine."""
 
     def __init__(self, conn: Connection, engine: Engine):
         self.conn = conn
         self.engine = engine
-        self.outputs: list[tuple] = []  # the engine thread's, since its last hand-over
+        self.rows: list[tuple] = []  # the engine thread's, since its last hand-over
         self.next_state = 0.0
         self._cond = threading.Condition()
-        self._queue: list[list] = []  # messages in order; outputs handed over while one waits join it
+        self._queue: list = []  # messages in order; outputs handed over while one waits join it
         self._closing = False
         self.broken = False  # the parent is gone
         self._thread = threading.Thread(target=self._send_loop, name="fastserve-outbox", daemon=True)
         self._thread.start()
 
     def put(self, out: RequestOutput) -> None:
-        self.outputs.append(_encode(out))
+        self.rows.append(Outputs.pack(out))
 
     def send(self) -> None:
         """Hand over this step's outputs (and, every _STATE_INTERVAL_S, the scheduler's state)."""
@@ -288,21 +372,21 @@ class _Outbox:
         if now >= self.next_state:
             self.next_state = now + _STATE_INTERVAL_S
             state = self.engine.snapshot()
-        if self.outputs or state is not None:
-            outputs, self.outputs = self.outputs, []
+        if self.rows or state is not None:
+            rows, self.rows = self.rows, []
             with self._cond:
                 last = self._queue[-1] if self._queue else None
-                if last is not None and last[0] == "out":
-                    last[1] += outputs
-                    last[2] = state if state is not None else last[2]
+                if isinstance(last, Outputs):
+                    last.rows += rows
+                    last.state = state if state is not None else last.state
                 else:
-                    self._queue.append(["out", outputs, state])
+                    self._queue.append(Outputs(rows, state))
                 self._cond.notify()
 
-    def post(self, kind: str, payload) -> None:
+    def post(self, message) -> None:
         """A message of its own, sent after every output handed over before it."""
         with self._cond:
-            self._queue.append([kind, payload])
+            self._queue.append(message)
             self._cond.notify()
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -316,44 +400,45 @@ class _Outbox:
             with self._cond:
                 while not (self._queue or self._closing):
                     self._cond.wait()
-                queue_, self._queue = self._queue, []
+                pending, self._queue = self._queue, []
                 closing = self._closing
             try:
-                for item in queue_:
-                    self.conn.send(("out", (item[1], item[2])) if item[0] == "out" else tuple(item))
+                for message in pending:
+                    self.conn.send(message)
             except (OSError, BrokenPipeError, EOFError):
                 self.broken = True
                 return
-            if closing and not queue_:
+            if closing and not pending:
                 return
 
 
 def _child_main(folder: str, config: EngineConfig, cmd: Connection, out: Connection) -> None:
     """The engine loop on the main thread: commands in between steps, outputs handed to the outbox
     once per step."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         engine = Engine(folder, config)
     except BaseException as e:
-        out.send(("failed", f"the engine did not start: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        out.send(StartFailed(f"the engine did not start: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
         return
     box = _Outbox(out, engine)
     engine.on_flush = box.send  # inside step(), while the GPU runs the step just launched
-    box.post("ready", {"max_model_len": engine.max_model_len, "state": engine.snapshot()})
+    box.post(Ready(engine.max_model_len, engine.snapshot()))
     try:
         while not box.broken:
             while cmd.poll():
-                kind, *args = cmd.recv()
-                if kind == "stop":
+                message = cmd.recv()
+                if isinstance(message, Stop):
                     engine.shutdown()
                     box.send()
-                    box.post("stopped", None)
+                    box.post(Stopped())
                     box.close()
                     return
-                if kind == "add_many":
-                    for item in args[0]:
-                        _add(engine, box, *item)
-                elif kind == "abort":
-                    engine.abort(args[0])
+                if isinstance(message, AddRequests):
+                    for request in message.requests:
+                        _add(engine, box, request)
+                elif isinstance(message, Abort):
+                    engine.abort(message.request_id)
             busy = engine.step_or_fail()
             box.send()
             if not busy and not engine.has_work():
@@ -362,8 +447,9 @@ def _child_main(folder: str, config: EngineConfig, cmd: Connection, out: Connect
         return  # the server went away
 
 
-def _add(engine: Engine, box: _Outbox, request_id: str, ids: list[int], params: SamplingParams, priority: int) -> None:
+def _add(engine: Engine, box: _Outbox, request: NewRequest) -> None:
     try:
-        engine.add_request(request_id, ids, params, box.put, priority)
+        engine.submit(Submission(request.request_id, request.prompt_ids, request.params, box.put, request.priority))
     except Exception as e:  # checked in the parent already; this is a race (a full queue) or a bug
-        box.put(RequestOutput(request_id, "", [], True, "error", len(ids), 0, error=str(e)))
+        log.exception("fastserve: request %s refused in the engine process", request.request_id)
+        box.put(RequestOutput(request.request_id, "", [], True, "error", len(request.prompt_ids), 0, error=str(e)))

@@ -66,6 +66,9 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # count 0 but holding a cached prefix
         self._hash_to_block: dict[int, int] = {}
         self._block_hash: dict[int, int] = {}
+        # what a registered block holds: its tokens and the block before it (-1 for the first). A hit
+        # must match these too, so that two prefixes whose hashes collide never share a block
+        self._block_key: dict[int, tuple[int, tuple[int, ...]]] = {}
 
     @property
     def num_free(self) -> int:
@@ -84,6 +87,7 @@ class BlockManager:
         elif self._evictable:
             block, _ = self._evictable.popitem(last=False)
             del self._hash_to_block[self._block_hash.pop(block)]
+            del self._block_key[block]
         else:
             raise NoFreeBlocks("no free KV blocks")
         self.ref_counts[block] = 1
@@ -105,7 +109,7 @@ class BlockManager:
                     self._free.append(block)
 
     @staticmethod
-    def chain_hash(parent: int, tokens: list[int]) -> int:
+    def chain_hash(parent: int, tokens) -> int:
         return hash((parent, tuple(tokens)))
 
     def match_prefix(self, token_ids: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
@@ -116,9 +120,10 @@ class BlockManager:
         blocks, hashes, parent = [], [], 0
         bs = self.block_size
         for i in range(max_tokens // bs):
-            h = self.chain_hash(parent, token_ids[i * bs : (i + 1) * bs])
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = self.chain_hash(parent, tokens)
             block = self._hash_to_block.get(h)
-            if block is None:
+            if block is None or self._block_key[block] != (blocks[-1] if blocks else -1, tokens):
                 break
             blocks.append(block)
             hashes.append(h)
@@ -129,12 +134,18 @@ class BlockManager:
             self.ref_counts[block] += 1
         return blocks, hashes
 
-    def register(self, block: int, h: int) -> None:
-        """Make a full, computed block findable by the hash of its prefix."""
+    def register(self, block: int, h: int, tokens, parent: int) -> None:
+        """Make a full, computed block findable by the hash of its prefix. `parent` is the chain hash
+        of the blocks before it (0 for the first block); the block registered under it is recorded, so a
+        hit is a chain of the very blocks that were computed one after the other."""
         if not self.enable_prefix_caching or block in self._block_hash or h in self._hash_to_block:
+            return
+        parent_block = -1 if parent == 0 else self._hash_to_block.get(parent)
+        if parent_block is None:  # the blocks before it are no longer cached: no lookup can reach it
             return
         self._hash_to_block[h] = block
         self._block_hash[block] = h
+        self._block_key[block] = (parent_block, tuple(tokens))
 
     def reset_prefix_cache(self) -> None:
         for block in list(self._evictable):
@@ -142,3 +153,4 @@ class BlockManager:
         self._evictable.clear()
         self._hash_to_block.clear()
         self._block_hash.clear()
+        self._block_key.clear()

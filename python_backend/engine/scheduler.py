@@ -167,8 +167,9 @@ class Scheduler:
                 ids = ids or seq.all_ids
                 i = len(seq.block_hashes)
                 parent = seq.block_hashes[-1] if seq.block_hashes else 0
-                h = self.blocks.chain_hash(parent, ids[i * bs : (i + 1) * bs])
-                self.blocks.register(seq.block_table[i], h)
+                tokens = ids[i * bs : (i + 1) * bs]
+                h = self.blocks.chain_hash(parent, tokens)
+                self.blocks.register(seq.block_table[i], h, tokens, parent)
                 seq.block_hashes.append(h)
 
     def reserve_next(self, seqs: list[Sequence]) -> bool:

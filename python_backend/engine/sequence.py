@@ -75,7 +75,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """One update for a client: new text, and at the end the reason and counts."""
 
@@ -89,6 +89,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     logprobs: list[float] | None = None
     error: str | None = None
+    unavailable: bool = False  # the error is that no engine could serve it: sending it again can succeed
 
 
 @dataclass
@@ -126,6 +127,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of the leading full blocks
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     finish_reason: str | None = None
+    error: str | None = None  # why it ended with finish_reason "error"
+    num_sent_tokens: int = 0  # output tokens handed to the client so far
     timing: Timing = field(default_factory=Timing)
     detok: Any = None  # the incremental detokenizer state (detokenize.py)
     generator: Any = None  # a torch.Generator when the request is seeded

@@ -47,11 +47,11 @@ def test_smollm2_entry_layout(smollm2_repo):
     assert not list((entry / "1").glob(".engine.tmp-*"))
 
 
-def test_smollm2_weights_round_trip(smollm2_engine_dir, smollm2_source, shared_prompts):
+def test_smollm2_weights_round_trip(smollm2_engine_dir, smollm2_source, prompt_set):
     """Weights written by the builder, loaded back into transformers, continue every prompt the same."""
     source, tok = smollm2_source
     built = AutoModelForCausalLM.from_pretrained(smollm2_engine_dir, dtype=torch.float32).eval()
-    for p in shared_prompts:
+    for p in prompt_set:
         ids = prompt_ids(tok, p)
         assert _greedy(built, ids, 32) == _greedy(source, ids, 32), p["id"]
 
@@ -157,3 +157,11 @@ def test_script_entry_point(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "no such file or folder" in proc.stderr
+
+
+def test_checked_in_config_is_what_the_builder_writes(smollm2_repo):
+    """model_repository/smollm2/config.pbtxt is the builder's output for SmolLM2 with the defaults."""
+    checked_in = ROOT / "model_repository" / "smollm2" / "config.pbtxt"
+    assert (smollm2_repo / "smollm2" / "config.pbtxt").read_text() == checked_in.read_text(), (
+        "rebuild it: python builders/build.py --model smollm2 --name smollm2 --repository model_repository"
+    )

@@ -74,13 +74,13 @@ def reference_engine(smollm2_engine_dir):
     return Engine(smollm2_engine_dir, EngineConfig(num_kv_blocks=1024))
 
 
-def test_grpc_stream_and_http_match_engine(smollm2_server, reference_engine, shared_prompts):
+def test_grpc_stream_and_http_match_engine(smollm2_server, reference_engine, prompt_set):
     tok = reference_engine.tokenizer
     grpc = Client(smollm2_server.grpc_url, "grpc", "smollm2")
     http = Client(smollm2_server.http_url, "http", "smollm2")
     n = 32
 
-    all_ids = [prompt_ids(tok, p) for p in shared_prompts]
+    all_ids = [prompt_ids(tok, p) for p in prompt_set]
     references = reference_engine.generate(all_ids, SamplingParams(max_tokens=n, temperature=0.0))
 
     def one(args):
@@ -95,7 +95,7 @@ def test_grpc_stream_and_http_match_engine(smollm2_server, reference_engine, sha
         return p, ids, expected, streamed, whole
 
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(one, zip(shared_prompts, all_ids, references)))
+        results = list(pool.map(one, zip(prompt_set, all_ids, references)))
     for p, ids, expected, streamed, whole in results:
         assert streamed == expected.text, p["id"]
         assert whole.text == expected.text, p["id"]

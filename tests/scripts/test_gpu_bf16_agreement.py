@@ -16,9 +16,9 @@ from python_backend.engine.sequence import SamplingParams  # noqa: E402
 from tests.conftest import prompt_ids  # noqa: E402
 
 
-def test_teacher_forced_picks_reproduce_the_greedy_output(smollm2_engine_dir, smollm2_source, shared_prompts):
+def test_teacher_forced_picks_reproduce_the_greedy_output(smollm2_engine_dir, smollm2_source, prompt_set):
     model, tok = smollm2_source
-    prompts = [prompt_ids(tok, p) for p in shared_prompts[:3]]
+    prompts = [prompt_ids(tok, p) for p in prompt_set[:3]]
     engine = Engine(smollm2_engine_dir, EngineConfig(device="cpu"))
     try:
         own = [r.token_ids for r in engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0))]

@@ -24,16 +24,16 @@ def hf_greedy(model, ids: list[int], n: int, eos: int | None) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-def test_smollm2_matches_transformers_under_preemption(smollm2_engine_dir, smollm2_source, shared_prompts):
+def test_smollm2_matches_transformers_under_preemption(smollm2_engine_dir, smollm2_source, prompt_set):
     source, tok = smollm2_source
-    prompts = [prompt_ids(tok, p) for p in shared_prompts]
+    prompts = [prompt_ids(tok, p) for p in prompt_set]
     # 40 blocks of 16 tokens cannot hold 32 sequences of up to ~130 tokens: preemption must happen
     engine = Engine(smollm2_engine_dir, EngineConfig(num_kv_blocks=40, max_num_batched_tokens=256, max_num_seqs=32))
     results = run_staggered(engine, prompts, SamplingParams(max_tokens=64, temperature=0.0), every=2, per_step=3)
     assert engine.scheduler.num_preemptions > 0, "the test meant to exercise preemption"
     assert engine.blocks.num_used == 0
     mismatches = []
-    for p, ids, r in zip(shared_prompts, prompts, results):
+    for p, ids, r in zip(prompt_set, prompts, results):
         ref = hf_greedy(source, ids, 64, tok.eos_token_id)
         if r.token_ids != ref:
             mismatches.append((p["id"], r.token_ids, ref))
@@ -42,13 +42,13 @@ def test_smollm2_matches_transformers_under_preemption(smollm2_engine_dir, smoll
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "llama"])
-def test_tiny_architectures_match_transformers(tmp_path, arch, smollm2_source, shared_prompts):
+def test_tiny_architectures_match_transformers(tmp_path, arch, smollm2_source, prompt_set):
     _, tok = smollm2_source
     folder = save_tiny_model(tmp_path / arch, arch, tok, seed=1)
     entry = build_entry(tmp_path / "repo", str(folder), arch)
     engine = Engine(entry / "1" / "engine", EngineConfig(num_kv_blocks=24, max_num_batched_tokens=128))
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prompts = [prompt_ids(tok, p) for p in shared_prompts[::3]]
+    prompts = [prompt_ids(tok, p) for p in prompt_set[::3]]
     results = run_staggered(
         engine, prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True), every=2, per_step=3
     )

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import pytest
 
+from python_backend.engine.client import EngineUnavailable, Submission
 from python_backend.engine.engine import Engine, EngineConfig, Result
 from python_backend.engine.engine_process import EngineProcess, EngineProcessError
 from python_backend.engine.sequence import SamplingError, SamplingParams
@@ -92,7 +94,7 @@ def test_state_reaches_the_parent(proc):
     assert {"waiting", "kv_used", "queue_lengths", "preemptions", "prefix_hit_tokens"} <= set(state)
 
 
-def test_killed_engine_fails_requests_in_flight_and_refuses_new_ones(tiny_engine_dir):
+def test_killed_engine_fails_requests_in_flight_refuses_new_ones_then_comes_back(tiny_engine_dir):
     engine = EngineProcess(tiny_engine_dir, EngineConfig(**CONFIG))
     first = threading.Event()
     result = Result()
@@ -106,9 +108,16 @@ def test_killed_engine_fails_requests_in_flight_and_refuses_new_ones(tiny_engine
     os.kill(engine.pid, signal.SIGKILL)
     assert result.done.wait(30), "the request in flight was left hanging"
     assert result.finish_reason == "error" and "engine process exited" in result.error
-    with pytest.raises(EngineProcessError, match="exited"):
+    with pytest.raises(EngineUnavailable, match="exited"):
         engine.add_request("k1", "anyone there?", SamplingParams())
+    deadline = time.monotonic() + 120
+    while not engine.up and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert engine.up and engine.restarts == 1
+    again = _submit(engine, ["anyone there?"], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), "k2-")
+    assert again[0].finish_reason == "length" and len(again[0].token_ids) == 4
     engine.shutdown()
+    assert not engine._proc.is_alive()
 
 
 def test_shutdown_cancels_requests_in_flight_and_ends_the_process(tiny_engine_dir):
@@ -121,18 +130,18 @@ def test_shutdown_cancels_requests_in_flight_and_ends_the_process(tiny_engine_di
 
 
 def test_an_engine_that_cannot_start_is_named(tiny_engine_dir):
-    with pytest.raises(EngineProcessError, match="scheduler policy 'bogus'"):
-        EngineProcess(tiny_engine_dir, EngineConfig(num_kv_blocks=64, policy="bogus"))
+    with pytest.raises(EngineProcessError, match="scheduler='bogus'"):
+        EngineProcess(tiny_engine_dir, EngineConfig(num_kv_blocks=64, scheduler="bogus"))
 
 
 def test_a_batch_of_requests_refuses_only_its_bad_ones(proc, tiny_engine_dir):
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     results = [Result() for _ in range(4)]
     items = [
-        ("batch-0", PROMPTS[0], params, results[0].collect, 0),
-        ("batch-1", "", params, results[1].collect, 0),
-        ("batch-2", PROMPTS[2], SamplingParams(top_p=0.0), results[2].collect, 0),
-        ("batch-3", [5, 6, 7], params, results[3].collect, 1),
+        Submission("batch-0", PROMPTS[0], params, results[0].collect, 0),
+        Submission("batch-1", "", params, results[1].collect, 0),
+        Submission("batch-2", PROMPTS[2], SamplingParams(top_p=0.0), results[2].collect, 0),
+        Submission("batch-3", [5, 6, 7], params, results[3].collect, 1),
     ]
     errors = proc.add_requests(items)
     assert errors[0] is None and errors[3] is None
@@ -148,8 +157,6 @@ def test_a_batch_of_requests_refuses_only_its_bad_ones(proc, tiny_engine_dir):
 def test_submitting_never_waits_on_an_engine_whose_outputs_back_up(tiny_engine_dir):
     """A slow consumer fills the output pipe and the child blocks sending; a large batch submitted
     then must not block the caller (were it to hold the lock the reader needs, both processes would stop)."""
-    import time
-
     engine = EngineProcess(tiny_engine_dir, EngineConfig(num_kv_blocks=512, max_num_seqs=4, max_queue_size=128))
     try:
 
@@ -160,7 +167,7 @@ def test_submitting_never_waits_on_an_engine_whose_outputs_back_up(tiny_engine_d
         for i in range(4):
             engine.add_request(f"slow-{i}", f"story {i}", long, slow)
         time.sleep(3)  # the engine outruns the consumer: the pipe to the parent fills
-        big = [(f"big-{i}", list(range(1, 480)), SamplingParams(max_tokens=1), None, 0) for i in range(100)]
+        big = [Submission(f"big-{i}", list(range(1, 480)), SamplingParams(max_tokens=1)) for i in range(100)]
         answers: list = []
         submit = threading.Thread(target=lambda: answers.append(engine.add_requests(big)), daemon=True)
         submit.start()

@@ -1,4 +1,4 @@
-"""On a GPU, with the Triton kernels and CUDA graphs: SmolLM2's greedy output on the shared prompts
+"""On a GPU, with the Triton kernels and CUDA graphs: SmolLM2's greedy output on the project's prompts
 equals transformers' in float32, and agrees on at least 95% of the first 64 tokens in bfloat16."""
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ def _margin(model, ids: list[int]) -> float:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_gpu_greedy_matches_transformers(dtype, tmp_path, smollm2_source, shared_prompts):
+def test_gpu_greedy_matches_transformers(dtype, tmp_path, smollm2_source, prompt_set):
     source, tok = smollm2_source
     entry = build_entry(tmp_path / "repo", "smollm2", "smollm2", "--device", "gpu", "--dtype", dtype)
     engine = Engine(entry / "1" / "engine", EngineConfig(device="cuda", num_kv_blocks=1024))
     assert engine.model.kernels and engine.runner.graphs is not None
-    prompts = [prompt_ids(tok, p) for p in shared_prompts]
+    prompts = [prompt_ids(tok, p) for p in prompt_set]
     results = engine.generate(prompts, SamplingParams(max_tokens=N, temperature=0.0))
     assert engine.runner.graphs.graphs, "no decode step went through a CUDA graph"
     assert engine.blocks.num_used == 0
@@ -67,7 +67,7 @@ def test_gpu_greedy_matches_transformers(dtype, tmp_path, smollm2_source, shared
     try:
         refs = [_hf_greedy(hf, ids, eos) for ids in prompts]
         report = []
-        for p, ids, r, ref in zip(shared_prompts, prompts, results, refs):
+        for p, ids, r, ref in zip(prompt_set, prompts, results, refs):
             first = next((i for i, (a, b) in enumerate(zip(r.token_ids, ref)) if a != b), None)
             if first is None and len(r.token_ids) != len(ref):
                 first = min(len(r.token_ids), len(ref))

@@ -41,7 +41,7 @@ def _engine(folder, kernels: bool) -> Engine:
             dtype="float32",
             kernels=kernels,
             num_kv_blocks=96,
-            block_size=8,
+            kv_block_size=8,
             max_num_batched_tokens=24,
             max_num_seqs=4,
             cuda_graphs=False,

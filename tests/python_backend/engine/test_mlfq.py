@@ -233,10 +233,10 @@ def test_a_full_memory_iteration_does_work_linear_in_the_queue_and_takes_from_no
 
 @pytest.mark.parametrize("swap_space_gb,expect", [(1.0, "swap"), (1e-9, "recompute")])
 def test_preempted_sequences_resume_token_for_token(
-    smollm2_engine_dir, smollm2_source, shared_prompts, swap_space_gb, expect
+    smollm2_engine_dir, smollm2_source, prompt_set, swap_space_gb, expect
 ):
     _, tok = smollm2_source
-    prompts = [prompt_ids(tok, p) for p in shared_prompts[:10]]
+    prompts = [prompt_ids(tok, p) for p in prompt_set[:10]]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     reference = Engine(smollm2_engine_dir, EngineConfig(num_kv_blocks=512))
     want = [r.token_ids for r in reference.generate(prompts, params)]
@@ -246,7 +246,7 @@ def test_preempted_sequences_resume_token_for_token(
     engine = Engine(
         smollm2_engine_dir,
         EngineConfig(
-            num_kv_blocks=18, policy="mlfq", swap_space_gb=swap_space_gb, mlfq_base_quantum_s=0.05, max_num_seqs=4
+            num_kv_blocks=18, scheduler="mlfq", swap_space_gb=swap_space_gb, mlfq_base_quantum_s=0.05, max_num_seqs=4
         ),
     )
     got = [r.token_ids for r in run_staggered(engine, prompts, params, every=3)]

@@ -29,7 +29,7 @@ def test_swapped_sequences_resume_token_for_token_on_gpu(small_gpu_engine_dir, s
         EngineConfig(
             device="cuda",
             num_kv_blocks=24,
-            policy="mlfq",
+            scheduler="mlfq",
             max_num_seqs=4,
             swap_space_gb=swap_space_gb,
             mlfq_base_quantum_s=0.002,

@@ -19,8 +19,9 @@ def test_blocks_refcount_and_prefix_reuse():
     tokens = list(range(12))
     parent = 0
     for i, block in enumerate(a):
-        parent = bm.chain_hash(parent, tokens[i * 4 : (i + 1) * 4])
-        bm.register(block, parent)
+        h = bm.chain_hash(parent, tokens[i * 4 : (i + 1) * 4])
+        bm.register(block, h, tokens[i * 4 : (i + 1) * 4], parent)
+        parent = h
     bm.free(a)
     assert bm.num_free == 8  # reusable, but still holding the prefix
     blocks, hashes = bm.match_prefix(tokens + [99], max_tokens=12)
@@ -31,6 +32,16 @@ def test_blocks_refcount_and_prefix_reuse():
     assert bm.match_prefix(tokens, max_tokens=12) == ([], [])
     with pytest.raises(NoFreeBlocks):
         bm.allocate(1)
+
+
+def test_a_hash_collision_is_not_a_prefix_hit(monkeypatch):
+    """Every prefix hashes alike here: only the block's own tokens tell them apart."""
+    monkeypatch.setattr(BlockManager, "chain_hash", staticmethod(lambda parent, tokens: 42))
+    bm = BlockManager(num_blocks=4, block_size=4)
+    [block] = bm.allocate(1)
+    bm.register(block, 42, [1, 2, 3, 4], 0)
+    assert bm.match_prefix([9, 9, 9, 9, 5], max_tokens=4) == ([], [])
+    assert bm.match_prefix([1, 2, 3, 4, 5], max_tokens=4) == ([block], [42])
 
 
 def _seq(i: int, n_prompt: int, priority: int = 0) -> Sequence:

@@ -25,9 +25,9 @@ def test_run_ahead_is_off_on_the_cpu_unless_asked(engines, smollm2_engine_dir):
         Engine(smollm2_engine_dir, EngineConfig(num_kv_blocks=64, run_ahead="sometimes"))
 
 
-def test_same_greedy_tokens_with_steps_run_ahead(engines, shared_prompts, smollm2_source):
+def test_same_greedy_tokens_with_steps_run_ahead(engines, prompt_set, smollm2_source):
     tok = smollm2_source[1]
-    prompts = [prompt_ids(tok, p) for p in shared_prompts[:6]]
+    prompts = [prompt_ids(tok, p) for p in prompt_set[:6]]
     rng = random.Random(1)
     params = [SamplingParams(max_tokens=rng.randint(4, 40), temperature=0.0) for _ in prompts]
     out = {}
