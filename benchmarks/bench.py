@@ -2,7 +2,7 @@
 measured side by side in one process.
 
     fastserve bench --offline --engine-dir model_repository/smollm2/1/engine --dtype bfloat16 \
-        --num-prompts 32 --input-len 64 --output-len 64 --out results/offline.json
+        --num-prompts 32 --input-len 64 --output-len 64 --out offline.json
 """
 
 from __future__ import annotations
@@ -444,11 +444,14 @@ def offline(args: argparse.Namespace) -> dict:
         flush=True,
     )
     run_engine(engine, salted(prompts, "warm-up"), lengths)  # untimed: first shapes compile and allocate
-    if args.generate_api:  # the two paths take turns, so drift in the machine's speed hits both alike
+    if args.generate_api:  # the two paths take turns, each first every other round, so drift hits both alike
         internal, public = [], []
         for i in range(reps):
-            internal.append(run_engine(engine, salted(prompts, f"run {i}"), lengths))
-            public.append(run_generate_api(engine, salted(prompts, f"api run {i}"), lengths))
+            for which in ("internal", "api") if i % 2 == 0 else ("api", "internal"):
+                if which == "internal":
+                    internal.append(run_engine(engine, salted(prompts, f"run {i}"), lengths))
+                else:
+                    public.append(run_generate_api(engine, salted(prompts, f"api {i}"), lengths))
         result["systems"]["fastserve"] = median_of(internal)
         result["systems"]["fastserve_generate_api"] = median_of(public)
     else:
@@ -560,7 +563,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         help="also run the workload through Engine.generate, in turns with the internal add_request path",
     )
     p.add_argument("--single", action="store_true", help="also time one sequence alone against the weight stream")
-    p.add_argument("--out", default="results/offline.json")
+    p.add_argument("--out", default="bench-results/offline.json")
     p.set_defaults(func=run_bench)
 
 

@@ -4,7 +4,7 @@ same engine settings. Reports job completion time (JCT) and time to first token 
 overall and per class of job, and throughput; writes JSON and a PNG of the JCT distributions.
 
     fastserve bench --online --repository R --model smollm2 --policies fcfs,mlfq --load 0.85 \
-        --mix 0.8:16-64,0.2:512-1024 --num-requests 200 --out results/online.json
+        --mix 0.8:16-64,0.2:512-1024 --num-requests 200 --out online.json
 
 --load is a fraction of the capacity measured first (the same requests all at once, FCFS); --rate
 gives requests per second instead. With --url the trace goes to a running server instead (one policy:
@@ -105,8 +105,8 @@ def summarize(records: list[dict], span: float) -> dict:
 def saturated_rate(records: list[dict], span: float, min_done: int = 20) -> tuple[float, str]:
     """Requests per second the engine completes while requests still wait: completions in the second
     half of the time before the last request was admitted. All requests over the whole run would
-    count the drain at the end, a few long jobs running alone, and understate capacity (on the H100
-    so much that FCFS at "85%" barely queued)."""
+    count the drain at the end, a few long jobs running alone, and understate capacity (so much, on a
+    fast GPU, that FCFS at "85%" would barely queue)."""
     t_sat = max(r["admitted_at"] for r in records)
     done = sum(1 for r in records if t_sat / 2 < r["finished_at"] <= t_sat)
     if t_sat > 0 and done >= min_done:
@@ -290,7 +290,7 @@ def online(args: argparse.Namespace) -> dict:
         burst = make_trace(prompts, 1.0, "poisson", mix, args.seed)
         for job in burst:
             job.at = 0.0
-        cfg.policy = "fcfs"
+        cfg.scheduler = "fcfs"
         records, span, _ = run_engine_trace(folder, cfg, burst)
         capacity, how = saturated_rate(records, span)
         result["capacity"] = {"requests_per_s": capacity, "measured_as": how, **summarize(records, span)}
@@ -314,7 +314,7 @@ def online(args: argparse.Namespace) -> dict:
         if args.url:
             records, span, state = run_server_trace(args.url, args.model, trace)
         else:
-            cfg.policy = name
+            cfg.scheduler = name
             records, span, state = run_engine_trace(folder, cfg, trace)
         result["policies"][name] = {**summarize(records, span), "scheduler": state, "records": records}
         save(result, args.out)

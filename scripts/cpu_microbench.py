@@ -115,7 +115,7 @@ def decode_attention_layout(batch: int = 32, length: int = 160) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="results/cpu-microbench.json")
+    p.add_argument("--out", default="bench-results/cpu-microbench.json")
     args = p.parse_args()
     result = {
         "torch": torch.__version__,

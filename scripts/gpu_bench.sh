@@ -12,6 +12,7 @@
 #               and alone, transformers with eager attention and left-padded batches, float32; scored
 #               free-running and teacher-forced (each position after the reference's own prefix)
 #   quick       throughput's engine figures and single sequence, without the transformers baselines
+#   api         256 x 256 -> 128 tokens: Engine.generate against the internal add_request path, in turns
 #   throughput  256 x 256 -> 128 tokens, EOS ignored: engine vs transformers generate (b64) and
 #               generate_batch, and a single sequence against the weight-streaming time
 #   random      256 requests, input and output lengths uniform in 100..1024: engine vs generate (b64)
@@ -77,6 +78,11 @@ if want quick; then  # the engine's side of throughput only (no transformers bas
   python3 -m fastserve.cli bench --offline --repository $work/repo --model llama1b --device cuda --num-prompts 256 \
     --input-len 256 --output-len 128 --repeats 3 --single --baselines "" --out "$out/llama1b-quick.json" | tail -8
 fi
+if want api; then
+  llama
+  python3 -m fastserve.cli bench --offline --repository $work/repo --model llama1b --device cuda --num-prompts 256 \
+    --input-len 256 --output-len 128 --repeats 8 --generate-api --baselines "" --out "$out/llama1b-generate-api.json" | tail -8
+fi
 if want kernels; then
   FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/ops/test_triton_kernels.py tests/python_backend/ops/test_gemv.py tests/python_backend/ops/test_fused_qkv.py \
     tests/python_backend/ops/test_argmax.py \
@@ -115,7 +121,7 @@ if want mlfq; then
   mlfq_gpu_test
   # memory-bound, as in FastServe's setting: 1,024 KV blocks of 16 tokens hold about 18 long jobs
   entry llama1b_mem --max-model-len 4096 --max-num-seqs 256 --max-num-batched-tokens 4096 --num-kv-blocks 1024 --swap-space-gb 8
-  online llama1b_mem online-llama1b-h100-mem.json --num-requests 800 --load ${MLFQ_LOAD:-0.85} --arrivals ${MLFQ_ARRIVALS:-poisson}
+  online llama1b_mem online-llama1b-mem.json --num-requests 800 --load ${MLFQ_LOAD:-0.85} --arrivals ${MLFQ_ARRIVALS:-poisson}
 fi
 if want kvbound; then
   # memory-bound at small scale: 100 KV blocks of 16 tokens hold about 1.3 of the longest jobs (1,280
@@ -123,13 +129,13 @@ if want kvbound; then
   mlfq_gpu_test
   entry llama1b_kv100 --max-model-len 1536 --max-num-seqs 8 --max-num-batched-tokens 2048 --num-kv-blocks 100 --swap-space-gb 4
   for seed in ${KV_SEEDS:-0 1}; do
-    online llama1b_kv100 online-llama1b-h100-kv100-8seats-seed$seed.json --num-requests 300 --load ${KV_LOAD:-0.9} --seed $seed
+    online llama1b_kv100 online-llama1b-kv100-8seats-seed$seed.json --num-requests 300 --load ${KV_LOAD:-0.9} --seed $seed
   done
 fi
 if want seats; then
   # seat-limited: two decode seats and ample KV, so queueing for a seat dominates, as it does on a CPU
   entry llama1b_s2 --max-model-len 4096 --max-num-seqs 2 --max-num-batched-tokens 4096
-  online llama1b_s2 online-llama1b-h100-2seats.json --num-requests 300 --rate ${SEATS_RATE:-6.06} --seed ${SEATS_SEED:-0}
+  online llama1b_s2 online-llama1b-2seats.json --num-requests 300 --rate ${SEATS_RATE:-6.06} --seed ${SEATS_SEED:-0}
 fi
 if want gemvsweep; then
   python3 scripts/gpu_gemv_sweep.py --out "$out/gemv-sweep.json"

@@ -31,7 +31,7 @@ def setting(
     return dataclasses.field(default=default, metadata=meta)
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineConfig:
     """The engine's settings: how it loads the model, sizes the KV cache, batches and schedules."""
 
@@ -97,7 +97,7 @@ class EngineConfig:
         return _from_strings(cls, params)
 
 
-@dataclass
+@dataclass(slots=True)
 class ServingConfig:
     """The Triton model's settings around the engine."""
 

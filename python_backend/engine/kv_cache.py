@@ -15,7 +15,7 @@ class KVPool:
     """K and V storage: per layer a tensor [num_blocks, block_size, num_kv_heads, head_dim], all of them
     views of one tensor `storage` [num_layers, 2, num_blocks, ...], so that moving a sequence's blocks to
     or from host memory is one gather or scatter for every layer at once (kv_swap.py), not one per
-    layer and per K and V (with 16 layers, 64 small copies a swap on the H100)."""
+    layer and per K and V (with 16 layers, 64 small copies a swap)."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]

@@ -81,3 +81,16 @@ def test_programmatic_dependent_launch_gives_the_same_tokens(engine_dir, monkeyp
     off = Engine(engine_dir, EngineConfig(device="cuda", num_kv_blocks=128))
     without = [r.token_ids for r in off.generate(prompts, params)] + [off.generate([prompts[1]], params)[0].token_ids]
     assert with_pdl == without
+
+
+def test_from_folder_runs_a_gpu_entry_on_the_gpu_unless_told(engine_dir):
+    from python_backend.engine.engine import Engine
+    from python_backend.engine.sequence import SamplingParams
+
+    on_gpu = Engine.from_folder(engine_dir, num_kv_blocks=64, capture_graphs_at_start=False)
+    assert on_gpu.device.type == "cuda"
+    on_cpu = Engine.from_folder(engine_dir, device="cpu", num_kv_blocks=64)
+    assert on_cpu.device.type == "cpu"
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompt = [[101, 102, 103, 104, 105]]
+    assert on_gpu.generate(prompt, params)[0].token_ids == on_cpu.generate(prompt, params)[0].token_ids

@@ -26,6 +26,19 @@ def tiny_engine_dir(tmp_path_factory, smollm2_source):
     return build_entry(tmp / "repo", str(folder), "tiny") / "1" / "engine"
 
 
+def test_from_folder_runs_where_the_entry_was_built_for(tmp_path, smollm2_source, smollm2_engine_dir):
+    """A CPU entry runs on the CPU; a GPU entry falls back to the CPU where there is no CUDA device."""
+    import torch
+
+    assert Engine.from_folder(smollm2_engine_dir, num_kv_blocks=64).device.type == "cpu"
+    folder = save_tiny_model(tmp_path / "src", "llama", smollm2_source[1], seed=3)
+    gpu_entry = build_entry(tmp_path / "repo", str(folder), "tiny", "--device", "gpu", "--dtype", "float32")
+    engine = Engine.from_folder(gpu_entry / "1" / "engine", num_kv_blocks=64)
+    assert engine.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    result = engine.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
+    assert result.finish_reason == "length" and len(result.token_ids) == 4
+
+
 def test_seeded_sampling_independent_of_batch(engine):
     params = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
     alone = engine.generate(["Tell me a story about a dragon."], params)[0]
