@@ -8,7 +8,6 @@ measured side by side in one process.
 from __future__ import annotations
 
 import argparse
-import queue
 import random
 import statistics
 import sys
@@ -212,66 +211,69 @@ def _server_view(before: dict[str, float], after: dict[str, float]) -> dict:
 def _stream_all(
     url: str, model: str, work: list[tuple[str, int]], concurrency: int, on_open, go
 ) -> tuple[list[dict], list[str]]:
-    """Closed loop in one process: `concurrency` threads, each streaming one request at a time over
-    a stream of its own, opened before the clock starts (on_open() is called once all are open; the
-    requests start at go.set()), as a benchmark's users hold their connections."""
+    """Closed loop in one process: `concurrency` streams, each taking one request after another, on
+    one asyncio gRPC channel (on_open() is called once it is connected; the requests start at
+    go.set()). One event loop costs the machine far less per response than a thread per stream,
+    which matters when the client shares the server's cores."""
+    import asyncio
+
+    return asyncio.run(_stream_all_async(url, model, work, concurrency, on_open, go))
+
+
+async def _stream_all_async(url, model, work, concurrency, on_open, go) -> tuple[list[dict], list[str]]:
+    import asyncio
+
+    import tritonclient.grpc as grpcclient
+    import tritonclient.grpc.aio as aio
+
     from clients.client import Client
 
-    client = Client(url, "grpc", model)
-    todo: queue.SimpleQueue = queue.SimpleQueue()
-    for item in work:
-        todo.put(item)
+    settings = {"temperature": 0.0, "ignore_eos": True, "exclude_input_in_output": True, "stream": True}
+    shape = Client(url, "grpc", model)
+    client = aio.InferenceServerClient(url)
+    todo = list(reversed(work))
     records: list[dict] = []
     errors: list[str] = []
-    lock = threading.Lock()
 
-    def worker() -> None:
-        while True:
-            try:
-                prompt, output_len = todo.get_nowait()
-            except queue.Empty:
-                return
-            sent = time.perf_counter()
-            times, n_out = [], 0
-            try:
-                for r in client.responses(
-                    prompt,
-                    output_len,
-                    None,
-                    True,
-                    False,
-                    {"temperature": 0.0, "ignore_eos": True, "exclude_input_in_output": True},
-                ):
-                    if r.get("text_output"):
-                        times.append(time.perf_counter())
-                    if r.get("num_output_tokens") is not None:
-                        n_out = int(r["num_output_tokens"])
-            except Exception as e:  # counted, reported
-                with lock:
-                    errors.append(str(e))
-                continue
-            with lock:
-                records.append({"sent": sent, "times": times, "end": time.perf_counter(), "tokens": n_out})
+    async def one(prompt: str, output_len: int) -> None:
+        inputs, params = shape._grpc_inputs(grpcclient, prompt, {"max_tokens": output_len, **settings}, False)
 
-    def connected_worker() -> None:
+        async def request():
+            yield {"model_name": model, "inputs": inputs, "parameters": params, "enable_empty_final_response": True}
+
+        sent = time.perf_counter()
+        times, n_out = [], 0
         try:
-            client.connect()
-        except Exception as e:
-            with lock:
-                errors.append(f"connect: {e}")
-        opened.wait()
-        go.wait()
-        worker()
+            async for result, error in client.stream_infer(inputs_iterator=request()):
+                if error is not None:
+                    raise error
+                now = time.perf_counter()
+                text = result.as_numpy("text_output")
+                if text is not None and text.reshape(-1)[0]:
+                    times.append(now)
+                count = result.as_numpy("num_output_tokens")
+                if count is not None:
+                    n_out = int(count.reshape(-1)[0])
+                final = result.get_response().parameters.get("triton_final_response")
+                if final and final.bool_param:
+                    break
+        except Exception as e:  # counted, reported
+            errors.append(str(e))
+            return
+        records.append({"sent": sent, "times": times, "end": time.perf_counter(), "tokens": n_out})
 
-    opened = threading.Barrier(concurrency + 1)
-    threads = [threading.Thread(target=connected_worker, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    opened.wait()
+    async def worker() -> None:
+        while todo:
+            await one(*todo.pop())
+
+    try:
+        await client.is_server_ready()
+    except Exception as e:
+        errors.append(f"connect: {e}")
     on_open()
-    for t in threads:
-        t.join()
-    client.close()
+    await asyncio.to_thread(go.wait)
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await client.close()
     return records, errors
 
 
