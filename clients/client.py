@@ -23,21 +23,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_TYPES = {  # input name -> (Triton datatype, numpy dtype)
-    "max_tokens": ("INT32", np.int32),
-    "top_k": ("INT32", np.int32),
-    "min_tokens": ("INT32", np.int32),
-    "priority": ("INT32", np.int32),
-    "temperature": ("FP32", np.float32),
-    "top_p": ("FP32", np.float32),
-    "min_p": ("FP32", np.float32),
-    "repetition_penalty": ("FP32", np.float32),
-    "presence_penalty": ("FP32", np.float32),
-    "frequency_penalty": ("FP32", np.float32),
-    "seed": ("UINT64", np.uint64),
-    "stream": ("BOOL", np.bool_),
-    "exclude_input_in_output": ("BOOL", np.bool_),
+from python_backend.tensors import REQUEST_FIELDS
+
+_WIRE = {  # Triton config type -> (wire datatype, numpy dtype)
+    "TYPE_INT32": ("INT32", np.int32),
+    "TYPE_FP32": ("FP32", np.float32),
+    "TYPE_UINT64": ("UINT64", np.uint64),
+    "TYPE_BOOL": ("BOOL", np.bool_),
 }
+# the model's scalar inputs, from their one declaration
+_TYPES = {f.name: _WIRE[f.tensor] for f in REQUEST_FIELDS if f.tensor in _WIRE}
 
 
 class GenerateError(RuntimeError):

@@ -83,6 +83,9 @@ class Metrics:
             metric = self._finish[reason] = self._finish_family.Metric(labels={**self._labels, "reason": reason})
         metric.increment(n)
 
+    def set_engine_up(self, up: bool) -> None:
+        self._set(self.engine_up, 1 if up else 0)
+
     def engine_state(self, state: dict) -> None:
         """Gauges and the counters the engine keeps itself, from Engine.snapshot(). Only changed values
         are set: each metric call is a round trip to the server."""

@@ -37,6 +37,9 @@ _STOP = object()
 _CANCEL_POLL_S = 0.05
 _CANCEL_CHECKS_PER_TICK = 32
 _CANCEL_RECHECK_S = 0.25  # a request is asked again no sooner than this
+# each metric update is a round trip to the server, paid in CPU time the engine could use: counters
+# and gauges move every quarter second, well within any scrape interval
+_METRICS_S = 0.25
 
 
 @dataclass
@@ -241,7 +244,7 @@ class TritonPythonModel:
 
     # ---- responses out --------------------------------------------------------------------------
     def _respond_loop(self) -> None:
-        next_poll = 0.0
+        next_poll = next_metrics = 0.0
         while True:
             try:
                 item = self._outbox.get(timeout=_CANCEL_POLL_S)
@@ -270,9 +273,11 @@ class TritonPythonModel:
                 next_poll = now + _CANCEL_POLL_S
                 try:
                     self._poll_cancelled()
-                    self._flush_tallies()
-                    self.metrics.engine_state(self.engine.snapshot())
-                    self._engine_health()
+                    if now >= next_metrics:
+                        next_metrics = now + _METRICS_S
+                        self._flush_tallies()
+                        self.metrics.engine_state(self.engine.snapshot())
+                        self._engine_health()
                 except Exception as e:
                     pb_utils.Logger.log_error(f"fastserve: response thread: {type(e).__name__}: {e}")
 
@@ -284,7 +289,7 @@ class TritonPythonModel:
         if restarts > self._restarts_seen:
             self.metrics.engine_restarts.increment(restarts - self._restarts_seen)
             self._restarts_seen = restarts
-        self.metrics.engine_up.set(1 if getattr(self.engine, "up", True) else 0)
+        self.metrics.set_engine_up(getattr(self.engine, "up", True))
 
     def _yield_to_execute(self) -> None:
         """Wait (up to 0.2 s) while execute() admits requests."""
