@@ -85,6 +85,7 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         b.num_cached_tokens,
         logprobs,
         b.error,
+        b.unavailable,
     )
 
 

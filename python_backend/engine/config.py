@@ -149,13 +149,18 @@ def settings() -> list[Setting]:
     return out
 
 
+RENAMED = {"scheduler_policy": "scheduler"}  # older builders wrote these names
+
+
 def check_keys(params: dict[str, str]) -> None:
-    """Refuse a parameter no setting has (a typo would otherwise be ignored without a word)."""
+    """Refuse a parameter no setting has (a typo would otherwise be ignored without a word). Upper-case
+    keys are the Python backend's own (EXECUTION_ENV_PATH, FORCE_CPU_ONLY_INPUT_TENSORS) and pass."""
     known = {s.name for s in settings()}
-    unknown = sorted(k for k in params if k not in known)
+    unknown = sorted(k for k in params if k not in known and not k.isupper())
     if unknown:
+        named = [f"{k} (now {RENAMED[k]})" if k in RENAMED else k for k in unknown]
         raise ValueError(
-            f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
             f"the settings are listed in docs/settings.md"
         )
 
@@ -165,9 +170,9 @@ def parse_value(s: Setting, raw: str) -> Any:
     text = raw.strip()
     if s.kind is bool:
         low = text.lower()
-        if low in ("true", "1"):
+        if low in ("true", "1", "yes"):
             return True
-        if low in ("false", "0"):
+        if low in ("false", "0", "no"):
             return False
         raise ValueError(f"parameter {s.name}={raw!r}: must be true or false")
     if s.kind is int:

@@ -57,6 +57,7 @@ class EngineCore:
         self.seqs: dict[str, Sequence] = {}
         self.wake = threading.Event()  # set when work arrives
         self.on_flush = None  # called after each step's outputs are handed out
+        self.last_error: BaseException | None = None
 
     # ---- the inbox: any thread --------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -217,11 +218,13 @@ class EngineCore:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
     def _callback_failed(self, seq: Sequence, error: BaseException) -> None:
+        self.last_error = error
         log.error("output callback of request %s failed", seq.request_id, exc_info=error)
 
     def fail_all(self, error: BaseException) -> None:
         """After a step raised: end every request in flight with an error naming the cause, so the
         engine can go on serving new ones."""
+        self.last_error = error
         log.error("engine step failed; ending %d requests in flight", len(self.seqs), exc_info=error)
         self._ahead = None
         message = f"the engine failed: {type(error).__name__}: {error}"

@@ -63,7 +63,6 @@ class Engine(EngineClient):
         self._drive_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.last_error: BaseException | None = None
 
     @classmethod
     def from_folder(cls, folder: str | Path, **overrides) -> Engine:
@@ -88,6 +87,11 @@ class Engine(EngineClient):
     @property
     def stats(self):
         return self.core.stats
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """The newest error of a step or of an output callback; each is logged too."""
+        return self.core.last_error
 
     @property
     def run_ahead(self) -> bool:
@@ -163,7 +167,7 @@ class Engine(EngineClient):
                 self.abort(seq.request_id)
             raise
         with self._drive_lock:  # callers without a loop thread take turns driving it
-            while any(not s.finished for s in seqs) or self.core.outputs.pending:
+            while not all(s.done for s in seqs):
                 self.core.step()
         return [Result.of(s) for s in seqs]
 
@@ -181,7 +185,6 @@ class Engine(EngineClient):
         try:
             return self.core.step()
         except Exception as e:
-            self.last_error = e
             self.core.fail_all(e)
             return False
 

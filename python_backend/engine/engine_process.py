@@ -77,7 +77,7 @@ def python_executable() -> str:
 class _Child:
     """One engine process and the two threads that talk to it."""
 
-    def __init__(self, folder: Path, config: EngineConfig, timeout_s: float):
+    def __init__(self, folder: Path, config: EngineConfig, timeout_s: float, cancelled=lambda: False):
         if not hasattr(sys, "argv"):  # an embedded interpreter may have none; spawn reads it
             sys.argv = [""]
         ctx = mp.get_context("spawn")
@@ -90,14 +90,19 @@ class _Child:
         self.proc.start()
         cmd_r.close()
         out_w.close()
-        self.ready = self._wait_ready(timeout_s)
+        self.ready = self._wait_ready(timeout_s, cancelled)
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.sender = threading.Thread(target=self._send_loop, name="fastserve-engine-sender", daemon=True)
         self.sender.start()
 
-    def _wait_ready(self, timeout_s: float) -> Ready:
+    def _wait_ready(self, timeout_s: float, cancelled) -> Ready:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if cancelled():
+                self.proc.kill()
+                self.proc.join(timeout=5)
+                self.close()
+                raise EngineProcessError("the engine process was stopped while it started")
             if self.out.poll(0.5):
                 try:
                     message = self.out.recv()
@@ -159,6 +164,7 @@ class EngineProcess(EngineClient):
         self._lock = threading.Lock()  # the callbacks, the current child and its command queue
         self._callbacks: dict[str, OutputCallback | None] = {}
         self._stopping = False
+        self._stopped = threading.Event()  # wakes a restart waiting out its backoff
         self._down: str | None = None  # why no engine takes requests now
         self._child = _Child(self.folder.path, self.config, start_timeout_s)
         self._proc = self._child.proc  # the newest engine process, alive or not
@@ -235,6 +241,9 @@ class EngineProcess(EngineClient):
             elif isinstance(message, Stopped):
                 break
         child.proc.join(timeout=5)
+        if child.proc.is_alive():  # it closed its pipe but lingers: it must not hold memory a new one needs
+            child.proc.kill()
+            child.proc.join(timeout=5)
         with self._lock:
             stopping = self._stopping
             if not stopping:
@@ -278,30 +287,32 @@ class EngineProcess(EngineClient):
         """Start a new child, with backoff, up to max_restarts attempts."""
         last = ""
         for attempt in range(self.max_restarts):
-            if self._stopping:
-                return
-            time.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
-            if self._stopping:
+            if self._stopped.wait(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]):
                 return
             log.warning("fastserve: starting a new engine process (attempt %d of %d)", attempt + 1, self.max_restarts)
             try:
-                child = _Child(self.folder.path, self.config, self.start_timeout_s)
+                child = _Child(self.folder.path, self.config, self.start_timeout_s, cancelled=self._stopped.is_set)
             except Exception as e:
                 last = str(e)
                 log.error("fastserve: the new engine process did not start: %s", e)
                 continue
             with self._lock:
                 if self._stopping:
-                    child.commands.put(Stop())
+                    child.proc.kill()
+                    child.proc.join(timeout=5)
                     child.commands.put(None)
+                    child.close()
                     return
                 self._child, self._down, self._proc = child, None, child.proc
                 self._state = child.ready.state
                 self.restarts += 1
+            self._reader = self._start_reader(child)
             log.warning("fastserve: the engine process is back (pid %s, restart %d)", child.proc.pid, self.restarts)
             if self.on_restart is not None:
-                self.on_restart()
-            self._reader = self._start_reader(child)
+                try:
+                    self.on_restart()
+                except Exception:
+                    log.exception("fastserve: the restart callback failed")
             return
         with self._lock:
             self._down = (
@@ -330,10 +341,12 @@ class EngineProcess(EngineClient):
         """Stop the child; requests still in flight end as 'cancelled'."""
         with self._lock:
             self._stopping = True
+            self._stopped.set()
             child = self._child
             if child is not None:
                 child.commands.put(Stop())
-        if child is None:
+        if child is None:  # down, or a new one starting: that start stops within a second
+            self._reader.join(timeout=timeout_s)
             return
         self._reader.join(timeout=timeout_s)
         child.proc.join(timeout=timeout_s)

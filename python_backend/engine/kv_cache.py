@@ -66,8 +66,8 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # count 0 but holding a cached prefix
         self._hash_to_block: dict[int, int] = {}
         self._block_hash: dict[int, int] = {}
-        # what a registered block holds: its tokens and the block before it (-1 for the first). A hit
-        # must match these too, so that two prefixes whose hashes collide never share a block
+        # what a registered block holds: the chain hash of the blocks before it and its own tokens. A
+        # hit must match both, so that two prefixes whose hashes collide never share a block
         self._block_key: dict[int, tuple[int, tuple[int, ...]]] = {}
 
     @property
@@ -123,7 +123,7 @@ class BlockManager:
             tokens = tuple(token_ids[i * bs : (i + 1) * bs])
             h = self.chain_hash(parent, tokens)
             block = self._hash_to_block.get(h)
-            if block is None or self._block_key[block] != (blocks[-1] if blocks else -1, tokens):
+            if block is None or self._block_key[block] != (parent, tokens):
                 break
             blocks.append(block)
             hashes.append(h)
@@ -135,17 +135,13 @@ class BlockManager:
         return blocks, hashes
 
     def register(self, block: int, h: int, tokens, parent: int) -> None:
-        """Make a full, computed block findable by the hash of its prefix. `parent` is the chain hash
-        of the blocks before it (0 for the first block); the block registered under it is recorded, so a
-        hit is a chain of the very blocks that were computed one after the other."""
+        """Make a full, computed block findable by the hash of its prefix; `parent` is the chain hash of
+        the blocks before it (0 for the first block)."""
         if not self.enable_prefix_caching or block in self._block_hash or h in self._hash_to_block:
-            return
-        parent_block = -1 if parent == 0 else self._hash_to_block.get(parent)
-        if parent_block is None:  # the blocks before it are no longer cached: no lookup can reach it
             return
         self._hash_to_block[h] = block
         self._block_hash[block] = h
-        self._block_key[block] = (parent_block, tuple(tokens))
+        self._block_key[block] = (parent, tuple(tokens))
 
     def reset_prefix_cache(self) -> None:
         for block in list(self._evictable):

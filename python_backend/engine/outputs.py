@@ -131,6 +131,7 @@ class OutputProcessor:
         delta = detokenize.take_delta(seq.detok, seq.params.stop, final=True) if seq.detok is not None else ""
         last = [seq.output_ids[-1]] if seq.output_ids and reason != "cancelled" else []
         seq.num_sent_tokens += len(last)
+        seq.done = True
         logprobs = seq.logprobs[-1:] if seq.params.logprobs else None
         out = RequestOutput(
             seq.request_id,

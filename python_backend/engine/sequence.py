@@ -129,6 +129,7 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None  # why it ended with finish_reason "error"
     num_sent_tokens: int = 0  # output tokens handed to the client so far
+    done: bool = False  # its final output has been made
     timing: Timing = field(default_factory=Timing)
     detok: Any = None  # the incremental detokenizer state (detokenize.py)
     generator: Any = None  # a torch.Generator when the request is seeded

@@ -50,6 +50,9 @@ def test_a_value_that_does_not_parse_names_the_key_and_what_it_takes(key, value,
 def test_an_unknown_key_is_refused():
     with pytest.raises(ValueError, match="unknown parameter kv_blocksize"):
         config.check_keys({"kv_blocksize": "16"})
+    with pytest.raises(ValueError, match=r"scheduler_policy \(now scheduler\)"):
+        config.check_keys({"scheduler_policy": "fcfs"})
+    config.check_keys({"EXECUTION_ENV_PATH": "$$TRITON_MODEL_DIRECTORY/env.tar.gz", "scheduler": "mlfq"})
 
 
 def test_a_setting_given_in_python_is_checked_as_strictly(tmp_path):

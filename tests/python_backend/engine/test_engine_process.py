@@ -179,3 +179,24 @@ def test_submitting_never_waits_on_an_engine_whose_outputs_back_up(tiny_engine_d
     finally:
         engine.shutdown(timeout_s=120)
     assert not engine._proc.is_alive()
+
+
+def test_shutdown_while_a_new_engine_starts_leaves_no_process(tiny_engine_dir):
+    import multiprocessing
+
+    def engines() -> set[int]:
+        return {p.pid for p in multiprocessing.active_children() if p.name == "fastserve-engine"}
+
+    engine = EngineProcess(tiny_engine_dir, EngineConfig(**CONFIG))
+    others = engines() - {engine.pid}  # other tests' engines
+    os.kill(engine.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while engine.up and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.up
+    time.sleep(1.5)  # past the first pause: a new engine process is starting
+    started = time.monotonic()
+    engine.shutdown(timeout_s=30)
+    assert time.monotonic() - started < 10, "shutdown waited for the new engine to finish starting"
+    assert engines() <= others, "an engine process outlived shutdown"
+    assert not engine.up and engine.restarts == 0

@@ -44,6 +44,28 @@ def test_a_hash_collision_is_not_a_prefix_hit(monkeypatch):
     assert bm.match_prefix([1, 2, 3, 4, 5], max_tokens=4) == ([block], [42])
 
 
+def test_a_prefix_hit_survives_its_first_blocks_being_recomputed():
+    """Two requests with one prefix prefill together: only the first one's copy of the shared block is
+    cached, the second's next block is. Once the first one's copy is evicted and recomputed by a third
+    request, the second's block is still found behind it."""
+    bm = BlockManager(num_blocks=8, block_size=2)
+    h1 = bm.chain_hash(0, [1, 2])
+    h2 = bm.chain_hash(h1, [3, 4])
+    a1, b1, b2 = bm.allocate(3)
+    bm.register(a1, h1, [1, 2], 0)
+    bm.register(b1, h1, [1, 2], 0)  # the same prefix again: not registered twice
+    bm.register(b2, h2, [3, 4], h1)
+    bm.free([a1])
+    bm.free([b1, b2])
+    bm.allocate(6)  # every block never used or not cached
+    [c1] = bm.allocate(1)  # evicts the least recently freed cached block: a1
+    assert c1 == a1
+    assert bm.match_prefix([1, 2, 3, 4, 5], max_tokens=4) == ([], [])  # block 1 is gone
+    bm.register(c1, h1, [1, 2], 0)
+    blocks, _ = bm.match_prefix([1, 2, 3, 4, 5], max_tokens=4)
+    assert blocks == [c1, b2]
+
+
 def _seq(i: int, n_prompt: int, priority: int = 0) -> Sequence:
     return Sequence(
         request_id=str(i),
