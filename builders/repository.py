@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from python_backend.tensors import INPUTS, OUTPUTS, TensorSpec
 
 MODEL_PY = '''"""Triton loads this file; the model itself is FastServe's Python backend."""
+
 from python_backend.model import TritonPythonModel  # noqa: F401
 '''
 

@@ -159,9 +159,10 @@ def test_script_entry_point(tmp_path):
     assert proc.returncode == 2 and "no such file or folder" in proc.stderr
 
 
-def test_checked_in_config_is_what_the_builder_writes(smollm2_repo):
-    """model_repository/smollm2/config.pbtxt is the builder's output for SmolLM2 with the defaults."""
-    checked_in = ROOT / "model_repository" / "smollm2" / "config.pbtxt"
-    assert (smollm2_repo / "smollm2" / "config.pbtxt").read_text() == checked_in.read_text(), (
+@pytest.mark.parametrize("path", ["config.pbtxt", "1/model.py"])
+def test_checked_in_entry_is_what_the_builder_writes(smollm2_repo, path):
+    """model_repository/smollm2/ is the builder's output for SmolLM2 with the defaults."""
+    checked_in = ROOT / "model_repository" / "smollm2" / path
+    assert (smollm2_repo / "smollm2" / path).read_text() == checked_in.read_text(), (
         "rebuild it: python builders/build.py --model smollm2 --name smollm2 --repository model_repository"
     )
