@@ -109,6 +109,8 @@ class OutputProcessor:
                 continue
             seq.num_sent_tokens += 1
             if seq.on_output is None:
+                if params.stop:  # moves the sent mark, so the next stop search reads only new text
+                    detokenize.take_delta(seq.detok, params.stop, final=False)
                 continue
             delta = detokenize.take_delta(seq.detok, params.stop, final=False)
             logprobs = [item.logprob] if params.logprobs and item.logprob is not None else None
