@@ -25,7 +25,7 @@ from builders.repository import MODEL_PY, EntrySettings, render_config  # noqa: 
 from builders.sources import SourceError, resolve  # noqa: E402
 from fastserve import __version__  # noqa: E402
 from python_backend.engine import config  # noqa: E402
-from python_backend.engine.config import EngineConfig, ServingConfig  # noqa: E402
+from python_backend.engine.config import BuildConfig, EngineConfig, ServingConfig  # noqa: E402
 
 ENGINE_FORMAT_VERSION = 1
 
@@ -58,12 +58,22 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 def build_settings(args: argparse.Namespace, dtype: str) -> dict:
     """The settings that shape the engine folder; a change in any of them means a rebuild."""
+    compress = config.from_arguments(args, BuildConfig)
     return {
         "dtype": dtype,
         "max_model_len": args.max_model_len,
         "kv_block_size": args.kv_block_size,
         "max_batch_size": args.max_batch_size,
+        **{k: v for k, v in config.to_parameters([compress]).items() if k != "evaluate"},
     }
+
+
+def check_compression(args: argparse.Namespace, source, on_gpu: bool) -> None:
+    """Refuse a quantization request that cannot work before any weights are loaded."""
+    if args.quantize == "gguf" and source.kind != "gguf":
+        raise BuildError(f"--quantize gguf keeps a GGUF file's own 4-bit weights; {source.description} is not GGUF")
+    if args.quantize == "fp8" and not on_gpu:
+        raise BuildError("--quantize fp8 serves on GPUs with FP8 matrix units only; build it with --device gpu")
 
 
 def engine_parameters(args: argparse.Namespace, dtype: str) -> dict[str, str]:
@@ -96,19 +106,69 @@ def _save_weights(model, folder: Path) -> None:
     )
 
 
-def _write_engine(source, dtype: str, settings: dict, engine_tmp: Path, start: float) -> dict:
+def _save_quantized(model, tensors: dict, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _quantize(source, model, tokenizer, args: argparse.Namespace, dtype: str, start: float) -> tuple[dict, dict]:
     import torch
 
-    _log(f"loading {source.description} ({source.architecture}) as {dtype}", start)
-    model, tokenizer = source.load(getattr(torch, dtype))
+    from builders import quantize
+
+    target = getattr(torch, dtype)
+    if args.quantize == "gguf":
+        _log("taking the GGUF file's 4-bit projections as they are", start)
+        tensors, record = quantize.gguf_int4_tensors(source.location, model.config)
+        covered = {name.rsplit(".", 1)[0] for name in tensors}
+        for k, v in model.state_dict().items():
+            if k.rsplit(".", 1)[0] not in covered and not (k == "lm_head.weight" and model.config.tie_word_embeddings):
+                tensors[k] = v.detach().to(target).contiguous()
+        record["lm_head"] = "dense"
+        return tensors, record
+    opts = quantize.QuantizeOptions(
+        method=args.quantize,
+        group_size=args.group_size,
+        symmetric=args.symmetric,
+        awq=args.awq,
+        lm_head=args.quantize_lm_head,
+        fp8_scales=args.fp8_scales,
+    )
+    _log(f"quantizing to {args.quantize}", start)
+    return quantize.quantize_model(model, tokenizer, opts, target, args.calibration_tokens, lambda m: _log(m, start))
+
+
+def _write_engine(source, dtype: str, args: argparse.Namespace, engine_tmp: Path, start: float) -> dict:
+    import torch
+
+    settings = build_settings(args, dtype)
+    load_as = dtype if args.quantize == "none" else "float32"  # quantized from full precision
+    _log(f"loading {source.description} ({source.architecture}) as {load_as}", start)
+    model, tokenizer = source.load(getattr(torch, load_as))
     config = model.config
     max_pos = int(getattr(config, "max_position_embeddings", 0) or 0)
     max_model_len = settings["max_model_len"] or max_pos or 4096
     if max_pos and max_model_len > max_pos:
         raise BuildError(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings {max_pos}")
     n_params = sum(p.numel() for p in model.parameters())
-    _log(f"writing {n_params / 1e6:.1f}M parameters as safetensors", start)
-    _save_weights(model, engine_tmp)
+    quantization = None
+    if args.quantize == "none":
+        _log(f"writing {n_params / 1e6:.1f}M parameters as safetensors", start)
+        _save_weights(model, engine_tmp)
+    else:
+        try:
+            tensors, quantization = _quantize(source, model, tokenizer, args, dtype, start)
+        except ValueError as e:
+            raise BuildError(f"quantization failed: {e}") from e
+        _log(f"writing {n_params / 1e6:.1f}M parameters, projections as {args.quantize}", start)
+        _save_quantized(model, tensors, engine_tmp)
     tokenizer.save_pretrained(engine_tmp)
     if getattr(tokenizer, "chat_template", None) and not any(engine_tmp.glob("chat_template*")):
         (engine_tmp / "chat_template.jinja").write_text(tokenizer.chat_template)
@@ -125,6 +185,7 @@ def _write_engine(source, dtype: str, settings: dict, engine_tmp: Path, start: f
         "max_model_len": max_model_len,
         "eos_token_ids": eos_ids,
         "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        "quantization": quantization,
     }
 
 
@@ -139,6 +200,7 @@ def build(args: argparse.Namespace) -> Path:
     version = entry / "1"
     engine_dir = version / "engine"
     settings = build_settings(args, dtype)
+    check_compression(args, source, on_gpu)
     created_entry = not entry.exists()
     entry_config = EntrySettings(
         name=args.name,
@@ -165,14 +227,14 @@ def build(args: argparse.Namespace) -> Path:
             version.mkdir(parents=True, exist_ok=True)
             engine_tmp = Path(tempfile.mkdtemp(prefix=".engine.tmp-", dir=version))
             try:
-                info = _write_engine(source, dtype, settings, engine_tmp, start)
+                info = _write_engine(source, dtype, args, engine_tmp, start)
                 meta = {
                     "format_version": ENGINE_FORMAT_VERSION,
                     "builder_version": __version__,
                     "architecture": info["architecture"],
                     "device": "gpu" if on_gpu else "cpu",
                     "dtype": dtype,
-                    "quantization": None,
+                    "quantization": info["quantization"],
                     "pruning": None,
                     "max_model_len": info["max_model_len"],
                     "kv_block_size": args.kv_block_size,
@@ -198,10 +260,16 @@ def build(args: argparse.Namespace) -> Path:
         if created_entry:
             shutil.rmtree(entry, ignore_errors=True)
         raise
+    if args.evaluate:
+        from builders.evaluate import evaluate_into_meta
+
+        _log("evaluating the build (fastserve evaluate)", start)
+        evaluate_into_meta(engine_dir, device="cuda" if on_gpu else "cpu")
     size = sum(p.stat().st_size for p in engine_dir.rglob("*") if p.is_file())
     meta = json.loads((engine_dir / "engine.json").read_text())
+    quant = f" ({meta['quantization']['method']} weights)" if meta.get("quantization") else ""
     _log(
-        f"done: {meta['architecture']}, {meta['num_parameters'] / 1e6:.1f}M parameters, {meta['dtype']}, "
+        f"done: {meta['architecture']}, {meta['num_parameters'] / 1e6:.1f}M parameters, {meta['dtype']}{quant}, "
         f"{size / 1e6:.1f} MB on disk in {entry}",
         start,
     )
@@ -220,6 +288,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     config.add_arguments(engine, EngineConfig)
     serving = p.add_argument_group("Triton model settings (written to config.pbtxt)")
     config.add_arguments(serving, ServingConfig)
+    compress = p.add_argument_group("compression (recorded in engine.json)")
+    config.add_arguments(compress, BuildConfig)
 
 
 def run(args: argparse.Namespace) -> int:

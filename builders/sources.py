@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from python_backend.engine.engine_folder import safetensors_problem
+
 # Architectures our runner implements (python_backend/models/llama.py), keyed by the HF class name.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -130,22 +132,9 @@ def _folder_source(folder: Path) -> ModelSource:
 
 
 def _check_safetensors(path: Path) -> None:
-    """Read the header and check that the data it describes is all there: catches truncated files."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("shorter than its 8-byte header length")
-            n = int.from_bytes(raw, "little")
-            if n > 100_000_000:
-                raise ValueError(f"header length {n} is not plausible")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        size = path.stat().st_size
-        if size < 8 + n + end:
-            raise ValueError(f"truncated: {size} bytes, header describes {8 + n + end}")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise SourceError(f"{path}: corrupt safetensors file ({e})") from e
+    problem = safetensors_problem(path)
+    if problem:
+        raise SourceError(f"{path}: {problem}")
 
 
 def _gguf_source(path: Path) -> ModelSource:

@@ -31,6 +31,10 @@
 #               (.gpu/tritonserver-py3.12.tar.xz, a packed server carried in with its launcher; the
 #               Python-backend stub needs numpy < 2, carried as .whl/numpy, in an environment of its
 #               own that leaves out the image's packages built on numpy 2: scripts/stub_site.py)
+#   quant       the quantized kernels' tests; the Llama-1B shape as bf16, fp8, int8 and int4 (RTN: random
+#               weights have no outliers for AWQ to find): 256 x 256 -> 128 and one sequence's decode step
+#   quantsmol   SmolLM2 built as bf16, int8, int4 (AWQ), fp8 and its GGUF's own Q4_1 blocks, on the GPU:
+#               `fastserve evaluate` against bf16 (needs the GGUF, carried in two parts, .gpu/gguf-a and -b)
 #   tprofile    where the server's time goes at 256 streams: scripts/triton_profile.py samples the stub and
 #               the engine process with py-spy (a py-spy wheel carried in .whl/small) during one run
 set -euo pipefail
@@ -136,6 +140,26 @@ if want seats; then
   # seat-limited: two decode seats and ample KV, so queueing for a seat dominates, as it does on a CPU
   entry llama1b_s2 --max-model-len 4096 --max-num-seqs 2 --max-num-batched-tokens 4096
   online llama1b_s2 online-llama1b-2seats.json --num-requests 300 --rate ${SEATS_RATE:-6.06} --seed ${SEATS_SEED:-0}
+fi
+if want quant; then
+  FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/ops/test_quant_gemv.py \
+    tests/python_backend/models/test_quantized.py 2>&1 | tail -4
+  shape=(--max-model-len 4096 --max-num-seqs 256 --max-num-batched-tokens 8192 --max-batch-size 256)
+  entry llama1b_fp8 "${shape[@]}" --quantize fp8
+  entry llama1b_int8 "${shape[@]}" --quantize int8
+  entry llama1b_int4 "${shape[@]}" --quantize int4 --no-awq
+  for m in llama1b llama1b_fp8 llama1b_int8 llama1b_int4; do
+    echo "== $m"
+    bench --model $m --num-prompts 256 --input-len 256 --output-len 128 --repeats 3 --single --baselines "" \
+      --out "$out/$m-h200-quant.json" | tail -3
+  done
+fi
+if want quantsmol; then
+  smol() { python3 builders/build.py --model smollm2 --repository $work/repo --device gpu --dtype bfloat16 "$@" | tail -1; }
+  smol --name smol_bf16
+  for q in int8 int4 fp8 gguf; do smol --name smol_$q --quantize $q; done
+  python3 -m fastserve.cli evaluate $work/repo/smol_{int8,int4,fp8,gguf,bf16} --against $work/repo/smol_bf16 \
+    --device cuda --agreement-prompts 32 --out "$out/smollm2-h200-evaluate.json"
 fi
 if want gemvsweep; then
   python3 scripts/gpu_gemv_sweep.py --out "$out/gemv-sweep.json"

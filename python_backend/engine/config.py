@@ -117,7 +117,39 @@ class ServingConfig:
         return _from_strings(cls, params)
 
 
-CONFIGS: tuple[type, ...] = (EngineConfig, ServingConfig)
+@dataclass(slots=True)
+class BuildConfig:
+    """What the builder does to the weights. Recorded in engine.json, not in config.pbtxt: changing
+    one means a rebuild."""
+
+    quantize: str = setting(
+        "none",
+        "weights: int8 (per channel), int4 (grouped, AWQ), fp8 (E4M3, GPUs with FP8), gguf (a GGUF "
+        "file's own Q4_0/Q4_1 blocks, exactly); none keeps them dense",
+        choices=("none", "int8", "int4", "fp8", "gguf"),
+    )
+    group_size: int = setting(
+        128,
+        "int4: weights per scale along the input; an input size it does not divide takes the largest "
+        "power of two that does",
+        minimum=16,
+    )
+    symmetric: bool = setting(False, "int4: codes centred on zero, without a fitted offset per group")
+    awq: bool = setting(True, "int4: activation-aware scales, searched on calibration text")
+    quantize_lm_head: bool = setting(
+        True, "int8, int4, fp8: quantize the output projection too (the embedding keeps its dense copy)"
+    )
+    fp8_scales: str = setting(
+        "channel", "fp8: a weight scale per output channel or per tensor", choices=("channel", "tensor")
+    )
+    calibration_tokens: int = setting(4096, "int4 with awq: tokens of calibration text", minimum=64)
+    evaluate: bool = setting(
+        False, "after the build, run `fastserve evaluate` on it and store the result in engine.json"
+    )
+
+
+CONFIGS: tuple[type, ...] = (EngineConfig, ServingConfig, BuildConfig)
+PARAMETER_CONFIGS: tuple[type, ...] = (EngineConfig, ServingConfig)  # those config.pbtxt carries
 
 
 @dataclass(frozen=True)
@@ -155,7 +187,7 @@ RENAMED = {"scheduler_policy": "scheduler"}  # older builders wrote these names
 def check_keys(params: dict[str, str]) -> None:
     """Refuse a parameter no setting has (a typo would otherwise be ignored without a word). Upper-case
     keys are the Python backend's own (EXECUTION_ENV_PATH, FORCE_CPU_ONLY_INPUT_TENSORS) and pass."""
-    known = {s.name for s in settings()}
+    known = {s.name for s in settings() if s.owner in PARAMETER_CONFIGS}
     unknown = sorted(k for k in params if k not in known and not k.isupper())
     if unknown:
         named = [f"{k} (now {RENAMED[k]})" if k in RENAMED else k for k in unknown]
@@ -302,11 +334,23 @@ def markdown() -> str:
         "This file is generated: `python -m python_backend.engine.config > docs/settings.md`.",
         "",
     ]
-    titles = {EngineConfig: "Engine (`EngineConfig`)", ServingConfig: "Triton model (`ServingConfig`)"}
+    titles = {
+        EngineConfig: "Engine (`EngineConfig`)",
+        ServingConfig: "Triton model (`ServingConfig`)",
+        BuildConfig: "Build (`BuildConfig`)",
+    }
+    notes = {
+        BuildConfig: [
+            "What the builder does to the weights. These are builder flags only: they are recorded in the "
+            "engine folder's `engine.json`, not in `config.pbtxt`, and changing one means a rebuild.",
+            "",
+        ]
+    }
     for owner in CONFIGS:
         lines += [
             f"## {titles[owner]}",
             "",
+            *notes.get(owner, []),
             "| parameter | builder flag | type | default | meaning |",
             "|---|---|---|---|---|",
         ]

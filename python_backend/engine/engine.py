@@ -172,6 +172,22 @@ class Engine(EngineClient):
         return [Result.of(s) for s in seqs]
 
     # ---- the loop -------------------------------------------------------------------------------
+    def prompt_logits(self, ids: list[int]) -> torch.Tensor:
+        """float32 logits [len(ids), vocab] at every position of `ids` (teacher-forced), for evaluation.
+        Borrows KV blocks for the one prefill and gives them back; not while the loop thread runs."""
+        if self._thread is not None:
+            raise RuntimeError("prompt_logits drives the model directly; call it on an engine that is not started")
+        if not 0 < len(ids) <= self.max_model_len:
+            raise ValueError(f"prompt_logits takes 1 to {self.max_model_len} tokens, got {len(ids)}")
+        blocks = self.core.blocks
+        seq = Sequence(request_id="score", prompt_ids=list(ids), params=SamplingParams(max_tokens=1))
+        with self._drive_lock:
+            seq.block_table = blocks.allocate(blocks.blocks_for(len(ids)))
+            try:
+                return self.runner.prompt_logits(seq)
+            finally:
+                blocks.free(seq.block_table)
+
     def has_work(self) -> bool:
         return self.core.has_work()
 

@@ -24,6 +24,12 @@ class EngineFolder:
     def eos_token_ids(self) -> list[int]:
         return list(self.meta.get("eos_token_ids") or [])
 
+    @property
+    def quantization(self) -> str | None:
+        """The method the weights are stored in (models/quantized.py), None for dense weights."""
+        q = self.meta.get("quantization")
+        return q.get("method") if isinstance(q, dict) else None
+
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
@@ -35,6 +41,27 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise EngineFolderError(f"{path}: expected a JSON object")
     return data
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's framing (short header, truncated data), or None. Reads
+    only the header, so it is cheap enough to run before every load."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                return "corrupt safetensors file (shorter than its 8-byte header length)"
+            n = int.from_bytes(raw, "little")
+            if n > 100_000_000:
+                return f"corrupt safetensors file (header length {n} is not plausible)"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return f"corrupt safetensors file ({e})"
+    size = path.stat().st_size
+    if size < 8 + n + end:
+        return f"corrupt safetensors file (truncated: {size} bytes, its header describes {8 + n + end})"
+    return None
 
 
 def open_engine_folder(path: str | Path) -> EngineFolder:
@@ -49,8 +76,23 @@ def open_engine_folder(path: str | Path) -> EngineFolder:
             f"reads ({', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); rebuild the engine"
         )
     config = _read_json(folder / "config.json")
-    if not list(folder.glob("*.safetensors")):
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
         raise EngineFolderError(f"{folder}: no *.safetensors weights")
+    for path in weights:
+        problem = safetensors_problem(path)
+        if problem:
+            raise EngineFolderError(f"{path}: {problem}; rebuild the engine")
+    q = meta.get("quantization")
+    if q is not None:
+        from python_backend.models.quantized import METHODS
+
+        if not isinstance(q, dict) or q.get("method") not in METHODS:
+            method = q.get("method") if isinstance(q, dict) else q
+            raise EngineFolderError(
+                f"{folder / 'engine.json'}: quantization method {method!r} is unknown; this backend serves "
+                f"{', '.join(METHODS)}"
+            )
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
         raise EngineFolderError(f"{folder}: no tokenizer (tokenizer.json or tokenizer.model)")
     return EngineFolder(folder, meta, config)

@@ -62,7 +62,7 @@ def load(folder: str | Path | EngineFolder, cfg: EngineConfig) -> LoadedEngine:
     dtype = getattr(torch, meta.get("dtype", "float32") if cfg.dtype == "auto" else cfg.dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(folder.path))
     max_len = cfg.max_model_len or meta.get("max_model_len") or _DEFAULT_MAX_LEN
-    model = LlamaModel.load(folder.path, dtype, device, max_len, kernels=cfg.kernels)
+    model = LlamaModel.load(folder.path, dtype, device, max_len, kernels=cfg.kernels, quantization=folder.quantization)
     mcfg = model.cfg
     gemv_timings = {}
     if device.type == "cuda" and model.kernels and cfg.decode_gemv:

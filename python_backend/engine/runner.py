@@ -309,6 +309,15 @@ class Runner:
         return input_ids, positions, meta, rows_t, sampled
 
     @torch.inference_mode()
+    def prompt_logits(self, seq: Sequence) -> torch.Tensor:
+        """float32 logits at every position of a sequence's tokens, in one prefill (its blocks
+        allocated by the caller): what perplexity and teacher-forced agreement read."""
+        prepare = self.prepare_kernels if self.model.kernels else self.prepare
+        input_ids, positions, meta, _, _ = prepare(ScheduledBatch(prefills=[(seq, seq.num_tokens)]))
+        rows = torch.arange(seq.num_tokens, device=self.device)
+        return self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows)
+
+    @torch.inference_mode()
     def run(
         self, batch: ScheduledBatch, decode_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, list[Sequence]]:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from python_backend.models import quantized
+from python_backend.models.quantized import QuantizedWeight
 from python_backend.ops.attention import AttentionMetadata, paged_attention
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -95,7 +97,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def _packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+Weight = torch.Tensor | QuantizedWeight
+
+
+def _linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(w, QuantizedWeight):
+        return w.linear(x, b)
+    return F.linear(x, w, b)
+
+
+def _packed_linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(w, QuantizedWeight):
+        return w.linear(x, b)
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
@@ -134,11 +147,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Layer:
-    qkv_w: torch.Tensor
+    qkv_w: Weight
     qkv_b: torch.Tensor | None
-    o_w: torch.Tensor
-    gate_up_w: torch.Tensor
-    down_w: torch.Tensor
+    o_w: Weight
+    gate_up_w: Weight
+    down_w: Weight
     ln1: torch.Tensor
     ln2: torch.Tensor
     q_norm: torch.Tensor | None
@@ -157,9 +170,13 @@ class LlamaModel:
         device: torch.device,
         max_len: int,
         kernels: bool = False,
+        quantization: str | None = None,
     ):
+        """`quantization`: the method the projections' weights are stored in (models/quantized.py),
+        None for dense weights."""
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.kernels = kernels and kernels_available(device, cfg)
+        self.quantization = quantization
 
         def w(name: str) -> torch.Tensor:
             if name not in weights:
@@ -169,21 +186,37 @@ class LlamaModel:
         def opt(name: str) -> torch.Tensor | None:
             return w(name) if name in weights else None
 
+        def proj(names: list[str], n: list[int], k: int) -> Weight:
+            """One projection (or several fused along N): dense, or quantized where stored so."""
+            if quantization is None or f"{names[0]}.qweight" not in weights and f"{names[0]}.weight" in weights:
+                return torch.cat([w(f"{name}.weight") for name in names]) if len(names) > 1 else w(f"{names[0]}.weight")
+            parts = [
+                quantized.load_weight(weights, name, quantization, rows, k, device) for name, rows in zip(names, n)
+            ]
+            return quantized.concat(parts) if len(parts) > 1 else parts[0]
+
+        hd, hidden, inter = cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        if "lm_head.qweight" in weights:
+            self.lm_head = proj(["lm_head"], [cfg.vocab_size], hidden)
+        elif cfg.tie_word_embeddings or "lm_head.weight" not in weights:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = w("lm_head.weight")
         self.layers: list[Layer] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
             biases = [opt(a + f"{n}_proj.bias") for n in "qkv"]
+            qkv_rows = [cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd]
             self.layers.append(
                 Layer(
-                    qkv_w=torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")]),
+                    qkv_w=proj([a + f"{n}_proj" for n in "qkv"], qkv_rows, hidden),
                     qkv_b=torch.cat(biases) if all(b is not None for b in biases) else None,
-                    o_w=w(a + "o_proj.weight"),
-                    gate_up_w=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
-                    down_w=w(p + "mlp.down_proj.weight"),
+                    o_w=proj([a + "o_proj"], [hidden], cfg.num_heads * hd),
+                    gate_up_w=proj([p + "mlp.gate_proj", p + "mlp.up_proj"], [inter, inter], hidden),
+                    down_w=proj([p + "mlp.down_proj"], [hidden], inter),
                     ln1=w(p + "input_layernorm.weight"),
                     ln2=w(p + "post_attention_layernorm.weight"),
                     q_norm=opt(a + "q_norm.weight"),
@@ -196,7 +229,7 @@ class LlamaModel:
         self.cos = (emb.cos() * attn_scaling).to(device=device, dtype=dtype)
         self.sin = (emb.sin() * attn_scaling).to(device=device, dtype=dtype)
         self.scale = cfg.head_dim**-0.5
-        self._linear = F.linear
+        self._linear = _linear
         if _can_pack(device, dtype):
             self._pack_weights()
         self.q_size = cfg.num_heads * cfg.head_dim
@@ -205,7 +238,9 @@ class LlamaModel:
         self.fused_qkv: dict[int, object] = {}  # decode rows -> GemvConfig of fused_qkv; absent: three kernels
 
     def _pack_weights(self) -> None:
-        def pack(w: torch.Tensor) -> torch.Tensor:
+        def pack(w: Weight) -> Weight:
+            if isinstance(w, QuantizedWeight):
+                return w
             return torch.ops.mkldnn._reorder_linear_weight(w, None)
 
         for layer in self.layers:
@@ -229,11 +264,20 @@ class LlamaModel:
         }
         timings = {}
         for name, (weights, silu_mul) in groups.items():
+            if isinstance(weights[0], QuantizedWeight):
+                if weights[0].method != "fp8":  # their own GEMV (ops/quant_gemv.py), or dequantized + cuBLAS
+                    from python_backend.ops import quant_gemv
+
+                    for rows in quant_gemv.TUNED_ROWS:
+                        config, timings[f"{name}/{rows}"] = quant_gemv.choose(weights, rows)
+                        for w in weights:
+                            w.gemv[rows] = config
+                continue
             for rows in (1, 2, 4):
                 config, timings[f"{name}/{rows}"] = gemv.choose(weights, rows, silu_mul)
                 if config is not None:
                     self.gemv[(name, rows)] = config
-        if self.layers[0].q_norm is None:
+        if self.layers[0].q_norm is None and not isinstance(self.layers[0].qkv_w, QuantizedWeight):
             for rows in (1, 2, 4):
                 timings[f"add_norm_qkv_rope/{rows}"] = self._tune_fused_qkv(rows)
         return timings
@@ -298,8 +342,15 @@ class LlamaModel:
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One projection of the kernel path: the GEMV kernel where tune_decode_gemv chose it for
-        this many rows, cuBLAS otherwise (with silu_mul, x is the gate-up output). `out` takes the
-        result (float32 for logits), as gemv's does."""
+        this many rows, cuBLAS otherwise (with silu_mul, x is the gate-up output); a quantized weight
+        runs its own product. `out` takes the result (float32 for logits), as gemv's does."""
+        if isinstance(weight, QuantizedWeight):
+            if silu_mul:
+                from python_backend.ops import fused
+
+                x = fused.silu_mul(x)
+            y = weight.linear(x, bias)
+            return y if out is None else out.copy_(y)
         rows = x.shape[0]
         config = self.gemv.get((name, 1 << max(0, (rows - 1).bit_length()))) if 0 < rows <= 4 else None
         if config is not None:
@@ -315,7 +366,13 @@ class LlamaModel:
 
     @classmethod
     def load(
-        cls, folder: Path, dtype: torch.dtype, device: torch.device, max_len: int, kernels: bool = False
+        cls,
+        folder: Path,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_len: int,
+        kernels: bool = False,
+        quantization: str | None = None,
     ) -> LlamaModel:
         import json
 
@@ -325,14 +382,14 @@ class LlamaModel:
         weights: dict[str, torch.Tensor] = {}
         for f in sorted(folder.glob("*.safetensors")):
             weights.update(load_file(str(f)))
-        return cls(cfg, weights, dtype, device, max_len, kernels)
+        return cls(cfg, weights, dtype, device, max_len, kernels, quantization)
 
     @property
     def num_bytes(self) -> int:
         tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         for layer in self.layers:
             tensors += [t for t in vars(layer).values() if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.num_bytes if isinstance(t, QuantizedWeight) else t.numel() * t.element_size() for t in tensors)
 
     def forward(
         self,

@@ -1,0 +1,189 @@
+"""The builder's quantization: rounding, AWQ's folding, the GGUF file's own blocks, the text it
+calibrates and evaluates on, `fastserve evaluate`, and each quantized build served by the real
+tritonserver."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from builders import quantize
+from builders.quantize import QuantizeOptions, group_size_for
+from builders.text import corpus
+from python_backend.models.quantized import QuantizedWeight
+from tests.conftest import build_entry, save_tiny_model, start_server
+
+
+def _restore(parts: dict[str, torch.Tensor], method: str) -> torch.Tensor:
+    return QuantizedWeight(method, parts["qweight"], parts["scale"], parts.get("offset")).dequantize()
+
+
+def test_group_size_falls_back_to_a_divisor():
+    assert group_size_for(2048, 128) == 128
+    assert group_size_for(576, 128) == 64
+    with pytest.raises(ValueError, match="no group size"):
+        group_size_for(24, 128)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_rounding_error_is_within_half_a_step(symmetric):
+    w = torch.randn(64, 256)
+    parts = quantize.quantize_int4(w, 64, symmetric)
+    restored = _restore(parts, "int4")
+    step = parts["scale"].float().repeat_interleave(64, 1)
+    assert ((restored - w).abs() <= step * 0.5 + 1e-3).all()
+    if symmetric:
+        assert torch.equal(parts["offset"].float(), -8 * parts["scale"].float())
+
+
+def test_int4_of_weights_already_on_a_4bit_grid_is_exact():
+    """Asymmetric RTN recovers a grid's own codes: each group's min and max are grid points."""
+    scale, low = torch.rand(32, 4, 1) * 0.01 + 0.01, -torch.rand(32, 4, 1)
+    codes = torch.randint(0, 16, (32, 4, 32))
+    codes[..., 0], codes[..., 1] = 0, 15
+    w = (codes * scale + low).reshape(32, 128)
+    restored = _restore(quantize.quantize_int4(w, 32, False), "int4")
+    assert torch.allclose(restored, w, atol=1e-3 * float(scale.max()))
+
+
+def test_int8_and_fp8_rounding():
+    w = torch.randn(48, 96)
+    int8 = _restore(quantize.quantize_int8(w), "int8")
+    assert ((int8 - w).abs() <= w.abs().amax(1, keepdim=True) / 254 + 1e-6).all()
+    for per_channel in (True, False):
+        fp8 = _restore(quantize.quantize_fp8(w, per_channel), "fp8")
+        assert ((fp8 - w).abs() <= w.abs() * 2**-3 + 1e-3).all()  # E4M3 keeps 3 mantissa bits
+
+
+def test_awq_scales_keep_the_float_model_unchanged(smollm2_source, tmp_path):
+    """Folding s into the weights and 1/s into the norms and projections before them is exact in
+    real arithmetic: the float model computes the same logits after it."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_model(tmp_path / "m", "llama", smollm2_source[1], seed=1)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.config.num_key_value_heads = model.config.num_attention_heads = 4  # o_proj takes part only without GQA
+    ids = list(range(100, 400))
+    inputs = quantize.collect_inputs(model, ids, chunk=128)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    alphas = quantize.apply_awq(state, inputs, model.config, QuantizeOptions("int4", group_size=32), lambda m: None)
+    assert any(a > 0 for a in alphas.values()), "no layer chose a scale: the test would not test folding"
+    x = torch.tensor([ids[:64]])
+    before = model(input_ids=x).logits
+    model.config.num_key_value_heads = 2
+    scaled = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    scaled.load_state_dict(state)
+    after = scaled(input_ids=x).logits
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-3)
+
+
+def test_awq_lowers_the_output_error_where_a_few_channels_dominate():
+    torch.manual_seed(0)
+    k = 256
+    x = torch.randn(512, k)
+    x[:, :4] *= 40  # the outlier channels AWQ exists for
+    w = torch.randn(128, k) / k**0.5
+    opts = QuantizeOptions("int4", group_size=128)
+    inputs = quantize.LayerInputs(x.abs().mean(0), x)
+    s, alpha = quantize.search_scales(inputs, [w], opts)
+    plain = quantize.fake_quantize(w, opts)
+    aware = quantize.fake_quantize(w * s, opts) / s
+    ref = x @ w.t()
+    assert alpha > 0
+    assert (x @ aware.t() - ref).pow(2).mean() < 0.8 * (x @ plain.t() - ref).pow(2).mean()
+
+
+def test_calibration_and_evaluation_text_are_disjoint_and_stable():
+    cal, ev = corpus("calibration"), corpus("evaluation")
+    assert len(cal.text) > 100_000 and len(ev.text) > 100_000
+    assert not set(cal.modules) & set(ev.modules)
+    assert not set(cal.text.split("\n\n")) & set(ev.text.split("\n\n"))
+    assert corpus("evaluation").sha256 == ev.sha256
+    assert ev.record()["sha256"] == ev.sha256
+
+
+@pytest.fixture(scope="session")
+def quantized_repo(smollm2_repo, tmp_path_factory):
+    """SmolLM2 in bfloat16, and as int8, int4 (AWQ) and the GGUF file's own Q4_1 blocks."""
+    repo = tmp_path_factory.mktemp("quantized")
+    build_entry(repo, "smollm2", "bf16", "--dtype", "bfloat16", "--max-num-seqs", "8")
+    build_entry(repo, "smollm2", "int8", "--dtype", "bfloat16", "--quantize", "int8", "--max-num-seqs", "8")
+    build_entry(
+        repo, "smollm2", "int4", "--dtype", "bfloat16", "--quantize", "int4", "--calibration-tokens", "1024",
+        "--max-num-seqs", "8",
+    )  # fmt: skip
+    build_entry(repo, "smollm2", "gguf", "--dtype", "float32", "--quantize", "gguf", "--max-num-seqs", "8")
+    return repo
+
+
+def test_gguf_blocks_are_the_files_weights_exactly(quantized_repo, smollm2_source):
+    from safetensors.torch import load_file
+
+    meta = json.loads((quantized_repo / "gguf" / "1" / "engine" / "engine.json").read_text())
+    assert meta["quantization"]["source"] == "gguf" and meta["quantization"]["gguf_types"] == ["Q4_1"]
+    stored = load_file(str(quantized_repo / "gguf" / "1" / "engine" / "model.safetensors"))
+    reference = smollm2_source[0].state_dict()
+    names = [k[: -len(".qweight")] for k in stored if k.endswith(".qweight")]
+    assert len(names) == 30 * 7
+    for name in names:
+        parts = {p: stored[f"{name}.{p}"] for p in ("qweight", "scale", "offset")}
+        assert torch.equal(_restore(parts, "int4"), reference[f"{name}.weight"]), name
+
+
+def test_gguf_method_needs_a_gguf_source(tmp_path, smollm2_source, capsys):
+    from builders.build import main
+
+    folder = save_tiny_model(tmp_path / "hf", "llama", smollm2_source[1])
+    code = main(["--model", str(folder), "--name", "x", "--repository", str(tmp_path / "r"), "--quantize", "gguf"])
+    assert code == 2 and "is not GGUF" in capsys.readouterr().err
+    code = main(["--model", str(folder), "--name", "x", "--repository", str(tmp_path / "r"), "--quantize", "fp8"])
+    assert code == 2 and "--device gpu" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "x").exists()
+
+
+def test_evaluate_reports_quality_size_and_agreement(quantized_repo, tmp_path):
+    from fastserve.cli import main
+
+    out = tmp_path / "eval.json"
+    args = ["evaluate", str(quantized_repo / "int8"), str(quantized_repo / "gguf"), "--against"]
+    args += [str(quantized_repo / "bf16"), "--eval-tokens", "1024", "--agreement-prompts", "4", "--no-speed"]
+    assert main([*args, "--out", str(out)]) == 0
+    int8, gguf = json.loads(out.read_text())
+    for r in (int8, gguf):
+        assert r["text"]["split"] == "evaluation" and len(r["text"]["sha256"]) == 64 and r["eval_tokens"] == 1024
+        assert r["agreement_positions"] == 4 * 64
+        assert 1 < r["perplexity"] < 100
+    assert int8["quantization"] == "int8" and gguf["quantization"] == "int4-gguf"
+    assert abs(int8["perplexity_ratio"] - 1) < 0.01 and int8["agreement"] >= 0.9
+    # the GGUF build holds the weights the bf16 build rounds: the two agree closely
+    assert abs(gguf["perplexity_ratio"] - 1) < 0.01 and gguf["agreement"] >= 0.9
+    bf16_bytes = sum(f.stat().st_size for f in (quantized_repo / "bf16" / "1" / "engine").glob("*.safetensors"))
+    assert int8["weights_bytes_on_disk"] < 0.75 * bf16_bytes
+
+
+def test_builder_evaluate_flag_stores_the_result(smollm2_source, tmp_path):
+    folder = save_tiny_model(tmp_path / "src", "llama", smollm2_source[1], seed=2)
+    entry = build_entry(tmp_path / "repo", str(folder), "t", "--quantize", "int8", "--evaluate")
+    meta = json.loads((entry / "1" / "engine" / "engine.json").read_text())
+    assert meta["evaluation"]["quantization"] == "int8" and meta["evaluation"]["perplexity"] > 1
+    assert meta["evaluation"]["single_stream_tok_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def quantized_server(quantized_repo):
+    server = start_server(quantized_repo)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "gguf"])
+def test_quantized_builds_answer_through_tritonserver(quantized_server, name):
+    from clients.client import Client
+
+    c = Client(quantized_server.grpc_url, "grpc", name)
+    answer = c.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=40, temperature=0.0)
+    assert "Paris" in answer.text and answer.finish_reason == "stop", answer.text
+    pieces = list(c.stream("The capital of France is", max_tokens=8, temperature=0.0))
+    assert len(pieces) > 1
