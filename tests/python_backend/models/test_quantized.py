@@ -150,7 +150,9 @@ def test_engine_loads_int8_folder_and_refuses_broken_ones(int8_engine_dir, tmp_p
 
     reshaped = _copy(int8_engine_dir, tmp_path / "reshaped")
     tensors = load_file(str(reshaped / "model.safetensors"))
-    tensors["model.layers.0.self_attn.o_proj.qweight"] = tensors["model.layers.0.self_attn.o_proj.qweight"][:, :-8].contiguous()
+    tensors["model.layers.0.self_attn.o_proj.qweight"] = tensors["model.layers.0.self_attn.o_proj.qweight"][
+        :, :-8
+    ].contiguous()
     save_file(tensors, str(reshaped / "model.safetensors"))
     with pytest.raises(QuantizationError, match=r"o_proj\.qweight: shape \(64, 56\), expected \(64, 64\)"):
         Engine.from_folder(reshaped, num_kv_blocks=16)
