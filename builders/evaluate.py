@@ -40,6 +40,7 @@ class EvalOptions:
     speed: bool = True
     device: str | None = None
     num_threads: int = 0
+    kv_blocks: int = 1024
 
 
 @dataclass
@@ -77,7 +78,8 @@ def engine_dir(path: str | Path) -> Path:
 def _open(path: Path, opts: EvalOptions):
     from python_backend.engine.engine import Engine
 
-    overrides = {"num_kv_blocks": 0, "enable_prefix_caching": False}
+    # a fixed KV pool: enough for the batch speed test, and room for a reference beside the candidate
+    overrides = {"num_kv_blocks": opts.kv_blocks, "enable_prefix_caching": False}
     if opts.device:
         overrides["device"] = opts.device
     if opts.num_threads:
