@@ -41,6 +41,7 @@ class EvalOptions:
     device: str | None = None
     num_threads: int = 0
     kv_blocks: int = 1024
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Evaluation:
     quantization: str
     dtype: str
     device: str
+    kv_cache_dtype: str
     perplexity: float
     eval_tokens: int
     text: dict
@@ -79,7 +81,7 @@ def _open(path: Path, opts: EvalOptions):
     from python_backend.engine.engine import Engine
 
     # a fixed KV pool: enough for the batch speed test, and room for a reference beside the candidate
-    overrides = {"num_kv_blocks": opts.kv_blocks, "enable_prefix_caching": False}
+    overrides = {"num_kv_blocks": opts.kv_blocks, "enable_prefix_caching": False, "kv_cache_dtype": opts.kv_cache_dtype}
     if opts.device:
         overrides["device"] = opts.device
     if opts.num_threads:
@@ -186,6 +188,7 @@ def evaluate(
         quantization=q.get("method", "none") + ("-gguf" if q.get("source") == "gguf" else ""),
         dtype=str(engine.dtype).replace("torch.", ""),
         device=str(engine.device),
+        kv_cache_dtype=opts.kv_cache_dtype,
         perplexity=perplexity(engine, ids, opts.window),
         eval_tokens=len(ids),
         text=text,
@@ -193,7 +196,8 @@ def evaluate(
         weights_bytes_in_memory=engine.model.num_bytes,
     )
     if against is not None:
-        ref = against if isinstance(against, Reference) else load_reference(against, ids, opts)
+        ref_opts = EvalOptions(**{**asdict(opts), "kv_cache_dtype": "auto"})  # the reference as built
+        ref = against if isinstance(against, Reference) else load_reference(against, ids, ref_opts)
         result.against = str(ref.folder)
         result.reference_perplexity = ref.perplexity
         result.perplexity_ratio = result.perplexity / ref.perplexity
@@ -224,14 +228,15 @@ def format_table(results: list[Evaluation]) -> str:
         return "-" if v is None else format(v, fmt)
 
     lines = [
-        "| build | dtype | perplexity | vs reference | agreement | weights on disk | in memory | 1 stream tok/s | "
+        "| build | KV | perplexity | vs reference | agreement | weights on disk | in memory | 1 stream tok/s | "
         "32 x 64 tok/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         agree = "-" if r.agreement is None else f"{100 * r.agreement:.1f}%"
         lines.append(
-            f"| {r.quantization} | {r.dtype} | {r.perplexity:.3f} | {num(r.perplexity_ratio, '.4f')} | {agree} | "
+            f"| {r.quantization} | {r.kv_cache_dtype} | {r.perplexity:.3f} | {num(r.perplexity_ratio, '.4f')} | "
+            f"{agree} | "
             f"{r.weights_bytes_on_disk / 1e6:.1f} MB | {r.weights_bytes_in_memory / 1e6:.1f} MB | "
             f"{num(r.single_stream_tok_s, '.1f')} | {num(r.batch_tok_s, '.1f')} |"
         )
@@ -246,11 +251,13 @@ def run(args: argparse.Namespace) -> int:
         speed=args.speed,
         device=args.device,
         num_threads=args.threads,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     try:
         against = None
         if args.against:
-            against = load_reference(args.against, evaluation_ids(args.against, opts.eval_tokens)[0], opts)
+            ref_opts = EvalOptions(**{**asdict(opts), "kv_cache_dtype": "auto"})
+            against = load_reference(args.against, evaluation_ids(args.against, opts.eval_tokens)[0], ref_opts)
         results = [evaluate(target, against, opts) for target in args.targets]
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"evaluate failed: {e}", file=sys.stderr)
@@ -276,4 +283,7 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="measure tokens/s")
     p.add_argument("--device", default=None, help="cpu or cuda (default: where the build runs)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    p.add_argument(
+        "--kv-cache-dtype", default="auto", choices=("auto", "int8", "fp8"), help="the candidates' KV cache storage"
+    )
     p.set_defaults(func=run)

@@ -153,11 +153,27 @@ if want quant; then
     bench --model $m --num-prompts 256 --input-len 256 --output-len 128 --repeats 3 --single --baselines "" \
       --out "$out/$m-h200-quant.json" | tail -3
   done
+  python3 - "$work/repo/llama1b/1/engine" <<'PY' | tee "$out/llama1b-h200-kv-capacity.txt"
+import gc, sys
+import torch
+from python_backend.engine.engine import Engine
+blocks = {}
+for kv in ("auto", "int8", "fp8"):
+    engine = Engine.from_folder(sys.argv[1], kv_cache_dtype=kv, capture_graphs_at_start=False, decode_gemv=False)
+    blocks[kv] = engine.blocks.num_blocks
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+print("KV blocks in the same memory:", blocks, "ratios:", {k: round(v / blocks["auto"], 3) for k, v in blocks.items()})
+PY
 fi
 if want quantsmol; then
   smol() { python3 builders/build.py --model smollm2 --repository $work/repo --device gpu --dtype bfloat16 "$@" | tail -1; }
   smol --name smol_bf16
-  for q in int8 int4 fp8 gguf; do smol --name smol_$q --quantize $q; done
+  smol --name smol_int8 --quantize int8
+  smol --name smol_int4 --quantize int4 --group-size 32  # the GGUF's weights lie on a grid of 32-weight blocks
+  smol --name smol_fp8 --quantize fp8 --no-quantize-lm-head
+  smol --name smol_gguf --quantize gguf
   python3 -m fastserve.cli evaluate $work/repo/smol_{int8,int4,fp8,gguf,bf16} --against $work/repo/smol_bf16 \
     --device cuda --agreement-prompts 32 --no-speed --out "$out/smollm2-h200-evaluate.json"
 fi

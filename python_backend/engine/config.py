@@ -46,6 +46,13 @@ class EngineConfig:
         written=True,
     )
     max_model_len: int = setting(0, "context length in tokens; 0: the model's own", minimum=0)
+    kv_cache_dtype: str = setting(
+        "auto",
+        "KV cache storage: auto (the weights' dtype), or int8 / fp8 (E4M3) codes with a float16 scale per "
+        "token and head, about twice the tokens in the same memory; gpu: attention then runs the PyTorch "
+        "path, not the Triton kernels",
+        choices=("auto", "int8", "fp8"),
+    )
     kv_block_size: int = setting(16, "tokens per KV-cache block", minimum=1, written=True)
     num_kv_blocks: int = setting(0, "KV-cache blocks; 0: as many as the memory settings allow", minimum=0)
     kv_cache_memory_fraction: float = setting(

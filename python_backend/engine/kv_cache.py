@@ -9,6 +9,20 @@ from dataclasses import dataclass
 
 import torch
 
+# A quantized KV cache stores each token's head vector as its codes followed by a float16 scale, in one
+# row of head_dim + 2 bytes (kv_swap.py moves rows without knowing): int8 codes in an int8 pool, E4M3
+# codes in a uint8 pool (index operations are defined for every integer type on every device).
+KV_CODE_DTYPES = {"int8": torch.int8, "fp8": torch.uint8}
+SCALE_BYTES = 2
+
+
+def pool_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    return KV_CODE_DTYPES.get(kv_cache_dtype, dtype)
+
+
+def row_width(kv_cache_dtype: str, head_dim: int) -> int:
+    return head_dim + SCALE_BYTES if kv_cache_dtype in KV_CODE_DTYPES else head_dim
+
 
 @dataclass
 class KVPool:
@@ -32,17 +46,31 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        kv_cache_dtype: str = "auto",
     ) -> KVPool:
+        """`kv_cache_dtype` int8 or fp8 stores codes and scales (above); auto stores `dtype`."""
+        width = row_width(kv_cache_dtype, head_dim)
         storage = torch.zeros(
-            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
+            (num_layers, 2, num_blocks, block_size, num_kv_heads, width),
+            dtype=pool_dtype(kv_cache_dtype, dtype),
+            device=device,
         )
         return cls(
             [storage[i, 0] for i in range(num_layers)], [storage[i, 1] for i in range(num_layers)], block_size, storage
         )
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    def bytes_per_block(
+        num_layers: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        kv_cache_dtype: str = "auto",
+    ) -> int:
+        width = row_width(kv_cache_dtype, head_dim)
+        item = torch.tensor([], dtype=pool_dtype(kv_cache_dtype, dtype)).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * width * item
 
 
 class NoFreeBlocks(RuntimeError):

@@ -62,20 +62,24 @@ def load(folder: str | Path | EngineFolder, cfg: EngineConfig) -> LoadedEngine:
     dtype = getattr(torch, meta.get("dtype", "float32") if cfg.dtype == "auto" else cfg.dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(folder.path))
     max_len = cfg.max_model_len or meta.get("max_model_len") or _DEFAULT_MAX_LEN
-    model = LlamaModel.load(folder.path, dtype, device, max_len, kernels=cfg.kernels, quantization=folder.quantization)
+    kv = cfg.kv_cache_dtype
+    kernels = cfg.kernels and kv == "auto"  # the Triton attention kernels read an unquantized cache
+    model = LlamaModel.load(folder.path, dtype, device, max_len, kernels=kernels, quantization=folder.quantization)
     mcfg = model.cfg
     gemv_timings = {}
     if device.type == "cuda" and model.kernels and cfg.decode_gemv:
         gemv_timings = model.tune_decode_gemv()
     if mcfg.sliding_window and max_len > mcfg.sliding_window:
         max_len = mcfg.sliding_window  # beyond the window we would attend too far back
-    per_block = KVPool.bytes_per_block(mcfg.num_layers, cfg.kv_block_size, mcfg.num_kv_heads, mcfg.head_dim, dtype)
+    per_block = KVPool.bytes_per_block(
+        mcfg.num_layers, cfg.kv_block_size, mcfg.num_kv_heads, mcfg.head_dim, dtype, cfg.kv_cache_dtype
+    )
     num_blocks = cfg.num_kv_blocks or _blocks_from_memory(cfg, device, per_block)
     if num_blocks < 2:
         raise RuntimeError(f"KV cache too small: {num_blocks} blocks of {per_block} bytes")
     max_model_len = min(max_len, num_blocks * cfg.kv_block_size)
     pool = KVPool.allocate(
-        mcfg.num_layers, num_blocks, cfg.kv_block_size, mcfg.num_kv_heads, mcfg.head_dim, dtype, device
+        mcfg.num_layers, num_blocks, cfg.kv_block_size, mcfg.num_kv_heads, mcfg.head_dim, dtype, device, kv
     )
     graphs = None
     if device.type == "cuda" and cfg.cuda_graphs:

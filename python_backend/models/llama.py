@@ -265,13 +265,12 @@ class LlamaModel:
         timings = {}
         for name, (weights, silu_mul) in groups.items():
             if isinstance(weights[0], QuantizedWeight):
-                if weights[0].method != "fp8":  # their own GEMV (ops/quant_gemv.py), or dequantized + cuBLAS
-                    from python_backend.ops import quant_gemv
+                from python_backend.ops import quant_gemv  # our GEMV, or the dense path, by timing
 
-                    for rows in quant_gemv.TUNED_ROWS:
-                        config, timings[f"{name}/{rows}"] = quant_gemv.choose(weights, rows)
-                        for w in weights:
-                            w.gemv[rows] = config
+                for rows in quant_gemv.TUNED_ROWS:
+                    config, timings[f"{name}/{rows}"] = quant_gemv.choose(weights, rows)
+                    for w in weights:
+                        w.gemv[rows] = config
                 continue
             for rows in (1, 2, 4):
                 config, timings[f"{name}/{rows}"] = gemv.choose(weights, rows, silu_mul)

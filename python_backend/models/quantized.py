@@ -94,23 +94,28 @@ class QuantizedWeight:
             w = self.qweight.float() * self.scale.float().reshape(-1, 1)
         return w.to(dtype)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
+        """On a GPU, a few rows go through our GEMV where start-up tuning chose it (untuned: up to
+        GEMV_MAX_ROWS rows, not fp8); more rows, or `dense`, through the dense path: FP8's scaled
+        matrix product, or the weight dequantized and cuBLAS."""
         if self.device.type == "cpu":
             y = self._linear_cpu(x)
-        elif self.method == "fp8":
-            y = self._linear_fp8(x)
         else:
             rows = x.shape[0]
             bucket = 1 << max(0, (rows - 1).bit_length())
-            if bucket in self.gemv:  # tuned: None where dequantizing and cuBLAS won
+            if dense:
+                config, use_gemv = None, False
+            elif bucket in self.gemv:  # tuned: None where the dense path won
                 config = self.gemv[bucket]
                 use_gemv = config is not None
             else:
-                config, use_gemv = None, rows <= GEMV_MAX_ROWS
+                config, use_gemv = None, rows <= GEMV_MAX_ROWS and self.method != "fp8"
             if use_gemv:
                 from python_backend.ops.quant_gemv import quant_gemv
 
                 y = quant_gemv(x, self, config)
+            elif self.method == "fp8":
+                y = self._linear_fp8(x)
             else:
                 from python_backend.ops.quant_gemv import dequantize
 

@@ -39,13 +39,51 @@ class AttentionMetadata:
     prefill_max_q: int = 0
 
 
+_FP8_MAX = 448.0
+
+
+def quantized(cache: torch.Tensor) -> bool:
+    """A quantized KV cache (engine/kv_cache.py): int8 codes, or E4M3 codes held as uint8."""
+    return cache.dtype in (torch.int8, torch.uint8)
+
+
+def quantize_rows(x: torch.Tensor, code_dtype: torch.dtype) -> torch.Tensor:
+    """[..., D] -> [..., D + 2] of `code_dtype`: codes scaled by the row's absolute maximum, then the
+    float16 scale's two bytes."""
+    xf = x.float()
+    top = 127.0 if code_dtype == torch.int8 else _FP8_MAX
+    scale = (xf.abs().amax(-1, keepdim=True) / top).clamp(min=2**-14).half()
+    y = xf / scale.float()
+    if code_dtype == torch.int8:
+        codes = y.round().clamp(-127, 127).to(torch.int8)
+    else:
+        codes = y.clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    return torch.cat([codes, scale.view(code_dtype)], dim=-1)
+
+
+def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    codes = rows[..., :-2]
+    scale = rows[..., -2:].contiguous().view(torch.float16).float()
+    values = codes.float() if rows.dtype == torch.int8 else codes.view(torch.float8_e4m3fn).float()
+    return (values * scale).to(dtype)
+
+
+def _gathered(cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whole blocks of the cache, dequantized where it is quantized."""
+    blocks = cache.index_select(0, index)
+    return dequantize_rows(blocks, dtype) if quantized(cache) else blocks
+
+
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store the new tokens' K and V ([T, Hkv, D]) at their slots."""
-    hkv, d = k.shape[-2:]
-    k_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, v)
+    """Store the new tokens' K and V ([T, Hkv, D]) at their slots (as codes and scales where the
+    cache is quantized)."""
+    if quantized(k_cache):
+        k, v = quantize_rows(k, k_cache.dtype), quantize_rows(v, v_cache.dtype)
+    hkv, width = k_cache.shape[-2:]
+    k_cache.view(-1, hkv, width).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, hkv, width).index_copy_(0, slot_mapping, v)
 
 
 def decode_attention(
@@ -61,8 +99,8 @@ def decode_attention(
     _, bs, hkv, _ = k_cache.shape
     n = block_tables.shape[1]
     flat = block_tables.reshape(-1)
-    k = k_cache.index_select(0, flat).view(b, n * bs, hkv, d).transpose(1, 2)
-    v = v_cache.index_select(0, flat).view(b, n * bs, hkv, d).transpose(1, 2)
+    k = _gathered(k_cache, flat, q.dtype).view(b, n * bs, hkv, d).transpose(1, 2)
+    v = _gathered(v_cache, flat, q.dtype).view(b, n * bs, hkv, d).transpose(1, 2)
     out = F.scaled_dot_product_attention(q.reshape(b, hkv, h // hkv, d), k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, h, d)
 
@@ -76,8 +114,8 @@ def prefill_attention(
     _, bs, hkv, _ = k_cache.shape
     n = -(-seq.context_len // bs)
     blocks = seq.block_table[:n]
-    k = k_cache.index_select(0, blocks).view(n * bs, hkv, d)[: seq.context_len]
-    v = v_cache.index_select(0, blocks).view(n * bs, hkv, d)[: seq.context_len]
+    k = _gathered(k_cache, blocks, q.dtype).view(n * bs, hkv, d)[: seq.context_len]
+    v = _gathered(v_cache, blocks, q.dtype).view(n * bs, hkv, d)[: seq.context_len]
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
     kh = k.transpose(0, 1).unsqueeze(0)
     vh = v.transpose(0, 1).unsqueeze(0)

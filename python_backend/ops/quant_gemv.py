@@ -25,87 +25,85 @@ class QuantGemvConfig:
     block_n: int = 4
     block_k: int = 512
     num_warps: int = 4
+    defer: bool = False  # sum the products in place along K and reduce across threads once, at the end
+    gather: bool = False  # int4: each weight's scale and offset loaded beside it, instead of per-group sums
 
 
 @triton.jit
-def _int8_kernel(
-    X,
-    W,
-    S,
-    OUT,
-    M,
-    N,
-    K,
-    stride_x,
-    stride_w,
-    stride_o,
-    M_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+def _codes_kernel(
+    X, W, S, OUT, M, N, K, stride_x, stride_w, stride_o, stride_s,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEFER: tl.constexpr,
+):  # fmt: skip
+    """One code per weight (int8 or E4M3) and one scale per row (stride_s 0: one for the tensor)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, M_PAD)
     mask_n, mask_m = n < N, m < M
     acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    part = tl.zeros((M_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         mk = k < K
-        w = tl.load(W + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=mask_n[:, None] & mk[None, :], other=0)
+        w = tl.load(W + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
         x = tl.load(X + m[:, None] * stride_x + k[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    s = tl.load(S + n, mask=mask_n, other=0.0).to(tl.float32)
+        prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        if DEFER:
+            part += prod
+        else:
+            acc += tl.sum(prod, axis=2)
+    if DEFER:
+        acc = tl.sum(part, axis=2)
+    s = tl.load(S + n * stride_s, mask=mask_n, other=0.0).to(tl.float32)
     out = rounded(acc * s[None, :], X.dtype.element_ty)
-    tl.store(
-        OUT + m[:, None] * stride_o + n[None, :], out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :]
-    )
+    mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(OUT + m[:, None] * stride_o + n[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _int4_kernel(
-    X,
-    W,
-    S,
-    O,
-    OUT,
-    M,
-    N,
-    K,
-    stride_x,
-    stride_w,
-    stride_s,
-    stride_o,
-    M_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr,
-):
+    X, W, S, O, OUT, M, N, K, stride_x, stride_w, stride_s, stride_o,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    DEFER: tl.constexpr, GATHER: tl.constexpr,
+):  # fmt: skip
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, M_PAD)
     mask_n, mask_m = n < N, m < M
     half: tl.constexpr = BLOCK_K // 2
     groups: tl.constexpr = BLOCK_K // GROUP
     acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    part = tl.zeros((M_PAD, BLOCK_N, half), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         j = k0 // 2 + tl.arange(0, half)  # byte index: columns 2j and 2j + 1
         mj = 2 * j < K
-        p = tl.load(W + n[:, None].to(tl.int64) * stride_w + j[None, :], mask=mask_n[:, None] & mj[None, :], other=0)
+        wm = mask_n[:, None] & mj[None, :]
+        p = tl.load(W + n[:, None].to(tl.int64) * stride_w + j[None, :], mask=wm, other=0)
         lo = (p & 0xF).to(tl.float32)
         hi = (p >> 4).to(tl.float32)
         xm = mask_m[:, None] & mj[None, :]
         xe = tl.load(X + m[:, None] * stride_x + 2 * j[None, :], mask=xm, other=0.0).to(tl.float32)
         xo = tl.load(X + m[:, None] * stride_x + 2 * j[None, :] + 1, mask=xm, other=0.0).to(tl.float32)
-        prod = xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :]
-        qx = tl.sum(tl.reshape(prod, (M_PAD, BLOCK_N, groups, GROUP // 2)), axis=3)
-        xs = tl.sum(tl.reshape(xe + xo, (M_PAD, groups, GROUP // 2)), axis=2)
-        g = k0 // GROUP + tl.arange(0, groups)
-        gm = mask_n[:, None] & (g * GROUP < K)[None, :]
-        s = tl.load(S + n[:, None] * stride_s + g[None, :], mask=gm, other=0.0).to(tl.float32)
-        o = tl.load(O + n[:, None] * stride_s + g[None, :], mask=gm, other=0.0).to(tl.float32)
-        acc += tl.sum(qx * s[None, :, :] + xs[:, None, :] * o[None, :, :], axis=2)
+        if GATHER:  # w = q * s + o per weight, s and o read beside the codes (cached: one per GROUP)
+            gi = (2 * j) // GROUP
+            s = tl.load(S + n[:, None] * stride_s + gi[None, :], mask=wm, other=0.0).to(tl.float32)
+            o = tl.load(O + n[:, None] * stride_s + gi[None, :], mask=wm, other=0.0).to(tl.float32)
+            prod = xe[:, None, :] * (lo * s + o)[None, :, :] + xo[:, None, :] * (hi * s + o)[None, :, :]
+            if DEFER:
+                part += prod
+            else:
+                acc += tl.sum(prod, axis=2)
+        else:  # per group: s * sum(x * q) + o * sum(x)
+            prod = xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :]
+            qx = tl.sum(tl.reshape(prod, (M_PAD, BLOCK_N, groups, GROUP // 2)), axis=3)
+            xs = tl.sum(tl.reshape(xe + xo, (M_PAD, groups, GROUP // 2)), axis=2)
+            g = k0 // GROUP + tl.arange(0, groups)
+            gm = mask_n[:, None] & (g * GROUP < K)[None, :]
+            s = tl.load(S + n[:, None] * stride_s + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            o = tl.load(O + n[:, None] * stride_s + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            acc += tl.sum(qx * s[None, :, :] + xs[:, None, :] * o[None, :, :], axis=2)
+    if DEFER and GATHER:
+        acc = tl.sum(part, axis=2)
     out = rounded(acc, X.dtype.element_ty)
-    tl.store(
-        OUT + m[:, None] * stride_o + n[None, :], out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :]
-    )
+    mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(OUT + m[:, None] * stride_o + n[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -143,8 +141,8 @@ def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def quant_gemv(x: torch.Tensor, weight, config: QuantGemvConfig | None = None) -> torch.Tensor:
-    """x [M, K] @ dequantized(weight)^T -> [M, N] in x's dtype, for a QuantizedWeight of method int8
-    or int4 and a few rows."""
+    """x [M, K] @ dequantized(weight)^T -> [M, N] in x's dtype, for a QuantizedWeight (int8, int4, or
+    fp8 used weight-only: the activations stay as they are) and a few rows."""
     cfg = config or QuantGemvConfig()
     m = x.shape[0]
     n, k = weight.shape
@@ -154,11 +152,13 @@ def quant_gemv(x: torch.Tensor, weight, config: QuantGemvConfig | None = None) -
         return out
     grid = (triton.cdiv(n, cfg.block_n),)
     m_pad = triton.next_power_of_2(m)
-    if weight.method == "int8":
+    if weight.method in ("int8", "fp8"):
         block_k = min(cfg.block_k, triton.next_power_of_2(k))
-        _int8_kernel[grid](
+        per_tensor = weight.scale.numel() == 1
+        _codes_kernel[grid](
             x, weight.qweight, weight.scale, out, m, n, k, x.stride(0), weight.qweight.stride(0), out.stride(0),
-            M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
+            0 if per_tensor else 1, M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DEFER=cfg.defer,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
         return out
     group = weight.group_size
@@ -168,7 +168,8 @@ def quant_gemv(x: torch.Tensor, weight, config: QuantGemvConfig | None = None) -
     _int4_kernel[grid](
         x, weight.qweight, weight.scale, weight.offset, out, m, n, k,
         x.stride(0), weight.qweight.stride(0), weight.scale.stride(0), out.stride(0),
-        M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP=group, num_warps=cfg.num_warps,
+        M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP=group, DEFER=cfg.defer, GATHER=cfg.gather,
+        num_warps=cfg.num_warps,
     )  # fmt: skip
     return out
 
@@ -176,8 +177,9 @@ def quant_gemv(x: torch.Tensor, weight, config: QuantGemvConfig | None = None) -
 CANDIDATES = (
     QuantGemvConfig(1, 1024, 4),
     QuantGemvConfig(2, 512, 4),
-    QuantGemvConfig(4, 512, 4),
-    QuantGemvConfig(4, 1024, 8),
+    QuantGemvConfig(4, 512, 4, defer=True),
+    QuantGemvConfig(2, 1024, 4, defer=True, gather=True),
+    QuantGemvConfig(4, 512, 4, defer=True, gather=True),
 )
 TUNED_ROWS = (1, 2, 4, 8)
 
@@ -186,7 +188,6 @@ def choose(weights: list, rows: int) -> tuple[QuantGemvConfig | None, dict[str, 
     """The fastest kernel configuration for `rows` rows over these weights (a layer's worth, in turn,
     under a CUDA graph as a decode step runs them), or None where dequantizing and using cuBLAS is
     faster. Returns every timing too."""
-    import torch.nn.functional as F
 
     from python_backend.ops.gemv import graph_time
 
@@ -196,15 +197,20 @@ def choose(weights: list, rows: int) -> tuple[QuantGemvConfig | None, dict[str, 
         def calls() -> None:
             for w in weights:
                 if config is None:
-                    F.linear(x, dequantize(w, x.dtype))
+                    w.linear(x, dense=True)
                 else:
                     quant_gemv(x, w, config)
 
         return graph_time(calls) / len(weights)
 
-    times = {"dequantize+cublas": run(None)}
-    for cfg in CANDIDATES:
-        times[f"{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}"] = run(cfg)
-    best = min(CANDIDATES, key=lambda c: times[f"{c.block_n}x{c.block_k}w{c.num_warps}"])
-    best_time = times[f"{best.block_n}x{best.block_k}w{best.num_warps}"]
-    return (best if best_time < times["dequantize+cublas"] else None), times
+    dense = "scaled_mm" if weights[0].method == "fp8" else "dequantize+cublas"
+    times = {dense: run(None)}
+    candidates = [c for c in CANDIDATES if not (c.gather and weights[0].method != "int4")]
+    for cfg in candidates:
+        times[name(cfg)] = run(cfg)
+    best = min(candidates, key=lambda c: times[name(c)])
+    return (best if times[name(best)] < times[dense] else None), times
+
+
+def name(cfg: QuantGemvConfig) -> str:
+    return f"{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}" + ("d" if cfg.defer else "") + ("g" if cfg.gather else "")

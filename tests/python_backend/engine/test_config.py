@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from python_backend.engine import config
-from python_backend.engine.config import EngineConfig, ServingConfig
+from python_backend.engine.config import BuildConfig, EngineConfig, ServingConfig
 from python_backend.engine.engine import Engine
 from tests.conftest import ROOT
 
@@ -68,6 +68,7 @@ def test_builder_flags_are_the_settings_with_dashes():
     parser = argparse.ArgumentParser()
     config.add_arguments(parser, EngineConfig)
     config.add_arguments(parser, ServingConfig)
+    config.add_arguments(parser, BuildConfig)
     flags = {a.option_strings[0] for a in parser._actions if a.option_strings}
     assert {s.flag for s in config.settings()} <= flags
     args = parser.parse_args(["--kv-block-size", "32", "--no-engine-process"])
@@ -75,3 +76,10 @@ def test_builder_flags_are_the_settings_with_dashes():
     assert config.from_arguments(args, ServingConfig).engine_process is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--scheduler", "lifo"])
+
+
+def test_build_settings_are_not_config_pbtxt_parameters():
+    """What the builder does to the weights lives in engine.json: a config.pbtxt cannot change it."""
+    with pytest.raises(ValueError, match="unknown parameter quantize"):
+        config.check_keys({"quantize": "int4"})
+    assert "quantize" not in config.to_parameters([EngineConfig(), ServingConfig()])

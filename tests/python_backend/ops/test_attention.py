@@ -73,3 +73,43 @@ def test_decode_matches_reference(dtype, tol):
     for i, (_table, qq, kk, vv) in enumerate(seqs):
         ref = reference_attention(qq, kk, vv, 0.25)[-1]
         torch.testing.assert_close(out[i].float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("code_dtype,tol", [(torch.int8, 1 / 127), (torch.uint8, 2**-4)])
+def test_quantized_rows_round_trip(code_dtype, tol):
+    """int8 rows lose at most half a step of the row's maximum / 127; E4M3 rows a relative 2^-4."""
+    from python_backend.ops.attention import dequantize_rows, quantize_rows
+
+    x = torch.randn(7, 3, 16) * torch.tensor([0.01, 1.0, 300.0])[None, :, None]
+    rows = quantize_rows(x, code_dtype)
+    assert rows.dtype == code_dtype and rows.shape == (7, 3, 18)
+    back = dequantize_rows(rows, torch.float32)
+    top = x.abs().amax(-1, keepdim=True)
+    assert ((back - x).abs() <= tol * top + 1e-6).all()
+
+
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.uint8])
+def test_quantized_cache_attention_close_to_dense(code_dtype):
+    """The same batch through a quantized cache: K and V written as codes and scales, read back
+    dequantized, attention within the rounding of the codes."""
+    lengths, cached = [9, 20, 5], [0, 0, 0]
+    seqs, k_cache, v_cache, bs = _case(lengths, cached)
+    qs, ks, vs, slots, prefills = [], [], [], [], []
+    for table, q, k, v in seqs:
+        prefills.append(
+            PrefillSeq(start=sum(x.shape[0] for x in qs), q_len=q.shape[0], context_len=q.shape[0],
+                       block_table=torch.tensor(table))
+        )  # fmt: skip
+        qs.append(q)
+        ks.append(k)
+        vs.append(v)
+        slots += [table[p // bs] * bs + p % bs for p in range(q.shape[0])]
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slots), prefills=prefills)
+    q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
+    dense = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, 0.25)
+    qk = torch.zeros(*k_cache.shape[:-1], k_cache.shape[-1] + 2, dtype=code_dtype)
+    qv = torch.zeros_like(qk)
+    got = paged_attention(q, k, v, qk, qv, meta, 0.25)
+    assert qk.abs().sum() > 0, "the quantized cache was not written"
+    tol = 0.02 if code_dtype == torch.int8 else 0.15
+    assert (got - dense).abs().max() < tol
