@@ -72,6 +72,8 @@ def check_compression(args: argparse.Namespace, source, on_gpu: bool) -> None:
     """Refuse a quantization request that cannot work before any weights are loaded."""
     if args.quantize == "gguf" and source.kind != "gguf":
         raise BuildError(f"--quantize gguf keeps a GGUF file's own 4-bit weights; {source.description} is not GGUF")
+    if args.quantize == "int4" and args.group_size & (args.group_size - 1):
+        raise BuildError(f"--group-size {args.group_size}: must be a power of two (32, 64, 128, ...)")
     if args.quantize == "fp8" and not on_gpu:
         raise BuildError("--quantize fp8 serves on GPUs with FP8 matrix units only; build it with --device gpu")
 
@@ -127,9 +129,9 @@ def _quantize(source, model, tokenizer, args: argparse.Namespace, dtype: str, st
     if args.quantize == "gguf":
         _log("taking the GGUF file's 4-bit projections as they are", start)
         tensors, record = quantize.gguf_int4_tensors(source.location, model.config)
-        covered = {name.rsplit(".", 1)[0] for name in tensors}
+        covered = {name.rsplit(".", 1)[0] + ".weight" for name in tensors}  # biases stay dense
         for k, v in model.state_dict().items():
-            if k.rsplit(".", 1)[0] not in covered and not (k == "lm_head.weight" and model.config.tie_word_embeddings):
+            if k not in covered and not (k == "lm_head.weight" and model.config.tie_word_embeddings):
                 tensors[k] = v.detach().to(target).contiguous()
         record["lm_head"] = "dense"
         return tensors, record

@@ -44,7 +44,7 @@ class QuantizeOptions:
 def group_size_for(k: int, wanted: int) -> int:
     """The group size used for an input size K: the one asked for where it divides K, else the largest
     power of two below it that does (SmolLM2's 576 takes 64 where 128 was asked)."""
-    g = wanted
+    g = 1 << (wanted.bit_length() - 1)  # the kernels take powers of two
     while g > 1 and k % g:
         g //= 2
     if g < 16:

@@ -79,7 +79,8 @@ class QuantizedWeight:
     @property
     def num_bytes(self) -> int:
         parts = [self.qweight, self.scale] + ([self.offset] if self.offset is not None else [])
-        parts += [t for t in self._cpu.values() if isinstance(t, torch.Tensor)]
+        for layout in self._cpu.values():
+            parts += list(layout) if isinstance(layout, tuple) else [layout]
         return sum(t.numel() * t.element_size() for t in parts)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

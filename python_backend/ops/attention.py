@@ -62,9 +62,10 @@ def quantize_rows(x: torch.Tensor, code_dtype: torch.dtype) -> torch.Tensor:
 
 
 def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """In float16, exact for the codes and the scale, and half float32's memory for whole blocks."""
     codes = rows[..., :-2]
-    scale = rows[..., -2:].contiguous().view(torch.float16).float()
-    values = codes.float() if rows.dtype == torch.int8 else codes.view(torch.float8_e4m3fn).float()
+    scale = rows[..., -2:].contiguous().view(torch.float16)
+    values = codes.half() if rows.dtype == torch.int8 else codes.view(torch.float8_e4m3fn).half()
     return (values * scale).to(dtype)
 
 

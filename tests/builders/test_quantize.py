@@ -23,6 +23,7 @@ def _restore(parts: dict[str, torch.Tensor], method: str) -> torch.Tensor:
 def test_group_size_falls_back_to_a_divisor():
     assert group_size_for(2048, 128) == 128
     assert group_size_for(576, 128) == 64
+    assert group_size_for(2048, 96) == 64  # the kernels take powers of two
     with pytest.raises(ValueError, match="no group size"):
         group_size_for(24, 128)
 
@@ -139,6 +140,21 @@ def test_gguf_blocks_are_the_files_weights_exactly(quantized_repo, smollm2_sourc
         assert torch.equal(_restore(parts, "int4"), reference[f"{name}.weight"]), name
 
 
+def test_gguf_q4_0_blocks_decode_to_their_weights():
+    """Q4_0: a float16 d and 16 bytes of codes per 32 weights, w = d * (q - 8); the low nibble of byte j
+    is weight j, the high nibble weight j + 16."""
+    import numpy as np
+
+    n, k = 3, 64
+    d = (np.random.default_rng(0).random((n, k // 32)) * 0.1 + 0.01).astype(np.float16)
+    codes = np.random.default_rng(1).integers(0, 16, (n, k // 32, 32)).astype(np.uint8)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    raw = np.concatenate([d[..., None].view(np.uint8), qs], axis=-1)
+    parts = quantize.gguf_block_codes(raw, "Q4_0", n, k)
+    want = (codes.astype(np.float32) - 8) * d.astype(np.float32)[..., None]
+    assert torch.equal(_restore(parts, "int4"), torch.from_numpy(want.reshape(n, k)))
+
+
 def test_gguf_method_needs_a_gguf_source(tmp_path, smollm2_source, capsys):
     from builders.build import main
 
@@ -147,6 +163,8 @@ def test_gguf_method_needs_a_gguf_source(tmp_path, smollm2_source, capsys):
     assert code == 2 and "is not GGUF" in capsys.readouterr().err
     code = main(["--model", str(folder), "--name", "x", "--repository", str(tmp_path / "r"), "--quantize", "fp8"])
     assert code == 2 and "--device gpu" in capsys.readouterr().err
+    args = ["--model", str(folder), "--name", "x", "--repository", str(tmp_path / "r"), "--quantize", "int4"]
+    assert main([*args, "--group-size", "96"]) == 2 and "power of two" in capsys.readouterr().err
     assert not (tmp_path / "r" / "x").exists()
 
 
