@@ -85,8 +85,9 @@ def engine_parameters(args: argparse.Namespace, dtype: str) -> dict[str, str]:
     return config.to_parameters([engine, config.from_arguments(args, ServingConfig)])
 
 
-def _save_weights(model, folder: Path) -> None:
-    """config.json, generation_config.json and model.safetensors in the layout transformers reads.
+def _save_weights(model, folder: Path, tensors: dict | None = None) -> None:
+    """config.json, generation_config.json and model.safetensors in the layout transformers reads;
+    `tensors` (a quantized build's codes and scales) in place of the model's own weights.
 
     Written by hand rather than with save_pretrained, which refuses models loaded from GGUF (it sees
     them as quantized even though transformers has dequantized them)."""
@@ -98,25 +99,11 @@ def _save_weights(model, folder: Path) -> None:
     config.save_pretrained(folder)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(folder)
-    state = model.state_dict()
-    if getattr(config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    save_file(
-        {k: v.detach().contiguous() for k, v in state.items()},
-        str(folder / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
-
-
-def _save_quantized(model, tensors: dict, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(folder)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(folder)
+    if tensors is None:
+        state = model.state_dict()
+        if getattr(config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        tensors = {k: v.detach().contiguous() for k, v in state.items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -170,7 +157,7 @@ def _write_engine(source, dtype: str, args: argparse.Namespace, engine_tmp: Path
         except ValueError as e:
             raise BuildError(f"quantization failed: {e}") from e
         _log(f"writing {n_params / 1e6:.1f}M parameters, projections as {args.quantize}", start)
-        _save_quantized(model, tensors, engine_tmp)
+        _save_weights(model, engine_tmp, tensors)
     tokenizer.save_pretrained(engine_tmp)
     if getattr(tokenizer, "chat_template", None) and not any(engine_tmp.glob("chat_template*")):
         (engine_tmp / "chat_template.jinja").write_text(tokenizer.chat_template)
