@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from python_backend.ops import argmax, fused, fused_qkv, gemv  # noqa: E402
+from python_backend.ops import argmax, fused, fused_qkv, gemv, quant_gemv  # noqa: E402
 from python_backend.ops import triton_attention as ta
 
 POINTERS = {  # argument -> element type where it is a pointer; the rest are int32 unless named below
@@ -145,6 +145,45 @@ def kernels() -> list[tuple[str, object, dict, dict]]:
         ("argmax chunks", argmax._chunk_max_kernel, {"BLOCK": 4096}, {"pointers": {"X": "fp32"}}),
         ("argmax pick", argmax._pick_chunk_kernel, {"C_PAD": 64}, {"pointers": {"OUT": "i64"}}),
     ]
+    scales = {"S": "fp16", "O": "fp16"}
+    for rows in (1, 8):
+        out += [
+            (
+                f"int4 GEMV rows={rows}",
+                quant_gemv._int4_kernel,
+                {"M_PAD": rows, "BLOCK_N": 4, "BLOCK_K": 1024, "GROUP": 128},
+                {"pointers": {"W": "i32", **scales}},
+            ),
+            (
+                f"int8 GEMV rows={rows}",
+                quant_gemv._int8_kernel,
+                {"M_PAD": rows, "BLOCK_N": 4, "BLOCK_K": 1024},
+                {"pointers": {"W": "i32", "S": "fp32"}},
+            ),
+            (
+                f"fp8 GEMV rows={rows}",
+                quant_gemv._fp8_kernel,
+                {"M_PAD": rows, "BLOCK_N": 4, "BLOCK_K": 512},
+                {"pointers": {"W": "fp8e4nv", "S": "fp32"}},
+            ),
+        ]
+    for int4, w in ((True, "u8"), (False, "i8")):
+        out.append(
+            (
+                f"quantized GEMM int4={int4}",
+                quant_gemv._mm_kernel,
+                {"INT4": int4, "GROUP": 128, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "NUM_STAGES": 3},
+                {"pointers": {"W": w, **scales}},
+            )
+        )
+    out.append(
+        (
+            "dequantize int4",
+            quant_gemv._dequant_kernel,
+            {"IS_INT4": True, "GROUP": 128, "BLOCK_N": 16, "BLOCK_K": 256},
+            {"pointers": {"W": "u8", **scales}},
+        )
+    )
     return out
 
 

@@ -33,6 +33,7 @@
 #               own that leaves out the image's packages built on numpy 2: scripts/stub_site.py)
 #   quant       the quantized kernels' tests; the Llama-1B shape as bf16, fp8, int8 and int4 (RTN: random
 #               weights have no outliers for AWQ to find): 256 x 256 -> 128 and one sequence's decode step
+#               ($QUANT_MODELS: which of them; $QUANT_SKIP_TESTS: neither the tests nor the KV capacity)
 #   quantsmol   SmolLM2 built as bf16, int8, int4 (AWQ), fp8 and its GGUF's own Q4_1 blocks, on the GPU:
 #               `fastserve evaluate` against bf16 (needs the GGUF, carried in two parts, .gpu/gguf-a and -b)
 #   tprofile    where the server's time goes at 256 streams: scripts/triton_profile.py samples the stub and
@@ -142,18 +143,19 @@ if want seats; then
   online llama1b_s2 online-llama1b-2seats.json --num-requests 300 --rate ${SEATS_RATE:-6.06} --seed ${SEATS_SEED:-0}
 fi
 if want quant; then
-  FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/ops/test_quant_gemv.py \
-    tests/python_backend/models/test_quantized.py 2>&1 | tail -4 || true
+  [[ -n ${QUANT_SKIP_TESTS:-} ]] || FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider \
+    tests/python_backend/ops/test_quant_gemv.py tests/python_backend/models/test_quantized.py 2>&1 | tail -4 || true
   shape=(--max-model-len 4096 --max-num-seqs 256 --max-num-batched-tokens 8192 --max-batch-size 256)
-  entry llama1b_fp8 "${shape[@]}" --quantize fp8
-  entry llama1b_int8 "${shape[@]}" --quantize int8
-  entry llama1b_int4 "${shape[@]}" --quantize int4 --no-awq
-  for m in llama1b llama1b_fp8 llama1b_int8 llama1b_int4; do
+  models=${QUANT_MODELS:-llama1b llama1b_fp8 llama1b_int8 llama1b_int4}
+  if [[ $models == *llama1b_fp8* ]]; then entry llama1b_fp8 "${shape[@]}" --quantize fp8; fi
+  if [[ $models == *llama1b_int8* ]]; then entry llama1b_int8 "${shape[@]}" --quantize int8; fi
+  if [[ $models == *llama1b_int4* ]]; then entry llama1b_int4 "${shape[@]}" --quantize int4 --no-awq; fi
+  for m in $models; do
     echo "== $m"
     bench --model $m --num-prompts 256 --input-len 256 --output-len 128 --repeats 3 --single --baselines "" \
       --out "$out/$m-h200-quant.json" | tail -3
   done
-  python3 - "$work/repo/llama1b/1/engine" <<'PY' | tee "$out/llama1b-h200-kv-capacity.txt"
+  [[ -n ${QUANT_SKIP_TESTS:-} ]] || python3 - "$work/repo/llama1b/1/engine" <<'PY' | tee "$out/llama1b-h200-kv-capacity.txt"
 import gc, sys
 import torch
 from python_backend.engine.engine import Engine

@@ -12,9 +12,9 @@ Every method stores the codes and the scales to rebuild the weight, never a dequ
   they are multiplied, so both operands of the product are E4M3.
 
 Products: on the CPU PyTorch's packed weight-only kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`); on a GPU our Triton GEMV for decode steps of a few rows and, for
-more rows, the weight dequantized into a scratch buffer and multiplied by cuBLAS; FP8 through
-`torch._scaled_mm`.
+`_weight_int4pack_mm_for_cpu`); on a GPU our Triton kernels for decode steps (a GEMV for a few rows,
+a tensor-core GEMM that dequantizes tile by tile for batches) and, for prefills, the weight
+dequantized into a scratch buffer and multiplied by cuBLAS; FP8 through `torch._scaled_mm`.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class QuantizedWeight:
     scale: torch.Tensor
     offset: torch.Tensor | None = None
     _cpu: dict = field(default_factory=dict, repr=False)  # kernel layouts, made once per activation dtype
-    gemv: dict = field(default_factory=dict, repr=False)  # GPU: rows (a power of two) -> tuned config or None
+    gemv: dict = field(default_factory=dict, repr=False)  # GPU: tuned rows -> our kernel's config, or None (dense)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -96,32 +96,34 @@ class QuantizedWeight:
         return w.to(dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
-        """On a GPU, a few rows go through our GEMV where start-up tuning chose it (untuned: up to
-        GEMV_MAX_ROWS rows, not fp8); more rows, or `dense`, through the dense path: FP8's scaled
-        matrix product, or the weight dequantized and cuBLAS."""
+        """On a GPU, a step's rows go through our GEMV or tensor-core GEMM where start-up tuning chose
+        them for the smallest tuned row count that holds them (untuned: the GEMV up to GEMV_MAX_ROWS
+        rows, not fp8); other steps, or `dense`, through the dense path: FP8's scaled matrix product,
+        or the weight dequantized and cuBLAS."""
         if self.device.type == "cpu":
             y = self._linear_cpu(x)
         else:
-            rows = x.shape[0]
-            bucket = 1 << max(0, (rows - 1).bit_length())
-            if dense:
-                config, use_gemv = None, False
-            elif bucket in self.gemv:  # tuned: None where the dense path won
-                config = self.gemv[bucket]
-                use_gemv = config is not None
-            else:
-                config, use_gemv = None, rows <= GEMV_MAX_ROWS and self.method != "fp8"
-            if use_gemv:
-                from python_backend.ops.quant_gemv import quant_gemv
+            from python_backend.ops import quant_gemv
 
-                y = quant_gemv(x, self, config)
+            config = None if dense else self._config_for(x.shape[0])
+            if config is not None:
+                y = quant_gemv.run(x, self, config)
             elif self.method == "fp8":
                 y = self._linear_fp8(x)
             else:
-                from python_backend.ops.quant_gemv import dequantize
-
-                y = F.linear(x, dequantize(self, x.dtype))
+                y = F.linear(x, quant_gemv.dequantize(self, x.dtype))
         return y if bias is None else y + bias
+
+    def _config_for(self, rows: int):
+        """Our kernel's configuration for a step of `rows` rows, or None for the dense path."""
+        if self.gemv:
+            fits = [r for r in self.gemv if rows <= r]
+            return self.gemv[min(fits)] if fits else None
+        if rows <= GEMV_MAX_ROWS and self.method != "fp8":
+            from python_backend.ops.quant_gemv import QuantGemvConfig, gemv_takes
+
+            return QuantGemvConfig() if gemv_takes(self) else None
+        return None
 
     def _linear_cpu(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._cpu.get(x.dtype)

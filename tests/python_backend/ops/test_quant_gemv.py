@@ -1,6 +1,7 @@
-"""The int8 and int4 decode GEMV kernels against the dequantized weight, and FP8's product (GPUs with
-FP8 only). On a GPU they run compiled over Llama-3.2-1B shapes; without one in Triton's interpreter
-on small shapes, which checks the same indexing, masking and group arithmetic."""
+"""The int8, int4 and fp8 decode GEMV kernels and the int8/int4 tensor-core GEMM against the
+dequantized weight, and FP8's product (GPUs with FP8 only). On a GPU they run compiled over
+Llama-3.2-1B shapes; without one in Triton's interpreter on small shapes, which checks the same
+indexing, masking and group arithmetic."""
 
 from __future__ import annotations
 
@@ -10,16 +11,21 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (pip install -e .[dev] installs it)")
 
 from python_backend.models.quantized import QuantizedWeight, fp8_supported, pack_int4  # noqa: E402
-from python_backend.ops.quant_gemv import QuantGemvConfig, dequantize, quant_gemv  # noqa: E402
+from python_backend.ops.quant_gemv import QuantGemvConfig, QuantMMConfig, dequantize, quant_gemv, quant_mm  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
 DTYPE = torch.bfloat16 if GPU else torch.float32
 SHAPES = [(3072, 2048, 128), (2048, 8192, 64), (128256, 2048, 128)] if GPU else [(48, 128, 32), (37, 192, 64)]
 CONFIGS = (
-    [QuantGemvConfig(), QuantGemvConfig(2, 1024, 8, defer=True), QuantGemvConfig(4, 512, 4, defer=True, gather=True)]
+    [QuantGemvConfig(), QuantGemvConfig(1, 2048, 4), QuantGemvConfig(8, 1024, 8)]
     if GPU
-    else [QuantGemvConfig(4, 64), QuantGemvConfig(8, 128, defer=True), QuantGemvConfig(4, 64, defer=True, gather=True)]
+    else [QuantGemvConfig(4, 64), QuantGemvConfig(8, 128), QuantGemvConfig(2, 256)]
+)
+MM_CONFIGS = (
+    [QuantMMConfig(16, 64, 64, 4, 3), QuantMMConfig(64, 128, 64, 4, 3)]
+    if GPU
+    else [QuantMMConfig(16, 16, 32, 4, 1), QuantMMConfig(32, 32, 16, 4, 1)]
 )
 
 
@@ -45,6 +51,30 @@ def test_quant_gemv_matches_dequantized_weight(n, k, group, rows, config):
         got = quant_gemv(x, w, config).float()
         tol = (1e-4 if DTYPE == torch.float32 else 1e-2) * ref.abs().max().item()
         assert (got - ref).abs().max().item() <= tol, w.method
+
+
+@pytest.mark.parametrize("n,k,group", SHAPES[:2])
+@pytest.mark.parametrize("rows", [5, 40])
+@pytest.mark.parametrize("config", MM_CONFIGS)
+def test_quant_mm_matches_dequantized_weight(n, k, group, rows, config):
+    for w in _weights(n, k, group):
+        x = torch.randn(rows, k, device=DEV).to(torch.bfloat16 if GPU else torch.float16)
+        ref = x.float() @ w.dequantize().t()
+        got = quant_mm(x, w, config).float()
+        assert got.shape == (rows, n)
+        rel = (got - ref).norm() / ref.norm()
+        assert rel < 1e-2, (w.method, rel)  # the dequantized tile's rounding to 16 bits
+
+
+def test_kernels_refuse_what_they_cannot_read():
+    w = _weights(48, 128, 32)[0]
+    odd = QuantizedWeight(
+        "int4", w.qweight[:, :30].contiguous(), w.scale[:, :2].contiguous(), w.offset[:, :2].contiguous()
+    )
+    with pytest.raises(ValueError, match="multiple of 8"):
+        quant_gemv(torch.randn(1, 60, device=DEV), odd)
+    with pytest.raises(ValueError, match="16-bit inputs"):
+        quant_mm(torch.randn(4, 128, device=DEV), w, QuantMMConfig(16, 16, 64, 4, 1))
 
 
 @pytest.mark.parametrize("n,k,group", SHAPES[:2])
