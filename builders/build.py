@@ -2,6 +2,7 @@
 
     python builders/build.py --model smollm2 --name smollm2 --repository model_repository
     fastserve build ...            (the same)
+    python builders/build.py --pool NAME --members a,b,c    (a pool of built entries: builders/pool.py)
 
 Writes <repository>/<name>/config.pbtxt, 1/model.py and the engine folder 1/engine/ (weights as
 safetensors, config, tokenizer with chat template, engine.json). Every write is atomic: a failed or
@@ -21,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python builders/build.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from builders.repository import MODEL_PY, EntrySettings, render_config  # noqa: E402
+from builders.repository import MODEL_PY, EntrySettings, atomic_write, render_config  # noqa: E402
 from builders.sources import SourceError, resolve  # noqa: E402
 from fastserve import __version__  # noqa: E402
 from python_backend.engine import config  # noqa: E402
@@ -36,13 +37,6 @@ class BuildError(RuntimeError):
 
 def _log(msg: str, start: float) -> None:
     print(f"[{time.monotonic() - start:7.1f}s] {msg}", flush=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as f:
-        f.write(text)
-    Path(f.name).replace(path)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -243,8 +237,8 @@ def build(args: argparse.Namespace) -> Path:
                 _replace_dir(engine_tmp, engine_dir)
             finally:
                 shutil.rmtree(engine_tmp, ignore_errors=True)
-        _atomic_write(version / "model.py", MODEL_PY)
-        _atomic_write(entry / "config.pbtxt", render_config(entry_config))
+        atomic_write(version / "model.py", MODEL_PY)
+        atomic_write(entry / "config.pbtxt", render_config(entry_config))
     except BaseException:
         if created_entry:
             shutil.rmtree(entry, ignore_errors=True)
@@ -297,6 +291,11 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--pool" in argv:  # a pool of built entries, not a model
+        from builders.pool import main as build_pool
+
+        return build_pool(argv)
     parser = argparse.ArgumentParser(prog="build.py", description=__doc__.split("\n\n")[0])
     add_build_arguments(parser)
     return run(parser.parse_args(argv))

@@ -7,7 +7,9 @@ without a rebuild.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from python_backend.tensors import INPUTS, OUTPUTS, TensorSpec
 
@@ -43,8 +45,20 @@ def _quote(value: str) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_config(s: EntrySettings) -> str:
-    """config.pbtxt text for a decoupled Python-backend generate model."""
+def atomic_write(path: Path, text: str) -> None:
+    """Write a file so that a reader sees the old content or the new, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as f:
+        f.write(text)
+    Path(f.name).chmod(0o644)
+    Path(f.name).replace(path)
+
+
+def render_config(
+    s: EntrySettings, inputs: tuple[TensorSpec, ...] = INPUTS, outputs: tuple[TensorSpec, ...] = OUTPUTS
+) -> str:
+    """config.pbtxt text for a decoupled Python-backend model: a generate model, or a pool with its
+    own tensors."""
     lines = [
         "# Written by FastServe's builder; engine settings below can be overridden at load time.",
         f"name: {_quote(s.name)}",
@@ -54,8 +68,8 @@ def render_config(s: EntrySettings) -> str:
         f"dynamic_batching {{ max_queue_delay_microseconds: {s.max_queue_delay_us} }}",
         "input [",
     ]
-    lines += [",\n".join(_tensor(t) for t in INPUTS), "]", "output ["]
-    lines += [",\n".join(_tensor(t) for t in OUTPUTS), "]"]
+    lines += [",\n".join(_tensor(t) for t in inputs), "]", "output ["]
+    lines += [",\n".join(_tensor(t) for t in outputs), "]"]
     kind = "KIND_GPU" if s.device == "gpu" else "KIND_CPU"
     group = f"  {{ kind: {kind} count: {s.instances}"
     if s.device == "gpu" and s.gpus:

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     from builders.build import add_build_parser
 
     add_build_parser(sub)
+    from builders.pool import add_pool_parser
+
+    add_pool_parser(sub)
     from builders.evaluate import add_evaluate_parser
 
     add_evaluate_parser(sub)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import queue
 import threading
 import time
@@ -32,6 +31,8 @@ from python_backend.engine.engine_process import EngineProcess
 from python_backend.engine.sequence import RequestOutput, SamplingError
 from python_backend.metrics import Metrics
 from python_backend.request import GenerateRequest, parse
+from python_backend.tensors import CANCEL_PARAMETER
+from python_backend.triton_logs import route_logs
 
 _STOP = object()
 _CANCEL_POLL_S = 0.05
@@ -51,6 +52,7 @@ class _Active:
     req: GenerateRequest
     prompt: str
     arrival: float
+    triton_id: str = ""  # the id the caller gave the request (a pool names its calls, to cancel them)
     text: str = ""
     pending_tokens: int = 0  # streamed tokens held back by stream_interval
     first_token_time: float | None = None
@@ -65,6 +67,13 @@ class _Refusal:
 
     sender: object
     error: Exception
+
+
+@dataclass
+class _Ack:
+    """A control request done: the response thread sends it an empty final response."""
+
+    sender: object
 
 
 def _tensor(name: str, value, dtype) -> pb_utils.Tensor:
@@ -89,7 +98,7 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     )
 
 
-def _drain(outbox: queue.SimpleQueue, first) -> tuple[list[RequestOutput | _Refusal], bool]:
+def _drain(outbox: queue.SimpleQueue, first) -> tuple[list[RequestOutput | _Refusal | _Ack], bool]:
     """Everything queued now: refusals, then one output per request. When sending falls behind the
     engine, streams get fewer, larger deltas instead of a growing backlog."""
     merged: dict[str, RequestOutput] = {}
@@ -100,7 +109,7 @@ def _drain(outbox: queue.SimpleQueue, first) -> tuple[list[RequestOutput | _Refu
         if item is _STOP:
             stop = True
             break
-        if isinstance(item, _Refusal):
+        if isinstance(item, (_Refusal, _Ack)):
             refusals.append(item)
         else:
             prev = merged.get(item.request_id)
@@ -112,33 +121,9 @@ def _drain(outbox: queue.SimpleQueue, first) -> tuple[list[RequestOutput | _Refu
     return [*refusals, *merged.values()], stop
 
 
-class _TritonLogHandler(logging.Handler):
-    """The engine's Python logging, tracebacks included, into Triton's server log."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = self.format(record)
-            if record.levelno >= logging.ERROR:
-                pb_utils.Logger.log_error(text)
-            elif record.levelno >= logging.WARNING:
-                pb_utils.Logger.log_warn(text)
-            else:
-                pb_utils.Logger.log_info(text)
-        except Exception:
-            self.handleError(record)
-
-
-def _route_logs() -> None:
-    logger = logging.getLogger("fastserve")
-    if not any(isinstance(h, _TritonLogHandler) for h in logger.handlers):
-        logger.addHandler(_TritonLogHandler())
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-
-
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        _route_logs()
+        route_logs()
         self.model_config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in self.model_config.get("parameters", {}).items()}
         try:
@@ -189,6 +174,8 @@ class TritonPythonModel:
             for request in requests:
                 sender = request.get_response_sender()
                 try:
+                    if self._cancel_control(request, sender):
+                        continue
                     admitted.append(self._parse(request, sender))
                 except Exception as e:
                     self._outbox.put(_Refusal(sender, e))
@@ -224,10 +211,36 @@ class TritonPythonModel:
                 raise SamplingError("this model has no chat template; send plain text without chat")
             prompt = self.engine.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
         rid = f"t{next(self._ids)}"
-        active = _Active(sender=sender, request=request, req=req, prompt=prompt, arrival=time.perf_counter())
+        active = _Active(
+            sender=sender,
+            request=request,
+            req=req,
+            prompt=prompt,
+            arrival=time.perf_counter(),
+            triton_id=request.request_id(),
+        )
         with self._lock:  # known before the engine can answer
             self._active[rid] = active
         return rid, active
+
+    def _cancel_control(self, request, sender) -> bool:
+        """A control request that cancels a request of this model by its Triton id; True if it was one."""
+        raw = request.parameters() or ""
+        if CANCEL_PARAMETER not in raw:
+            return False
+        try:
+            target = json.loads(raw).get(CANCEL_PARAMETER)
+        except json.JSONDecodeError:
+            return False  # _parse gives the error
+        if target is None:
+            return False
+        with self._lock:
+            hits = [(rid, a) for rid, a in self._active.items() if a.triton_id == str(target) and not a.cancel_sent]
+        for rid, a in hits:
+            a.cancel_sent = True
+            self.engine.abort(rid)
+        self._outbox.put(_Ack(sender))
+        return True
 
     def _refuse(self, sender, error: Exception) -> None:
         """A request that will not run: a clear error for its client; the server keeps serving."""
@@ -257,6 +270,12 @@ class TritonPythonModel:
                 batch, stop = _drain(self._outbox, item)
                 for out in batch:
                     self._yield_to_execute()
+                    if isinstance(out, _Ack):
+                        try:
+                            out.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                        except Exception as e:
+                            pb_utils.Logger.log_warn(f"fastserve: answering a control request failed: {e}")
+                        continue
                     if isinstance(out, _Refusal):
                         try:
                             self._refuse(out.sender, out.error)

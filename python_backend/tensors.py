@@ -8,7 +8,7 @@ frontend already send.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -79,4 +79,24 @@ OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("finish_reason", "TYPE_STRING", (1,)),
     TensorSpec("num_input_tokens", "TYPE_UINT32", (1,)),
     TensorSpec("num_output_tokens", "TYPE_UINT32", (1,)),
+)
+
+# A control request: parameters {CANCEL_PARAMETER: ID} stop the generate model's request whose Triton
+# request id is ID. A pool sends it through BLS when its own client cancels: this Triton's BLS
+# streams cannot be cancelled from the caller's side.
+CANCEL_PARAMETER = "cancel_request"
+
+# A pool entry takes a member's inputs (text_input optional: feedback has none) and these, and
+# answers with a member's outputs and these.
+POOL_CONTROLS: tuple[TensorSpec, ...] = (
+    TensorSpec("model", "TYPE_STRING", (1,), optional=True),  # pin a member
+    TensorSpec("quality_weight", "TYPE_FP32", (1,), optional=True),  # this request's quality/latency trade
+    TensorSpec("request_id", "TYPE_STRING", (1,), optional=True),  # feedback: the answer rated
+    TensorSpec("reward", "TYPE_FP32", (1,), optional=True),  # feedback: its reward in [0, 1]
+)
+POOL_INPUTS: tuple[TensorSpec, ...] = (replace(PROMPT, optional=True), *INPUTS[1:], *POOL_CONTROLS)
+POOL_OUTPUTS: tuple[TensorSpec, ...] = (
+    *OUTPUTS,
+    TensorSpec("served_by", "TYPE_STRING", (1,)),
+    TensorSpec("request_id", "TYPE_STRING", (1,)),
 )
