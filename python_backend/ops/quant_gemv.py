@@ -222,14 +222,18 @@ def gemv_takes(weight) -> bool:
     return True
 
 
+def _operands(x: torch.Tensor, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """x made contiguous, and the output [M, N] in its dtype."""
+    x = x.contiguous()
+    return x, torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+
+
 def quant_gemv(x: torch.Tensor, weight, config: QuantGemvConfig | None = None) -> torch.Tensor:
     """x [M, K] @ dequantized(weight)^T -> [M, N] in x's dtype, for a QuantizedWeight (int8, int4, or
     fp8 used weight-only: the activations stay as they are) and a few rows."""
     cfg = config or QuantGemvConfig()
-    m = x.shape[0]
-    n, k = weight.shape
-    x = x.contiguous()
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    x, out = _operands(x, weight)
+    m, (n, k) = x.shape[0], weight.shape
     if m == 0:
         return out
     grid = (triton.cdiv(n, cfg.block_n),)
@@ -278,10 +282,8 @@ def quant_mm(x: torch.Tensor, weight, config: QuantMMConfig | None = None) -> to
     cfg = config or QuantMMConfig()
     if not mm_takes(weight, x.dtype, cfg):
         raise ValueError(f"quant_mm takes int8 or int4 weights (group a multiple of {cfg.block_k}) and 16-bit inputs")
-    m = x.shape[0]
-    n, k = weight.shape
-    x = x.contiguous()
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    x, out = _operands(x, weight)
+    m, (n, k) = x.shape[0], weight.shape
     if m == 0:
         return out
     int4 = weight.method == "int4"
