@@ -232,8 +232,8 @@ class TritonPythonModel:
             target = json.loads(raw).get(CANCEL_PARAMETER)
         except json.JSONDecodeError:
             return False  # _parse gives the error
-        if target is None:
-            return False
+        if not target:
+            return False  # not a control request: _parse treats it as a generation request
         with self._lock:
             hits = [(rid, a) for rid, a in self._active.items() if a.triton_id == str(target) and not a.cancel_sent]
         for rid, a in hits:

@@ -41,6 +41,14 @@ class Arm:
         theta = self._inverse @ self.b
         return Estimate(float(theta @ x), float(np.sqrt(max(0.0, x @ self._inverse @ x))))
 
+    def rebase(self, prior_quality: float, prior_strength: float) -> None:
+        """Swap the prior under what was learned: A and b hold the prior as λI and λ·q₀·e₀ plus the
+        feedback, so only the prior's share changes."""
+        self.A += (prior_strength - self.prior_strength) * np.eye(len(self.b))
+        self.b[0] += prior_strength * prior_quality - self.prior_strength * self.prior_quality
+        self.prior_quality, self.prior_strength = prior_quality, prior_strength
+        self._inverse = None
+
     def update(self, x: np.ndarray, reward: float) -> None:
         self.A += np.outer(x, x)
         self.b += reward * x

@@ -30,16 +30,20 @@ class LatencyTracker:
         with self._lock:
             self.in_flight += 1
 
-    def finished(self, ttft_s: float | None, total_s: float, tokens: int) -> None:
-        """One request done: its time to first token and, past it, the time per token."""
+    def finished(self, ttft_s: float | None, total_s: float, tokens: int, streamed: bool = True) -> None:
+        """One request done: its time to first token and, past it, the time per token. An answer
+        sent whole shows no first token of its own: it updates the time per token only, past the
+        current time-to-first-token estimate."""
         with self._lock:
             self.in_flight = max(0, self.in_flight - 1)
             if ttft_s is None:
                 return
             a = self.smoothing if self.samples else 1.0
-            self.ttft_s += a * (ttft_s - self.ttft_s)
+            if streamed:
+                self.ttft_s += a * (ttft_s - self.ttft_s)
             if tokens > 1:
-                self.per_token_s += a * ((total_s - ttft_s) / (tokens - 1) - self.per_token_s)
+                first = ttft_s if streamed else min(self.ttft_s, total_s)
+                self.per_token_s += a * ((total_s - first) / (tokens - 1) - self.per_token_s)
             self.samples += 1
 
     def abandoned(self) -> None:

@@ -99,11 +99,11 @@ class TritonPythonModel:
         self.pool_file = entry / params.get("pool_file", "pool.json")
         state = params.get("state_file", "router_state.json")
         try:
-            pool = PoolConfig.from_dict(json.loads(self.pool_file.read_text()))
+            self._pool_stamp = _stamp(self.pool_file)
+            pool = self._read_pool_file()
             self.router = Router(pool, entry / state if state else None)
-        except (OSError, json.JSONDecodeError, PoolConfigError) as e:
+        except (OSError, PoolConfigError) as e:
             raise pb_utils.TritonModelException(f"pool {self.name}: {self.pool_file}: {e}") from None
-        self._pool_mtime = self.pool_file.stat().st_mtime_ns
         self.cache = ResponseCache(pool.cache_size)
         self.metrics = PoolMetrics(pb_utils, self.name)
         self._down: dict[str, float] = {}
@@ -113,6 +113,7 @@ class TritonPythonModel:
         self._workers = ThreadPoolExecutor(
             max_workers=int(params.get("max_in_flight", "64")), thread_name_prefix="pool"
         )
+        self._canceller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-cancel")
         self._stop = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name="pool-send", daemon=True)
         self._sender.start()
@@ -176,7 +177,11 @@ class TritonPythonModel:
         text = " ".join(m["content"] for m in req.messages) if req.chat else req.prompt
         member_inputs = {k: v for k, v in inputs.items() if k not in CONTROL_NAMES}
         member_inputs["return_num_output_tokens"] = np.array([[True]], dtype=bool)
-        member_params = {k: v for k, v in parameters.items() if k not in CONTROL_NAMES}
+        member_params = {
+            k: str(v) if isinstance(v, float) else v
+            for k, v in parameters.items()
+            if k not in CONTROL_NAMES and k != CANCEL_PARAMETER
+        }
         deterministic = req.params.temperature == 0.0 and self.cache.size > 0
         return _Job(
             request=request,
@@ -197,7 +202,7 @@ class TritonPythonModel:
         try:
             if job.cache is not None:
                 hit = self.cache.get(job.cache)
-                if hit is not None:
+                if hit is not None and hit.member in self.router.members:
                     self.metrics.cache_hit()
                     self.router.routed(job.request_id, hit.member, job.features)
                     self._emit(job, hit.member, hit.outputs)
@@ -238,64 +243,69 @@ class TritonPythonModel:
 
     def _stream(self, job: _Job, member: str) -> tuple[str, str]:
         """Stream `member`'s answer to the client. ("retry", why) when it failed before any output."""
+        if job.cancelled.is_set():  # cancelled while waiting for a worker
+            self._outbox.put(_Out(job.sender, final=True, job=job))
+            return "done", ""
+        job.call_id = f"{job.request_id}-{member}"
+        job.member = member  # after call_id: the canceller reads them in this order
+        bls = pb_utils.InferenceRequest(
+            request_id=job.call_id,
+            model_name=member,
+            inputs=[pb_utils.Tensor(name, value) for name, value in job.inputs.items()],
+            requested_output_names=MEMBER_OUTPUTS,
+            **({"parameters": job.parameters} if job.parameters else {}),
+        )
         tracker = self.router.latency(member)
         tracker.started()
-        job.member, job.call_id = member, f"{job.request_id}-{member}"
         start = time.perf_counter()
         first: float | None = None
         tokens = 0
         parts: list[str] = []
         final_tensors: dict[str, np.ndarray] = {}
+        settled = False
         try:
-            bls = pb_utils.InferenceRequest(
-                request_id=job.call_id,
-                model_name=member,
-                inputs=[pb_utils.Tensor(name, value) for name, value in job.inputs.items()],
-                requested_output_names=MEMBER_OUTPUTS,
-                **({"parameters": job.parameters} if job.parameters else {}),
-            )
-            responses = bls.exec(decoupled=True)
-            for response in responses:
-                if job.cancelled.is_set():
-                    continue  # the member was asked to stop (_cancel_at_member); its last responses drain
-                if response.has_error():
-                    message = response.error().message()
-                    if first is None and any(r in message.lower() for r in _RETRYABLE):
-                        tracker.abandoned()
-                        return "retry", message
-                    tracker.abandoned()
-                    code = getattr(response.error(), "code", lambda: pb_utils.TritonError.INTERNAL)()
-                    self._outbox.put(_Out(job.sender, error=(message, code), final=True, job=job))
-                    return "failed", message
-                outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
-                if not outputs:
-                    continue
+            try:
+                for response in bls.exec(decoupled=True):
+                    if job.cancelled.is_set():
+                        continue  # the member was asked to stop (_cancel_at_member); its last responses drain
+                    if response.has_error():
+                        message = response.error().message()
+                        if first is None and any(r in message.lower() for r in _RETRYABLE):
+                            return "retry", message
+                        code = getattr(response.error(), "code", lambda: pb_utils.TritonError.INTERNAL)()
+                        self._outbox.put(_Out(job.sender, error=(message, code), final=True, job=job))
+                        return "failed", message
+                    outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
+                    if not outputs:
+                        continue
+                    if first is None:
+                        first = time.perf_counter() - start
+                        self.router.routed(job.request_id, member, job.features)  # feedback may come mid-stream
+                        self.metrics.routed(member)
+                    if "num_output_tokens" in outputs:
+                        tokens = int(np.asarray(outputs["num_output_tokens"]).reshape(-1)[0])
+                    if "text_output" in outputs:
+                        parts.append(_text(outputs["text_output"]))
+                    final_tensors.update(outputs)
+                    if not job.want_output_tokens and "finish_reason" not in outputs:
+                        outputs.pop("num_output_tokens", None)
+                    self._emit(job, member, outputs)
+            except pb_utils.TritonModelException as e:
                 if first is None:
-                    first = time.perf_counter() - start
-                if "num_output_tokens" in outputs:
-                    tokens = int(np.asarray(outputs["num_output_tokens"]).reshape(-1)[0])
-                if "text_output" in outputs:
-                    parts.append(_text(outputs["text_output"]))
-                final_tensors.update(outputs)
-                if not job.want_output_tokens and "finish_reason" not in outputs:
-                    outputs.pop("num_output_tokens", None)
-                self._emit(job, member, outputs)
-        except pb_utils.TritonModelException as e:
+                    return "retry", str(e)
+                raise
+            if job.cancelled.is_set():
+                self._outbox.put(_Out(job.sender, final=True, job=job))
+                return "done", ""
             if first is None:
+                return "retry", "the member ended without an answer"
+            tracker.finished(first, time.perf_counter() - start, tokens, streamed=job.stream)
+            settled = True
+        finally:
+            if not settled:
                 tracker.abandoned()
-                return "retry", str(e)
-            raise
-        if job.cancelled.is_set():
-            tracker.abandoned()
-            self._outbox.put(_Out(job.sender, final=True, job=job))
-            return "done", ""
-        if first is None:
-            tracker.abandoned()
-            return "retry", "the member ended without an answer"
-        tracker.finished(first, time.perf_counter() - start, tokens)
-        self.router.routed(job.request_id, member, job.features)
-        self.metrics.routed(member)
-        if job.cache is not None and not job.cancelled.is_set() and "finish_reason" in final_tensors:
+        reason = _text(final_tensors.get("finish_reason", np.array([[b""]], dtype=np.object_)))
+        if job.cache is not None and reason in ("stop", "length"):  # whole answers only
             whole = dict(final_tensors)
             whole["text_output"] = np.array([["".join(parts).encode("utf-8")]], dtype=np.object_)
             self.cache.put(job.cache, CachedAnswer(member, whole))
@@ -323,8 +333,11 @@ class TritonPythonModel:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 0.1
-                self._check_cancelled()
-                self._publish()
+                try:
+                    self._check_cancelled()
+                    self._publish()
+                except Exception:  # this thread sends every response: it must outlive any error
+                    log.exception("pool %s: cancellation check or metrics failed", self.name)
 
     def _send(self, out: _Out) -> None:
         try:
@@ -351,8 +364,9 @@ class TritonPythonModel:
         for job in jobs:
             if not job.cancelled.is_set() and job.request.is_cancelled():
                 job.cancelled.set()
-                if job.member is not None:
-                    self._workers.submit(self._cancel_at_member, job.member, job.call_id)
+                member, call_id = job.member, job.call_id
+                if member is not None and call_id:
+                    self._canceller.submit(self._cancel_at_member, member, call_id)
 
     def _cancel_at_member(self, member: str, call_id: str) -> None:
         """Ask a member to stop the call it is answering (a control request: BLS streams of this
@@ -374,24 +388,37 @@ class TritonPythonModel:
         if now < getattr(self, "_published", 0.0) + 1.0:
             return
         self._published = now
+        try:
+            self.router.save_if_changed()
+        except OSError as e:
+            log.error("pool %s: saving the router's state failed: %s", self.name, e)
         plain = prompt_features("hello", False, 16)
         values = {c.member: (c.quality, c.latency_s) for c in self.router.rank(plain, 16)}
         self.metrics.estimates(values)
 
     # ---- live configuration ---------------------------------------------------------------------
+    def _read_pool_file(self) -> PoolConfig:
+        try:
+            config = PoolConfig.from_dict(json.loads(self.pool_file.read_text()))
+        except json.JSONDecodeError as e:
+            raise PoolConfigError(f"not valid JSON: {e.msg} at line {e.lineno}") from None
+        if self.name in [m.name for m in config.members]:
+            raise PoolConfigError(f"the pool {self.name} cannot be one of its own members")
+        return config
+
     def _watch_pool_file(self) -> None:
         while not self._stop.wait(_WATCH_S):
             try:
-                mtime = self.pool_file.stat().st_mtime_ns
-            except OSError:
-                continue
-            if mtime == self._pool_mtime:
-                continue
-            self._pool_mtime = mtime
-            try:
-                config = PoolConfig.from_dict(json.loads(self.pool_file.read_text()))
-            except (OSError, json.JSONDecodeError, PoolConfigError) as e:
+                stamp = _stamp(self.pool_file)
+                if stamp == self._pool_stamp:
+                    continue
+                self._pool_stamp = stamp
+                config = self._read_pool_file()
+            except (OSError, PoolConfigError) as e:
                 log.error("pool %s: %s not applied, keeping the running settings: %s", self.name, self.pool_file, e)
+                continue
+            except Exception:
+                log.exception("pool %s: reading %s failed", self.name, self.pool_file)
                 continue
             for change in self.router.reconfigure(config):
                 log.info("pool %s: %s", self.name, change)
@@ -400,9 +427,16 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self._stop.set()
         self._workers.shutdown(wait=True, cancel_futures=False)
+        self._canceller.shutdown(wait=True)
         self._outbox.put(_STOP)
         self._sender.join(timeout=30)
         self.router.save()
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """What tells a changed file: modification time, size and inode (a rename-over counts)."""
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def _tensor(name: str, value) -> pb_utils.Tensor:

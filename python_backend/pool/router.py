@@ -48,6 +48,8 @@ class PoolConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PoolConfig:
+        if not isinstance(d, dict):
+            raise PoolConfigError(f"pool settings must be a JSON object, not {type(d).__name__}")
         known = {"members", "quality_weight", "exploration", "prior_strength", "cache_size", "max_pending"}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -63,7 +65,11 @@ class PoolConfig:
             extra = sorted(set(m) - {"name", "quality", "seats"})
             if extra:
                 raise PoolConfigError(f"member {m['name']}: settings {extra} are unknown (name, quality, seats)")
-            spec = MemberSpec(m["name"], float(m.get("quality", 0.5)), int(m.get("seats", 1)))
+            spec = MemberSpec(
+                m["name"],
+                _number(m, "quality", 0.5, f"member {m['name']}"),
+                _whole(m, "seats", 1, f"member {m['name']}"),
+            )
             if not 0.0 <= spec.quality <= 1.0 or spec.seats < 1:
                 raise PoolConfigError(f"member {spec.name}: quality must be in [0, 1] and seats at least 1")
             members.append(spec)
@@ -72,11 +78,11 @@ class PoolConfig:
             raise PoolConfigError(f"member names repeat: {names}")
         config = cls(
             tuple(members),
-            float(d.get("quality_weight", cls.quality_weight)),
-            float(d.get("exploration", cls.exploration)),
-            float(d.get("prior_strength", cls.prior_strength)),
-            int(d.get("cache_size", cls.cache_size)),
-            int(d.get("max_pending", cls.max_pending)),
+            _number(d, "quality_weight", cls.quality_weight),
+            _number(d, "exploration", cls.exploration),
+            _number(d, "prior_strength", cls.prior_strength),
+            _whole(d, "cache_size", cls.cache_size),
+            _whole(d, "max_pending", cls.max_pending),
         )
         if not 0.0 <= config.quality_weight <= 1.0:
             raise PoolConfigError(f"quality_weight must be in [0, 1], not {config.quality_weight}")
@@ -93,6 +99,20 @@ class PoolConfig:
             "cache_size": self.cache_size,
             "max_pending": self.max_pending,
         }
+
+
+def _number(d: dict, key: str, default: float, owner: str = "pool") -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PoolConfigError(f"{owner}: {key} must be a finite number, not {value!r}")
+    return float(value)
+
+
+def _whole(d: dict, key: str, default: int, owner: str = "pool") -> int:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PoolConfigError(f"{owner}: {key} must be a whole number, not {value!r}")
+    return value
 
 
 @dataclass
@@ -117,7 +137,8 @@ class _Member:
 
 
 class Router:
-    """Thread-safe; state (the bandits and counts) saved atomically to `state_path` where given."""
+    """Thread-safe; state (the bandits and counts) saved atomically to `state_path` where given, by
+    save() or save_if_changed()."""
 
     def __init__(self, config: PoolConfig, state_path: Path | None = None):
         self._lock = threading.Lock()
@@ -127,6 +148,7 @@ class Router:
             m.name: _Member(m, Arm(m.quality, config.prior_strength)) for m in config.members
         }
         self._pending: OrderedDict[str, tuple[str, np.ndarray]] = OrderedDict()
+        self._dirty = False
         if state_path is not None and state_path.exists():
             self._load(state_path)
 
@@ -156,7 +178,8 @@ class Router:
     def routed(self, request_id: str, member: str, x: np.ndarray) -> None:
         """Remember which member served a request, for its feedback (the oldest dropped past max_pending)."""
         with self._lock:
-            self.members[member].requests += 1
+            if member in self.members:
+                self.members[member].requests += 1
             self._pending[request_id] = (member, x)
             while len(self._pending) > self.config.max_pending:
                 self._pending.popitem(last=False)
@@ -178,11 +201,13 @@ class Router:
                 m.arm.update(x, float(reward))
                 m.rewards += float(reward)
                 m.feedbacks += 1
-        self.save()
+            self._dirty = True
         return member
 
     def latency(self, member: str) -> LatencyTracker:
-        return self.members[member].latency
+        """The member's tracker; a member removed meanwhile gets a throwaway one."""
+        m = self.members.get(member)
+        return m.latency if m is not None else LatencyTracker()
 
     def reconfigure(self, config: PoolConfig) -> list[str]:
         """Apply a new pool configuration on the running pool; members kept keep what they learned.
@@ -202,6 +227,7 @@ class Router:
                 else:
                     if kept.spec != spec:
                         changes.append(f"member {spec.name}: {vars(kept.spec)} -> {vars(spec)}")
+                    kept.arm.rebase(spec.quality, config.prior_strength)
                     kept.spec = spec
                     members[spec.name] = kept
             changes += [f"member removed: {name}" for name in self.members if name not in members]
@@ -226,11 +252,18 @@ class Router:
                 }
             return out
 
+    def save_if_changed(self) -> None:
+        """save() when feedback arrived since the last one (the pool calls this about once a second,
+        off the request path)."""
+        if self._dirty:
+            self.save()
+
     def save(self) -> None:
         """Write the learned state atomically: a reader, or a restart, sees the old file or the new one."""
         if self.state_path is None:
             return
         with self._lock:
+            self._dirty = False
             state = {
                 "version": 1,
                 "members": {
@@ -263,6 +296,7 @@ class Router:
                 if m is None:
                     continue  # a member no longer in the pool
                 m.arm = Arm.from_dict(saved["arm"])
+                m.arm.rebase(m.spec.quality, self.config.prior_strength)  # the prior may have changed since
                 m.requests, m.rewards, m.feedbacks = (
                     int(saved["requests"]),
                     float(saved["rewards"]),

@@ -145,21 +145,30 @@ def test_failover_when_members_are_unloaded_and_traffic_returns(pool_server):
     assert "m_a" in served
 
 
+def _write(path, text: str) -> None:
+    """Replace a file as an editor or a deploy tool would: write beside it, then rename over it."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _wait_for_log(server, text: str, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and text not in server.log():
+        time.sleep(0.5)
+    return text in server.log()
+
+
 def test_pool_file_changes_apply_without_restart(pool_server, pool_repo):
     path = pool_repo / "pool" / "pool.json"
     settings = json.loads(path.read_text())
-    path.write_text(json.dumps({**settings, "exploration": 0.25}))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and "exploration: 0.0 -> 0.25" not in pool_server.log():
-        time.sleep(0.5)
-    assert "exploration: 0.0 -> 0.25" in pool_server.log()
-    path.write_text("{broken")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and "not applied" not in pool_server.log():
-        time.sleep(0.5)
-    assert "not applied" in pool_server.log()
+    _write(path, json.dumps({**settings, "exploration": 0.25}))
+    assert _wait_for_log(pool_server, "exploration: 0.0 -> 0.25")
+    _write(path, "{broken")
+    assert _wait_for_log(pool_server, "not applied")
     assert _generate(pool_server, {"text_input": "Still routing", "max_tokens": 2})[0] == 200
-    path.write_text(json.dumps(settings))
+    _write(path, json.dumps(settings))
+    assert _wait_for_log(pool_server, "exploration: 0.25 -> 0.0")
 
 
 def test_learned_state_survives_a_restart(pool_repo, pool_server):

@@ -102,6 +102,7 @@ def test_learned_state_survives_a_restart(tmp_path):
     for i in range(30):
         router.routed(f"r{i}", "big", zh)
         router.feedback(f"r{i}", 0.0)
+    router.save_if_changed()
     before = router.rank(zh, 32)
     assert not list(path.parent.glob(".router-*"))  # no temporary file left behind
     again = Router(_config(exploration=0.0), path)
@@ -121,12 +122,35 @@ def test_reconfigure_keeps_what_members_learned():
         router.feedback(f"r{i}", 1.0)
     learned = router.rank(x, 16, quality_weight=1.0)
     changes = router.reconfigure(
-        PoolConfig.from_dict({"members": ["small", {"name": "tiny", "quality": 0.3}], "exploration": 0.5})
+        PoolConfig.from_dict(
+            {
+                "members": [{"name": "small", "quality": 0.6, "seats": 2}, {"name": "tiny", "quality": 0.3}],
+                "exploration": 0.5,
+            }
+        )
     )
     assert "member removed: big" in changes and any(c.startswith("member added: tiny") for c in changes)
     assert "exploration: 1.0 -> 0.5" in changes
     small = [c for c in router.rank(x, 16) if c.member == "small"][0]
     assert small.quality == pytest.approx([c for c in learned if c.member == "small"][0].quality)
+
+
+def test_a_new_prior_applies_under_what_was_learned():
+    router = Router(_config(exploration=0.0))
+    x = prompt_features("hi", False, 16)
+    for i in range(8):
+        router.routed(f"r{i}", "small", x)
+        router.feedback(f"r{i}", 1.0)
+    learned = [c.quality for c in router.rank(x, 16) if c.member == "small"][0]
+    lowered = PoolConfig.from_dict({"members": [{"name": "big", "quality": 0.9}, {"name": "small", "quality": 0.1}]})
+    router.reconfigure(lowered)
+    now = [c.quality for c in router.rank(x, 16) if c.member == "small"][0]
+    assert now < learned
+    fresh = Router(lowered)
+    for i in range(8):
+        fresh.routed(f"r{i}", "small", x)
+        fresh.feedback(f"r{i}", 1.0)
+    assert now == pytest.approx([c.quality for c in fresh.rank(x, 16) if c.member == "small"][0])
 
 
 @pytest.mark.parametrize(
@@ -138,6 +162,11 @@ def test_reconfigure_keeps_what_members_learned():
         ({"members": ["a"], "speed": 1}, "unknown"),
         ({"members": [{"name": "a", "cost": 1}]}, "unknown"),
         ({"members": ["a"], "quality_weight": -1}, "quality_weight"),
+        ({"members": [{"name": "a", "quality": "high"}]}, "quality must be a finite number"),
+        ({"members": [{"name": "a", "seats": 1.5}]}, "seats must be a whole number"),
+        ({"members": ["a"], "exploration": float("nan")}, "exploration must be a finite number"),
+        ({"members": ["a"], "cache_size": None}, "cache_size must be a whole number"),
+        (["a", "b"], "JSON object"),
     ],
 )
 def test_bad_pool_settings_are_refused(bad, message):
@@ -167,4 +196,6 @@ def test_router_learns_which_member_serves_which_prompts():
             late[kind].append(member)
     assert late["zh"].count("big") / len(late["zh"]) > 0.9
     assert late["en"].count("small") / len(late["en"]) > 0.6
-    assert json.dumps(router.stats())  # the metrics' source is plain data
+    stats = router.stats()
+    assert stats["big"]["feedbacks"] + stats["small"]["feedbacks"] == 400
+    assert json.loads(json.dumps(stats)) == stats  # the metrics' source is plain data
