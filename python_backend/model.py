@@ -38,6 +38,8 @@ _STOP = object()
 _CANCEL_POLL_S = 0.05
 _CANCEL_CHECKS_PER_TICK = 32
 _CANCEL_RECHECK_S = 0.25  # a request is asked again no sooner than this
+_EARLY_CANCEL_S = 30.0  # how long a cancel for a request not yet here waits for it
+_EARLY_CANCELS_MAX = 1024
 # each metric update is a round trip to the server, paid in CPU time the engine could use: counters
 # and gauges move every quarter second, well within any scrape interval
 _METRICS_S = 0.25
@@ -156,6 +158,7 @@ class TritonPythonModel:
         # measured on CPU), as dear as a send, so counters move once per tick
         self._tally: dict[str, int] = {}
         self._poll_cursor = 0
+        self._early_cancels: dict[str, float] = {}  # Triton id -> until when a cancel waits for it
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._executing = threading.Event()  # set while execute() runs
         # every response, refusals from execute() included, is sent by this one thread: sends from two
@@ -171,12 +174,21 @@ class TritonPythonModel:
         self._executing.set()
         try:
             admitted: list[tuple[str, _Active]] = []
+            controls: list[tuple[str, object]] = []  # cancel controls, applied once this batch is submitted
             for request in requests:
                 sender = request.get_response_sender()
                 try:
-                    if self._cancel_control(request, sender):
+                    target = self._cancel_target(request)
+                    if target is not None:
+                        controls.append((target, sender))
                         continue
-                    admitted.append(self._parse(request, sender))
+                    rid, active = self._parse(request, sender)
+                    if self._cancelled_before_arrival(active.triton_id):
+                        with self._lock:
+                            self._active.pop(rid, None)
+                        self._outbox.put(_Ack(sender))
+                        continue
+                    admitted.append((rid, active))
                 except Exception as e:
                     self._outbox.put(_Refusal(sender, e))
             if admitted:
@@ -194,6 +206,9 @@ class TritonPythonModel:
                         with self._lock:
                             self._active.pop(rid, None)
                         self._outbox.put(_Refusal(a.sender, error))
+            for target, sender in controls:
+                self._cancel(target)
+                self._outbox.put(_Ack(sender))
         finally:
             self._executing.clear()
         return None
@@ -223,24 +238,37 @@ class TritonPythonModel:
             self._active[rid] = active
         return rid, active
 
-    def _cancel_control(self, request, sender) -> bool:
-        """A control request that cancels a request of this model by its Triton id; True if it was one."""
+    @staticmethod
+    def _cancel_target(request) -> str | None:
+        """The Triton id a cancel control request names, or None for any other request."""
         raw = request.parameters() or ""
         if CANCEL_PARAMETER not in raw:
-            return False
+            return None
         try:
             target = json.loads(raw).get(CANCEL_PARAMETER)
         except json.JSONDecodeError:
-            return False  # _parse gives the error
-        if not target:
-            return False  # not a control request: _parse treats it as a generation request
+            return None  # _parse gives the error
+        return str(target) if target else None  # empty: not a control; _parse treats it as generation
+
+    def _cancel(self, target: str) -> None:
+        """Stop the request of Triton id `target`; one not here yet is remembered for a while, since a
+        cancel can overtake the request it names."""
         with self._lock:
-            hits = [(rid, a) for rid, a in self._active.items() if a.triton_id == str(target) and not a.cancel_sent]
+            hits = [(rid, a) for rid, a in self._active.items() if a.triton_id == target and not a.cancel_sent]
+            if not hits:
+                now = time.monotonic()
+                self._early_cancels = {t: until for t, until in self._early_cancels.items() if until > now}
+                if len(self._early_cancels) < _EARLY_CANCELS_MAX:
+                    self._early_cancels[target] = now + _EARLY_CANCEL_S
         for rid, a in hits:
             a.cancel_sent = True
             self.engine.abort(rid)
-        self._outbox.put(_Ack(sender))
-        return True
+
+    def _cancelled_before_arrival(self, triton_id: str) -> bool:
+        if not triton_id:
+            return False
+        with self._lock:
+            return self._early_cancels.pop(triton_id, None) is not None
 
     def _refuse(self, sender, error: Exception) -> None:
         """A request that will not run: a clear error for its client; the server keeps serving."""
