@@ -113,6 +113,7 @@ class TritonPythonModel:
         self._workers = ThreadPoolExecutor(
             max_workers=int(params.get("max_in_flight", "64")), thread_name_prefix="pool"
         )
+        self._published = 0.0  # when the estimates and the state were last published
         self._canceller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-cancel")
         self._stop = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name="pool-send", daemon=True)
@@ -385,7 +386,7 @@ class TritonPythonModel:
 
     def _publish(self) -> None:
         now = time.time()
-        if now < getattr(self, "_published", 0.0) + 1.0:
+        if now < self._published + 1.0:
             return
         self._published = now
         try:
