@@ -10,6 +10,10 @@
 gRPC goes through tritonclient's bidirectional stream (Triton's gRPC ModelInfer refuses decoupled
 models); HTTP goes through Triton's generate and generate_stream endpoints (its /infer refuses them
 too). Async versions: agenerate, astream, achat.
+
+A pool entry takes the same calls: `generate(..., model="member")` pins a member,
+`quality_weight=0.9` leans this request towards quality, and the answer names the member that
+served it and the request id that `feedback(request_id, reward)` rates.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from python_backend.tensors import REQUEST_FIELDS
+from python_backend.tensors import POOL_CONTROLS, REQUEST_FIELDS
 
 _WIRE = {  # Triton config type -> (wire datatype, numpy dtype)
     "TYPE_INT32": ("INT32", np.int32),
@@ -33,6 +37,10 @@ _WIRE = {  # Triton config type -> (wire datatype, numpy dtype)
 }
 # the model's scalar inputs, from their one declaration
 _TYPES = {f.name: _WIRE[f.tensor] for f in REQUEST_FIELDS if f.tensor in _WIRE}
+# a pool's own inputs: string ones go as BYTES
+_TYPES.update({s.name: _WIRE[s.data_type] for s in POOL_CONTROLS if s.data_type in _WIRE})
+_STRINGS = {s.name for s in POOL_CONTROLS if s.data_type == "TYPE_STRING"}
+_RESULTS = ("finish_reason", "num_input_tokens", "num_output_tokens", "served_by", "request_id")
 
 
 class GenerateError(RuntimeError):
@@ -45,6 +53,8 @@ class Generation:
     finish_reason: str | None
     num_input_tokens: int | None
     num_output_tokens: int | None
+    served_by: str | None = None  # a pool's answers: the member that served it
+    request_id: str | None = None  # a pool's answers: what feedback() rates
 
 
 _PARAMETERS = ("ignore_eos",)  # settings sent as request parameters rather than tensors
@@ -52,7 +62,7 @@ _PARAMETERS = ("ignore_eos",)  # settings sent as request parameters rather than
 
 def _settings(max_tokens: int, stop: list[str] | None, kw: dict) -> dict:
     settings = {"max_tokens": max_tokens, **{k: v for k, v in kw.items() if v is not None}}
-    unknown = sorted(set(settings) - set(_TYPES) - set(_PARAMETERS))
+    unknown = sorted(set(settings) - set(_TYPES) - _STRINGS - set(_PARAMETERS))
     if unknown:
         raise TypeError(f"unknown generation settings: {', '.join(unknown)}")
     if stop:
@@ -121,7 +131,7 @@ class Client:
         stream.close(cancel)
 
     # ---- gRPC -----------------------------------------------------------------------------------
-    def _grpc_inputs(self, module, prompt: str, settings: dict, chat: bool):
+    def _grpc_inputs(self, module, prompt: str | None, settings: dict, chat: bool):
         inputs = []
 
         def add(name: str, datatype: str, array: np.ndarray) -> None:
@@ -129,11 +139,14 @@ class Client:
             t.set_data_from_numpy(array)
             inputs.append(t)
 
-        add("text_input", "BYTES", np.array([[prompt.encode()]], dtype=np.object_))
+        if prompt is not None:
+            add("text_input", "BYTES", np.array([[prompt.encode()]], dtype=np.object_))
         params = {"chat": True} if chat else {}
         for name, value in settings.items():
             if name in _PARAMETERS:
                 params[name] = value
+            elif name in _STRINGS:
+                add(name, "BYTES", np.array([[str(value).encode()]], dtype=np.object_))
             elif name == "stop_words":
                 add(name, "BYTES", np.array([[w.encode() for w in value]], dtype=np.object_))
             else:
@@ -141,7 +154,7 @@ class Client:
                 add(name, datatype, np.array([[value]], dtype=dtype))
         return inputs, params
 
-    def _grpc_stream(self, prompt: str, settings: dict, chat: bool) -> Iterator[dict]:
+    def _grpc_stream(self, prompt: str | None, settings: dict, chat: bool) -> Iterator[dict]:
         import tritonclient.grpc as grpcclient
 
         kept = getattr(self._local, "stream", None)
@@ -165,14 +178,12 @@ class Client:
                     continue  # a late response of an earlier request on this stream
                 final = response.parameters.get("triton_final_response")
                 is_final = bool(final and final.bool_param)
-                if result.as_numpy("text_output") is not None:
-                    yield {
-                        "text_output": result.as_numpy("text_output").reshape(-1)[0].decode("utf-8"),
-                        **{
-                            k: _first(result.as_numpy(k))
-                            for k in ("finish_reason", "num_input_tokens", "num_output_tokens")
-                        },
-                    }
+                out = {k: _first(result.as_numpy(k)) for k in _RESULTS if result.as_numpy(k) is not None}
+                text = result.as_numpy("text_output")
+                if text is not None:
+                    out["text_output"] = text.reshape(-1)[0].decode("utf-8")
+                if out:
+                    yield out
                 if is_final:
                     done = True
                     return
@@ -184,13 +195,13 @@ class Client:
                 self.connect()
 
     # ---- HTTP -----------------------------------------------------------------------------------
-    def _http_body(self, prompt: str, settings: dict, chat: bool) -> bytes:
-        body = {"text_input": prompt, **settings}
+    def _http_body(self, prompt: str | None, settings: dict, chat: bool) -> bytes:
+        body = {**({} if prompt is None else {"text_input": prompt}), **settings}
         if chat:
             body["chat"] = True
         return json.dumps(body).encode()
 
-    def _http_stream(self, prompt: str, settings: dict, chat: bool) -> Iterator[dict]:
+    def _http_stream(self, prompt: str | None, settings: dict, chat: bool) -> Iterator[dict]:
         import http.client
 
         host, _, port = self.url.replace("http://", "").partition(":")
@@ -238,8 +249,23 @@ class Client:
             text += r.get("text_output", "")
             last = r
         return Generation(
-            text, last.get("finish_reason"), _int(last.get("num_input_tokens")), _int(last.get("num_output_tokens"))
+            text,
+            last.get("finish_reason"),
+            _int(last.get("num_input_tokens")),
+            _int(last.get("num_output_tokens")),
+            last.get("served_by"),
+            last.get("request_id"),
         )
+
+    def feedback(self, request_id: str, reward: float) -> str:
+        """Rate a pool's answer (the request_id it came with) with a reward in [0, 1]; returns the
+        member credited. A GenerateError carries the pool's refusal (unknown id, reward out of range)."""
+        settings = {"request_id": request_id, "reward": float(reward)}
+        stream = self._grpc_stream if self.protocol == "grpc" else self._http_stream
+        last: dict = {}
+        for r in stream(None, settings, False):
+            last = r
+        return str(last.get("served_by"))
 
     def stream(
         self, prompt: str, max_tokens: int = 64, stop: list[str] | None = None, chat: bool = False, **kw

@@ -1,7 +1,13 @@
 """The pool's metrics on Triton's /metrics endpoint: per member, requests routed, feedback and its
-rewards, the router's current estimate; for the pool, failovers and cache hits."""
+rewards, the router's current estimate; for the pool, failovers and cache hits.
+
+Any thread may record; only the pool's sending thread calls flush(), which talks to the server:
+metric calls from worker threads while that thread sends crash the Python backend of tritonserver
+2.51 (SIGSEGV or an uncaught lock_exception in libtriton_python.so)."""
 
 from __future__ import annotations
+
+import threading
 
 
 class PoolMetrics:
@@ -22,6 +28,9 @@ class PoolMetrics:
             "cache_hits": mf("fastserve_pool_cache_hits_total", "Answers served from the response cache", mf.COUNTER),
         }
         self._metrics: dict[tuple[str, str], object] = {}
+        self._lock = threading.Lock()
+        self._added: dict[tuple[str, str], float] = {}  # counter increments not yet flushed
+        self._set: dict[tuple[str, str], float] = {}  # gauge values not yet flushed
 
     def _metric(self, kind: str, member: str | None = None):
         key = (kind, member or "")
@@ -31,20 +40,38 @@ class PoolMetrics:
             m = self._metrics[key] = self._families[kind].Metric(labels=labels)
         return m
 
+    def _add(self, kind: str, member: str | None, value: float) -> None:
+        key = (kind, member or "")
+        with self._lock:
+            self._added[key] = self._added.get(key, 0.0) + value
+
     def routed(self, member: str) -> None:
-        self._metric("requests", member).increment(1)
+        self._add("requests", member, 1)
 
     def rewarded(self, member: str, reward: float) -> None:
-        self._metric("feedback", member).increment(1)
-        self._metric("reward", member).increment(reward)
+        self._add("feedback", member, 1)
+        self._add("reward", member, reward)
 
     def failover(self) -> None:
-        self._metric("failovers").increment(1)
+        self._add("failovers", None, 1)
 
     def cache_hit(self) -> None:
-        self._metric("cache_hits").increment(1)
+        self._add("cache_hits", None, 1)
 
     def estimates(self, values: dict[str, tuple[float, float]]) -> None:
-        for member, (quality, latency_s) in values.items():
-            self._metric("estimate", member).set(quality)
-            self._metric("latency", member).set(latency_s)
+        with self._lock:
+            for member, (quality, latency_s) in values.items():
+                self._set[("estimate", member)] = quality
+                self._set[("latency", member)] = latency_s
+
+    def flush(self) -> None:
+        """Hand what was recorded to the server; the sending thread's call only."""
+        with self._lock:
+            if not self._added and not self._set:
+                return
+            added, self._added = self._added, {}
+            gauges, self._set = self._set, {}
+        for (kind, member), value in added.items():
+            self._metric(kind, member).increment(value)
+        for (kind, member), value in gauges.items():
+            self._metric(kind, member).set(value)

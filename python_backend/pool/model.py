@@ -2,11 +2,12 @@
 
 execute() checks each request as a member would (so a bad one is refused before routing, with the
 member's own message), ranks the members for it, and hands it to a worker thread that streams the
-chosen member's answer through decoupled BLS, adding `served_by` and `request_id`. A member that
+chosen member's answer through decoupled BLS (pool/transport.py), adding `served_by` and
+`request_id`. A member that
 answers an error before its first output (unloaded, not ready, UNAVAILABLE) is marked down for a
 while and the next one is tried. A request carrying `request_id` and `reward` is feedback, not
-generation. One thread sends every response: two threads sending at once crash the Python backend
-of tritonserver 2.51.
+generation. One thread sends every response and every metric: two threads talking to the server at
+once (sends, metric updates) crash the Python backend of tritonserver 2.51.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from python_backend.pool.cache import CachedAnswer, ResponseCache, cache_key
 from python_backend.pool.features import prompt_features
 from python_backend.pool.metrics import PoolMetrics
 from python_backend.pool.router import FeedbackError, PoolConfig, PoolConfigError, Router
+from python_backend.pool.transport import Call, MemberCalls
 from python_backend.request import parse
 from python_backend.tensors import CANCEL_PARAMETER, OUTPUTS, POOL_CONTROLS
 from python_backend.triton_logs import route_logs
@@ -58,7 +60,7 @@ class _Job:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancelled: threading.Event = field(default_factory=threading.Event)
     member: str | None = None  # the member streaming the answer now
-    call_id: str = ""  # the Triton id of the BLS call to it
+    call_id: str = ""  # the Triton request id of the call to it
 
 
 @dataclass
@@ -104,6 +106,7 @@ class TritonPythonModel:
             self.router = Router(pool, entry / state if state else None)
         except (OSError, PoolConfigError) as e:
             raise pb_utils.TritonModelException(f"pool {self.name}: {self.pool_file}: {e}") from None
+        self.calls = MemberCalls()
         self.cache = ResponseCache(pool.cache_size)
         self.metrics = PoolMetrics(pb_utils, self.name)
         self._down: dict[str, float] = {}
@@ -249,13 +252,7 @@ class TritonPythonModel:
             return "done", ""
         job.call_id = f"{job.request_id}-{member}"
         job.member = member  # after call_id: the canceller reads them in this order
-        bls = pb_utils.InferenceRequest(
-            request_id=job.call_id,
-            model_name=member,
-            inputs=[pb_utils.Tensor(name, value) for name, value in job.inputs.items()],
-            requested_output_names=MEMBER_OUTPUTS,
-            **({"parameters": job.parameters} if job.parameters else {}),
-        )
+        call = Call(member, job.call_id, job.inputs, job.parameters, MEMBER_OUTPUTS)
         tracker = self.router.latency(member)
         tracker.started()
         start = time.perf_counter()
@@ -265,36 +262,27 @@ class TritonPythonModel:
         final_tensors: dict[str, np.ndarray] = {}
         settled = False
         try:
-            try:
-                for response in bls.exec(decoupled=True):
-                    if job.cancelled.is_set():
-                        continue  # the member was asked to stop (_cancel_at_member); its last responses drain
-                    if response.has_error():
-                        message = response.error().message()
-                        if first is None and any(r in message.lower() for r in _RETRYABLE):
-                            return "retry", message
-                        code = getattr(response.error(), "code", lambda: pb_utils.TritonError.INTERNAL)()
-                        self._outbox.put(_Out(job.sender, error=(message, code), final=True, job=job))
-                        return "failed", message
-                    outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
-                    if not outputs:
-                        continue
-                    if first is None:
-                        first = time.perf_counter() - start
-                        self.router.routed(job.request_id, member, job.features)  # feedback may come mid-stream
-                        self.metrics.routed(member)
-                    if "num_output_tokens" in outputs:
-                        tokens = int(np.asarray(outputs["num_output_tokens"]).reshape(-1)[0])
-                    if "text_output" in outputs:
-                        parts.append(_text(outputs["text_output"]))
-                    final_tensors.update(outputs)
-                    if not job.want_output_tokens and "finish_reason" not in outputs:
-                        outputs.pop("num_output_tokens", None)
-                    self._emit(job, member, outputs)
-            except pb_utils.TritonModelException as e:
+            for reply in self.calls.stream(call, job.cancelled):
+                if reply.error is not None:
+                    retryable = reply.status == "UNAVAILABLE" or any(r in reply.error.lower() for r in _RETRYABLE)
+                    if first is None and retryable:
+                        return "retry", reply.error
+                    code = getattr(pb_utils.TritonError, reply.status, pb_utils.TritonError.INTERNAL)
+                    self._outbox.put(_Out(job.sender, error=(reply.error, code), final=True, job=job))
+                    return "failed", reply.error
+                outputs = reply.outputs
                 if first is None:
-                    return "retry", str(e)
-                raise
+                    first = time.perf_counter() - start
+                    self.router.routed(job.request_id, member, job.features)  # feedback may come mid-stream
+                    self.metrics.routed(member)
+                if "num_output_tokens" in outputs:
+                    tokens = int(np.asarray(outputs["num_output_tokens"]).reshape(-1)[0])
+                if "text_output" in outputs:
+                    parts.append(_text(outputs["text_output"]))
+                final_tensors.update(outputs)
+                if not job.want_output_tokens and "finish_reason" not in outputs:
+                    outputs.pop("num_output_tokens", None)
+                self._emit(job, member, outputs)
             if job.cancelled.is_set():
                 self._outbox.put(_Out(job.sender, final=True, job=job))
                 return "done", ""
@@ -330,6 +318,7 @@ class TritonPythonModel:
             if item is _STOP:
                 return
             if item is not None:
+                self.metrics.flush()  # before the send: a client that sees the answer sees its counts
                 self._send(item)
             now = time.monotonic()
             if now >= next_check:
@@ -370,17 +359,8 @@ class TritonPythonModel:
                     self._canceller.submit(self._cancel_at_member, member, call_id)
 
     def _cancel_at_member(self, member: str, call_id: str) -> None:
-        """Ask a member to stop the call it is answering (a control request: BLS streams of this
-        Triton cannot be cancelled from the caller's side)."""
         try:
-            control = pb_utils.InferenceRequest(
-                model_name=member,
-                inputs=[pb_utils.Tensor("text_input", np.array([[b""]], dtype=np.object_))],
-                requested_output_names=[],
-                parameters={CANCEL_PARAMETER: call_id},
-            )
-            for _ in control.exec(decoupled=True):
-                pass
+            self.calls.cancel(member, call_id)
         except Exception:
             log.exception("pool %s: asking %s to cancel %s failed", self.name, member, call_id)
 
@@ -396,6 +376,7 @@ class TritonPythonModel:
         plain = prompt_features("hello", False, 16)
         values = {c.member: (c.quality, c.latency_s) for c in self.router.rank(plain, 16)}
         self.metrics.estimates(values)
+        self.metrics.flush()
 
     # ---- live configuration ---------------------------------------------------------------------
     def _read_pool_file(self) -> PoolConfig:

@@ -75,6 +75,22 @@ def test_streaming_through_the_pool(pool_server):
     assert len(deltas) >= 2
 
 
+def test_many_streams_at_once_through_the_pool(pool_server):
+    """Sixteen streams at once, routed and pinned: every one answers and the server stays up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = Client(pool_server.grpc_url, "grpc", "pool")
+
+    def one(i: int) -> str:
+        pin = {"model": MEMBERS[i % 3]} if i % 2 else {}
+        return "".join(client.stream(f"Story {i}:", max_tokens=8, ignore_eos=True, temperature=0.5, **pin))
+
+    with ThreadPoolExecutor(16) as workers:
+        answers = list(workers.map(one, range(16)))
+    assert all(answers)
+    assert _generate(pool_server, {"text_input": "Still here", "max_tokens": 2})[0] == 200
+
+
 def test_a_cancelled_stream_is_cancelled_at_the_member(pool_server):
     def cancelled() -> float:
         return sum(metric(pool_server, "fastserve_request_finish_total", model=m, reason="cancelled") for m in MEMBERS)
@@ -124,6 +140,23 @@ def test_a_cancel_that_overtakes_its_request_still_stops_it(pool_server):
     finally:
         client.stop_stream()
         client.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_the_client_pins_reads_who_served_and_rates_the_answer(pool_server, protocol):
+    from clients.client import GenerateError
+
+    url = pool_server.grpc_url if protocol == "grpc" else pool_server.http_url
+    client = Client(url, protocol, "pool")
+    answer = client.generate("Count: one two", max_tokens=4, temperature=0.5, model="m_b", quality_weight=0.2)
+    assert answer.served_by == "m_b" and answer.request_id and answer.text
+    before = metric(pool_server, "fastserve_pool_feedback_total", member="m_b")
+    assert client.feedback(answer.request_id, 0.25) == "m_b"
+    assert metric(pool_server, "fastserve_pool_feedback_total", member="m_b") == before + 1
+    with pytest.raises(GenerateError, match="unknown"):
+        client.feedback(answer.request_id, 0.25)  # rated once
+    with pytest.raises(GenerateError, match="quality_weight"):
+        client.generate("Hi", max_tokens=2, quality_weight=3.0)
 
 
 def test_bad_input_is_refused_with_the_members_message(pool_server):
