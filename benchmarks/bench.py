@@ -533,14 +533,25 @@ def print_table(result: dict) -> None:
         )
 
 
+OFFLINE_OUT = "bench-results/offline.json"
+
+
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that write JSON results")
     p.add_argument("--offline", action="store_true", help="drive the engine directly, no Triton")
     p.add_argument(
         "--online",
         action="store_true",
-        help="arrivals over time, per scheduling policy (clients/online.py); JSON and a PNG",
+        help="arrivals over time, per scheduling policy (benchmarks/online.py); JSON and a PNG",
     )
+    p.add_argument(
+        "--routing",
+        action="store_true",
+        help="a pool (--model) serving one prompt stream by four policies; JSON and a PNG (benchmarks/routing.py)",
+    )
+    p.add_argument("--strongest", default=None, help="routing: the member whose weights rate answers (default: first)")
+    p.add_argument("--fastest", default=None, help="routing: the cheap member (default: the last)")
+    p.add_argument("--prompts", default=None, help="routing: a prompt stream JSONL (default: the project's 512)")
     p.add_argument("--policies", default="fcfs,mlfq", help="online: policies to compare on one trace")
     p.add_argument("--load", type=float, default=0.85, help="online: arrival rate as a share of measured capacity")
     p.add_argument("--rate", type=float, default=0.0, help="online: arrival rate in requests/s (overrides --load)")
@@ -586,11 +597,21 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         help="also run the workload through Engine.generate, in turns with the internal add_request path",
     )
     p.add_argument("--single", action="store_true", help="also time one sequence alone against the weight stream")
-    p.add_argument("--out", default="bench-results/offline.json")
+    p.add_argument("--out", default=OFFLINE_OUT)
     p.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.routing:
+        from benchmarks.routing import print_routing, routing
+
+        if args.out == OFFLINE_OUT:
+            args.out = "bench-results/routing.json"
+        result = routing(args)
+        save(result, args.out)
+        print_routing(result)
+        print(f"wrote {args.out} and {result['plot']}")
+        return 0
     if args.online:
         from benchmarks.online import online, print_online
 
@@ -600,7 +621,10 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} and {result['plot']}")
         return 0
     if not args.offline:
-        print("fastserve bench: give --offline (and --triton to load the server as well) or --online", file=sys.stderr)
+        print(
+            "fastserve bench: give --offline (and --triton to load the server as well), --online or --routing",
+            file=sys.stderr,
+        )
         return 2
     if args.triton and not args.repository:
         print("fastserve bench: --triton needs --repository", file=sys.stderr)

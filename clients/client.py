@@ -40,6 +40,7 @@ _TYPES = {f.name: _WIRE[f.tensor] for f in REQUEST_FIELDS if f.tensor in _WIRE}
 # a pool's own inputs: string ones go as BYTES
 _TYPES.update({s.name: _WIRE[s.data_type] for s in POOL_CONTROLS if s.data_type in _WIRE})
 _STRINGS = {s.name for s in POOL_CONTROLS if s.data_type == "TYPE_STRING"}
+_FEEDBACK = {"request_id", "reward"}  # feedback(), not generation settings
 _RESULTS = ("finish_reason", "num_input_tokens", "num_output_tokens", "served_by", "request_id")
 
 
@@ -62,7 +63,7 @@ _PARAMETERS = ("ignore_eos",)  # settings sent as request parameters rather than
 
 def _settings(max_tokens: int, stop: list[str] | None, kw: dict) -> dict:
     settings = {"max_tokens": max_tokens, **{k: v for k, v in kw.items() if v is not None}}
-    unknown = sorted(set(settings) - set(_TYPES) - _STRINGS - set(_PARAMETERS))
+    unknown = sorted(set(settings) - set(_TYPES) - _STRINGS - set(_PARAMETERS) | set(settings) & _FEEDBACK)
     if unknown:
         raise TypeError(f"unknown generation settings: {', '.join(unknown)}")
     if stop:
@@ -265,7 +266,9 @@ class Client:
         last: dict = {}
         for r in stream(None, settings, False):
             last = r
-        return str(last.get("served_by"))
+        if not last.get("served_by"):
+            raise GenerateError(f"{self.model} answered feedback without naming a member: is it a pool?")
+        return str(last["served_by"])
 
     def stream(
         self, prompt: str, max_tokens: int = 64, stop: list[str] | None = None, chat: bool = False, **kw

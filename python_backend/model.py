@@ -31,15 +31,12 @@ from python_backend.engine.engine_process import EngineProcess
 from python_backend.engine.sequence import RequestOutput, SamplingError
 from python_backend.metrics import Metrics
 from python_backend.request import GenerateRequest, parse
-from python_backend.tensors import CANCEL_PARAMETER
 from python_backend.triton_logs import route_logs
 
 _STOP = object()
 _CANCEL_POLL_S = 0.05
 _CANCEL_CHECKS_PER_TICK = 32
 _CANCEL_RECHECK_S = 0.25  # a request is asked again no sooner than this
-_EARLY_CANCEL_S = 30.0  # how long a cancel for a request not yet here waits for it
-_EARLY_CANCELS_MAX = 1024
 # each metric update is a round trip to the server, paid in CPU time the engine could use: counters
 # and gauges move every quarter second, well within any scrape interval
 _METRICS_S = 0.25
@@ -54,7 +51,6 @@ class _Active:
     req: GenerateRequest
     prompt: str
     arrival: float
-    triton_id: str = ""  # the id the caller gave the request (a pool names its calls, to cancel them)
     text: str = ""
     pending_tokens: int = 0  # streamed tokens held back by stream_interval
     first_token_time: float | None = None
@@ -69,13 +65,6 @@ class _Refusal:
 
     sender: object
     error: Exception
-
-
-@dataclass
-class _Ack:
-    """A control request done: the response thread sends it an empty final response."""
-
-    sender: object
 
 
 def _tensor(name: str, value, dtype) -> pb_utils.Tensor:
@@ -100,7 +89,7 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     )
 
 
-def _drain(outbox: queue.SimpleQueue, first) -> tuple[list[RequestOutput | _Refusal | _Ack], bool]:
+def _drain(outbox: queue.SimpleQueue, first) -> tuple[list[RequestOutput | _Refusal], bool]:
     """Everything queued now: refusals, then one output per request. When sending falls behind the
     engine, streams get fewer, larger deltas instead of a growing backlog."""
     merged: dict[str, RequestOutput] = {}
@@ -111,7 +100,7 @@ def _drain(outbox: queue.SimpleQueue, first) -> tuple[list[RequestOutput | _Refu
         if item is _STOP:
             stop = True
             break
-        if isinstance(item, (_Refusal, _Ack)):
+        if isinstance(item, _Refusal):
             refusals.append(item)
         else:
             prev = merged.get(item.request_id)
@@ -158,7 +147,6 @@ class TritonPythonModel:
         # measured on CPU), as dear as a send, so counters move once per tick
         self._tally: dict[str, int] = {}
         self._poll_cursor = 0
-        self._early_cancels: dict[str, float] = {}  # Triton id -> until when a cancel waits for it
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._executing = threading.Event()  # set while execute() runs
         # every response, refusals from execute() included, is sent by this one thread: sends from two
@@ -174,21 +162,10 @@ class TritonPythonModel:
         self._executing.set()
         try:
             admitted: list[tuple[str, _Active]] = []
-            controls: list[tuple[str, object]] = []  # cancel controls, applied once this batch is submitted
             for request in requests:
                 sender = request.get_response_sender()
                 try:
-                    target = self._cancel_target(request)
-                    if target is not None:
-                        controls.append((target, sender))
-                        continue
-                    rid, active = self._parse(request, sender)
-                    if self._cancelled_before_arrival(active.triton_id):
-                        with self._lock:
-                            self._active.pop(rid, None)
-                        self._outbox.put(_Ack(sender))
-                        continue
-                    admitted.append((rid, active))
+                    admitted.append(self._parse(request, sender))
                 except Exception as e:
                     self._outbox.put(_Refusal(sender, e))
             if admitted:
@@ -206,9 +183,6 @@ class TritonPythonModel:
                         with self._lock:
                             self._active.pop(rid, None)
                         self._outbox.put(_Refusal(a.sender, error))
-            for target, sender in controls:
-                self._cancel(target)
-                self._outbox.put(_Ack(sender))
         finally:
             self._executing.clear()
         return None
@@ -226,49 +200,10 @@ class TritonPythonModel:
                 raise SamplingError("this model has no chat template; send plain text without chat")
             prompt = self.engine.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
         rid = f"t{next(self._ids)}"
-        active = _Active(
-            sender=sender,
-            request=request,
-            req=req,
-            prompt=prompt,
-            arrival=time.perf_counter(),
-            triton_id=request.request_id(),
-        )
+        active = _Active(sender=sender, request=request, req=req, prompt=prompt, arrival=time.perf_counter())
         with self._lock:  # known before the engine can answer
             self._active[rid] = active
         return rid, active
-
-    @staticmethod
-    def _cancel_target(request) -> str | None:
-        """The Triton id a cancel control request names, or None for any other request."""
-        raw = request.parameters() or ""
-        if CANCEL_PARAMETER not in raw:
-            return None
-        try:
-            target = json.loads(raw).get(CANCEL_PARAMETER)
-        except json.JSONDecodeError:
-            return None  # _parse gives the error
-        return str(target) if target else None  # empty: not a control; _parse treats it as generation
-
-    def _cancel(self, target: str) -> None:
-        """Stop the request of Triton id `target`; one not here yet is remembered for a while, since a
-        cancel can overtake the request it names."""
-        with self._lock:
-            hits = [(rid, a) for rid, a in self._active.items() if a.triton_id == target and not a.cancel_sent]
-            if not hits:
-                now = time.monotonic()
-                self._early_cancels = {t: until for t, until in self._early_cancels.items() if until > now}
-                if len(self._early_cancels) < _EARLY_CANCELS_MAX:
-                    self._early_cancels[target] = now + _EARLY_CANCEL_S
-        for rid, a in hits:
-            a.cancel_sent = True
-            self.engine.abort(rid)
-
-    def _cancelled_before_arrival(self, triton_id: str) -> bool:
-        if not triton_id:
-            return False
-        with self._lock:
-            return self._early_cancels.pop(triton_id, None) is not None
 
     def _refuse(self, sender, error: Exception) -> None:
         """A request that will not run: a clear error for its client; the server keeps serving."""
@@ -298,12 +233,6 @@ class TritonPythonModel:
                 batch, stop = _drain(self._outbox, item)
                 for out in batch:
                     self._yield_to_execute()
-                    if isinstance(out, _Ack):
-                        try:
-                            out.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                        except Exception as e:
-                            pb_utils.Logger.log_warn(f"fastserve: answering a control request failed: {e}")
-                        continue
                     if isinstance(out, _Refusal):
                         try:
                             self._refuse(out.sender, out.error)

@@ -26,6 +26,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from python_backend.pool.transport import URL_ENV
+
 CACHE_DIR = Path(os.environ.get("FASTSERVE_CACHE", Path.home() / ".cache" / "fastserve"))
 
 
@@ -177,7 +179,7 @@ class TritonServer:
         if not Path(self.repository).is_dir():
             raise ServerError(f"model repository {self.repository} is not a folder")
         install = find_triton(self.binary)
-        env = {**install.env, **self.env}
+        env = {**install.env, URL_ENV: self.grpc_url, **self.env}  # where pools reach their members
         self.proc = subprocess.Popen(
             self.command(install),
             env=env,

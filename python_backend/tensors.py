@@ -81,11 +81,6 @@ OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("num_output_tokens", "TYPE_UINT32", (1,)),
 )
 
-# A control request: parameters {CANCEL_PARAMETER: ID} stop the generate model's request whose Triton
-# request id is ID. A pool sends it through BLS when its own client cancels: this Triton's BLS
-# streams cannot be cancelled from the caller's side.
-CANCEL_PARAMETER = "cancel_request"
-
 # A pool entry takes a member's inputs (text_input optional: feedback has none) and these, and
 # answers with a member's outputs and these.
 POOL_CONTROLS: tuple[TensorSpec, ...] = (

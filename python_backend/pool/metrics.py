@@ -7,7 +7,10 @@ metric calls from worker threads while that thread sends crash the Python backen
 
 from __future__ import annotations
 
+import logging
 import threading
+
+log = logging.getLogger("fastserve.pool")
 
 
 class PoolMetrics:
@@ -72,6 +75,12 @@ class PoolMetrics:
             added, self._added = self._added, {}
             gauges, self._set = self._set, {}
         for (kind, member), value in added.items():
-            self._metric(kind, member).increment(value)
+            try:
+                self._metric(kind, member).increment(value)
+            except Exception:  # a metric the server refused: the others still go out
+                log.exception("pool metric %s for %s", kind, member or "the pool")
         for (kind, member), value in gauges.items():
-            self._metric(kind, member).set(value)
+            try:
+                self._metric(kind, member).set(value)
+            except Exception:
+                log.exception("pool metric %s for %s", kind, member or "the pool")

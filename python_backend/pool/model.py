@@ -2,8 +2,8 @@
 
 execute() checks each request as a member would (so a bad one is refused before routing, with the
 member's own message), ranks the members for it, and hands it to a worker thread that streams the
-chosen member's answer through decoupled BLS (pool/transport.py), adding `served_by` and
-`request_id`. A member that
+chosen member's answer through the server's gRPC port (pool/transport.py says why not BLS), adding
+`served_by` and `request_id`. A member that
 answers an error before its first output (unloaded, not ready, UNAVAILABLE) is marked down for a
 while and the next one is tried. A request carrying `request_id` and `reward` is feedback, not
 generation. One thread sends every response and every metric: two threads talking to the server at
@@ -30,9 +30,9 @@ from python_backend.pool.cache import CachedAnswer, ResponseCache, cache_key
 from python_backend.pool.features import prompt_features
 from python_backend.pool.metrics import PoolMetrics
 from python_backend.pool.router import FeedbackError, PoolConfig, PoolConfigError, Router
-from python_backend.pool.transport import Call, MemberCalls
+from python_backend.pool.transport import Call, MemberCalls, member_url
 from python_backend.request import parse
-from python_backend.tensors import CANCEL_PARAMETER, OUTPUTS, POOL_CONTROLS
+from python_backend.tensors import OUTPUTS, POOL_CONTROLS
 from python_backend.triton_logs import route_logs
 
 log = logging.getLogger("fastserve.pool")
@@ -59,8 +59,6 @@ class _Job:
     want_output_tokens: bool
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    member: str | None = None  # the member streaming the answer now
-    call_id: str = ""  # the Triton request id of the call to it
 
 
 @dataclass
@@ -106,18 +104,20 @@ class TritonPythonModel:
             self.router = Router(pool, entry / state if state else None)
         except (OSError, PoolConfigError) as e:
             raise pb_utils.TritonModelException(f"pool {self.name}: {self.pool_file}: {e}") from None
-        self.calls = MemberCalls()
+        self.calls = MemberCalls(member_url(params))
         self.cache = ResponseCache(pool.cache_size)
         self.metrics = PoolMetrics(pb_utils, self.name)
         self._down: dict[str, float] = {}
         self._lock = threading.Lock()
+        # held by execute() and by the sending thread whenever they use the backend's API, so the two
+        # never call into it at once (pool/transport.py says what concurrent calls did)
+        self._backend = threading.Lock()
         self._active: dict[str, _Job] = {}
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._workers = ThreadPoolExecutor(
             max_workers=int(params.get("max_in_flight", "64")), thread_name_prefix="pool"
         )
         self._published = 0.0  # when the estimates and the state were last published
-        self._canceller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-cancel")
         self._stop = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name="pool-send", daemon=True)
         self._sender.start()
@@ -127,6 +127,10 @@ class TritonPythonModel:
 
     # ---- requests in ----------------------------------------------------------------------------
     def execute(self, requests: list) -> None:
+        with self._backend:
+            self._take(requests)
+
+    def _take(self, requests: list) -> None:
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -182,9 +186,7 @@ class TritonPythonModel:
         member_inputs = {k: v for k, v in inputs.items() if k not in CONTROL_NAMES}
         member_inputs["return_num_output_tokens"] = np.array([[True]], dtype=bool)
         member_params = {
-            k: str(v) if isinstance(v, float) else v
-            for k, v in parameters.items()
-            if k not in CONTROL_NAMES and k != CANCEL_PARAMETER
+            k: str(v) if isinstance(v, float) else v for k, v in parameters.items() if k not in CONTROL_NAMES
         }
         deterministic = req.params.temperature == 0.0 and self.cache.size > 0
         return _Job(
@@ -250,9 +252,7 @@ class TritonPythonModel:
         if job.cancelled.is_set():  # cancelled while waiting for a worker
             self._outbox.put(_Out(job.sender, final=True, job=job))
             return "done", ""
-        job.call_id = f"{job.request_id}-{member}"
-        job.member = member  # after call_id: the canceller reads them in this order
-        call = Call(member, job.call_id, job.inputs, job.parameters, MEMBER_OUTPUTS)
+        call = Call(member, f"{job.request_id}-{member}", job.inputs, job.parameters, MEMBER_OUTPUTS)
         tracker = self.router.latency(member)
         tracker.started()
         start = time.perf_counter()
@@ -261,8 +261,9 @@ class TritonPythonModel:
         parts: list[str] = []
         final_tensors: dict[str, np.ndarray] = {}
         settled = False
+        replies = self.calls.stream(call, job.cancelled)
         try:
-            for reply in self.calls.stream(call, job.cancelled):
+            for reply in replies:
                 if reply.error is not None:
                     retryable = reply.status == "UNAVAILABLE" or any(r in reply.error.lower() for r in _RETRYABLE)
                     if first is None and retryable:
@@ -291,6 +292,7 @@ class TritonPythonModel:
             tracker.finished(first, time.perf_counter() - start, tokens, streamed=job.stream)
             settled = True
         finally:
+            replies.close()  # a return from inside the loop: the call's stream closes now
             if not settled:
                 tracker.abandoned()
         reason = _text(final_tensors.get("finish_reason", np.array([[b""]], dtype=np.object_)))
@@ -318,19 +320,21 @@ class TritonPythonModel:
             if item is _STOP:
                 return
             if item is not None:
-                self.metrics.flush()  # before the send: a client that sees the answer sees its counts
-                self._send(item)
+                with self._backend:
+                    self._send(item)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 0.1
                 try:
-                    self._check_cancelled()
-                    self._publish()
+                    with self._backend:
+                        self._check_cancelled()
+                        self._publish()
                 except Exception:  # this thread sends every response: it must outlive any error
                     log.exception("pool %s: cancellation check or metrics failed", self.name)
 
     def _send(self, out: _Out) -> None:
         try:
+            self.metrics.flush()  # before the send: a client that sees the answer sees its counts
             if out.error is not None:
                 response = pb_utils.InferenceResponse(error=pb_utils.TritonError(*out.error))
             elif out.tensors is not None:
@@ -353,16 +357,7 @@ class TritonPythonModel:
             jobs = list(self._active.values())
         for job in jobs:
             if not job.cancelled.is_set() and job.request.is_cancelled():
-                job.cancelled.set()
-                member, call_id = job.member, job.call_id
-                if member is not None and call_id:
-                    self._canceller.submit(self._cancel_at_member, member, call_id)
-
-    def _cancel_at_member(self, member: str, call_id: str) -> None:
-        try:
-            self.calls.cancel(member, call_id)
-        except Exception:
-            log.exception("pool %s: asking %s to cancel %s failed", self.name, member, call_id)
+                job.cancelled.set()  # the worker's call then closes its stream, cancelling the member's request
 
     def _publish(self) -> None:
         now = time.time()
@@ -408,8 +403,10 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self._stop.set()
+        with self._lock:
+            for job in self._active.values():
+                job.cancelled.set()  # their calls close, cancelling the members' requests
         self._workers.shutdown(wait=True, cancel_futures=False)
-        self._canceller.shutdown(wait=True)
         self._outbox.put(_STOP)
         self._sender.join(timeout=30)
         self.router.save()

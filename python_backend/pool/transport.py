@@ -1,20 +1,25 @@
-"""How the pool reaches its members: decoupled BLS inside the Python backend, one call streaming a
-member's responses as `Reply` events.
+"""How the pool reaches its members: Triton's own gRPC endpoint on this host, one streaming call
+per answer, its responses handed on as `Reply` events.
 
-Only the calls themselves run on the pool's worker threads; every other exchange with the server
-(responses, metrics) stays on the pool's sending thread, as the Python backend of tritonserver 2.51
-needs (see pool/metrics.py).
+Not decoupled BLS: with BLS streams running on worker threads while the pool sends its responses,
+the Python backend of tritonserver 2.51 corrupted the pool's heap (`malloc(): unaligned fastbin
+chunk detected`) or crashed the server (SIGSEGV, uncaught `boost::interprocess::lock_exception` in
+libtriton_python.so) within a few hundred requests at four or more streams. Over gRPC the worker
+threads never touch the backend's API, and a call is cancelled by closing its stream, as a client's.
 """
 
 from __future__ import annotations
 
+import os
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from python_backend.tensors import CANCEL_PARAMETER
+DEFAULT_URL = "localhost:8001"
+URL_ENV = "FASTSERVE_GRPC_URL"  # set by `fastserve serve` to the gRPC port it gave tritonserver
 
 
 @dataclass
@@ -37,48 +42,73 @@ class Call:
     output_names: list[str]
 
 
-class MemberCalls:
-    def stream(self, call: Call, cancelled: threading.Event) -> Iterator[Reply]:
-        import triton_python_backend_utils as pb_utils
+def member_url(parameters: dict[str, str]) -> str:
+    """The pool entry's `member_url` parameter, else the one `fastserve serve` exported, else 8001."""
+    return parameters.get("member_url") or os.environ.get(URL_ENV) or DEFAULT_URL
 
-        request = pb_utils.InferenceRequest(
-            request_id=call.call_id,
-            model_name=call.member,
-            inputs=[pb_utils.Tensor(name, value) for name, value in call.inputs.items()],
-            requested_output_names=call.output_names,
-            **({"parameters": call.parameters} if call.parameters else {}),
-        )
+
+class MemberCalls:
+    """Each call opens its own stream to the server and closes it when done."""
+
+    def __init__(self, url: str, poll_s: float = 0.05):
+        self.url = url
+        self.poll_s = poll_s
+
+    def stream(self, call: Call, cancelled: threading.Event) -> Iterator[Reply]:
+        """The member's replies until its final response or an error; stops early, cancelling the
+        member's request, once `cancelled` is set."""
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import np_to_triton_dtype
+
+        replies: queue.SimpleQueue = queue.SimpleQueue()
+        client = grpcclient.InferenceServerClient(self.url)
+        finished = False  # the member sent its final response or an error: nothing left to cancel
         try:
-            responses = request.exec(decoupled=True)
-            for response in responses:
-                if cancelled.is_set():
-                    continue  # cancel() asked the member to stop; its last responses drain
-                if response.has_error():
-                    error = response.error()
-                    code = getattr(error, "code", lambda: None)()
-                    yield Reply(error=error.message(), status=_bls_status(pb_utils, code))
+            client.start_stream(callback=lambda result, error: replies.put((result, error)))
+            inputs = []
+            for name, value in call.inputs.items():
+                array = np.asarray(value)
+                kind = "BYTES" if array.dtype == np.object_ else np_to_triton_dtype(array.dtype)
+                tensor = grpcclient.InferInput(name, list(array.shape), kind)
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+            client.async_stream_infer(
+                call.member,
+                inputs,
+                request_id=call.call_id,
+                parameters=call.parameters or None,
+                outputs=[grpcclient.InferRequestedOutput(n) for n in call.output_names],
+                enable_empty_final_response=True,
+            )
+            while not cancelled.is_set():
+                try:
+                    result, error = replies.get(timeout=self.poll_s)
+                except queue.Empty:
+                    continue
+                if error is not None:
+                    finished = True
+                    yield Reply(error=error.message() or str(error), status=_status(error.status()))
                     return
-                outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
+                final = result.get_response().parameters.get("triton_final_response")
+                finished = bool(final and final.bool_param)
+                outputs = {n: a for n in call.output_names if (a := result.as_numpy(n)) is not None}
                 if outputs:
                     yield Reply(outputs)
-        except pb_utils.TritonModelException as e:
-            yield Reply(error=str(e), status="UNAVAILABLE")
-
-    def cancel(self, member: str, call_id: str) -> None:
-        """A control request: BLS streams of this Triton cannot be cancelled from the caller's side,
-        so the member is asked to stop the request it knows by `call_id`."""
-        import triton_python_backend_utils as pb_utils
-
-        control = pb_utils.InferenceRequest(
-            model_name=member,
-            inputs=[pb_utils.Tensor("text_input", np.array([[b""]], dtype=np.object_))],
-            requested_output_names=[],
-            parameters={CANCEL_PARAMETER: call_id},
-        )
-        for _ in control.exec(decoupled=True):
-            pass
+                if finished:
+                    return
+        except Exception as e:  # the server's port unreachable, a malformed call: this member fails
+            yield Reply(error=f"calling member {call.member}: {e}", status="UNAVAILABLE")
+        finally:
+            try:
+                client.stop_stream(cancel_requests=not finished)
+            finally:
+                client.close()
 
 
-def _bls_status(pb_utils, code) -> str:
-    names = {getattr(pb_utils.TritonError, n, None): n for n in ("INVALID_ARG", "UNAVAILABLE", "NOT_FOUND")}
-    return names.get(code, "INTERNAL")
+def _status(grpc_status: str | None) -> str:
+    """tritonclient's 'StatusCode.INVALID_ARGUMENT' and friends, as the pool reports them. Errors
+    inside a stream come without a status (INTERNAL here); the pool retries on their words."""
+    name = (grpc_status or "").rsplit(".", 1)[-1]
+    return {"INVALID_ARGUMENT": "INVALID_ARG", "UNAVAILABLE": "UNAVAILABLE", "NOT_FOUND": "NOT_FOUND"}.get(
+        name, "INTERNAL"
+    )

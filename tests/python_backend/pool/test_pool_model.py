@@ -10,7 +10,6 @@ import time
 import pytest
 
 from clients.client import Client
-from python_backend.tensors import CANCEL_PARAMETER
 from tests.conftest import build_entry, save_tiny_model, start_server
 from tests.python_backend.test_model import _http_generate, _stream_request, metric
 
@@ -105,41 +104,6 @@ def test_a_cancelled_stream_is_cancelled_at_the_member(pool_server):
         time.sleep(0.5)
     assert cancelled() == before + 1
     assert _generate(pool_server, {"text_input": "Still here", "max_tokens": 2})[0] == 200
-
-
-def test_a_cancel_that_overtakes_its_request_still_stops_it(pool_server):
-    import queue
-
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-
-    results: queue.SimpleQueue = queue.SimpleQueue()
-    client = grpcclient.InferenceServerClient(pool_server.grpc_url)
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-
-    def send(text: str, request_id: str, parameters: dict) -> list:
-        t = grpcclient.InferInput("text_input", [1, 1], "BYTES")
-        t.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
-        client.async_stream_infer(
-            "m_b", [t], request_id=request_id, parameters=parameters, enable_empty_final_response=True
-        )
-        got = []
-        while True:
-            result, error = results.get(timeout=120)
-            assert error is None, error
-            got.append(result.as_numpy("text_output"))
-            final = result.get_response().parameters.get("triton_final_response")
-            if final and final.bool_param:
-                return got
-
-    try:
-        assert send("", "control-1", {CANCEL_PARAMETER: "overtaken-1"}) == [None]
-        assert send("Write a long story", "overtaken-1", {"ignore_eos": True}) == [None]  # stopped on arrival
-        answer = send("Write a long story", "overtaken-2", {"ignore_eos": True})
-        assert answer[0] is not None  # another id runs as usual
-    finally:
-        client.stop_stream()
-        client.close()
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

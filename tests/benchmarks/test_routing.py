@@ -1,0 +1,91 @@
+"""The routing benchmark: its prompt stream, its oracle on the real SmolLM2, and a whole run through a
+real tritonserver with a pool of two tiny members."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+
+import pytest
+
+from benchmarks.routing import Grader, Prompt, load_prompts, make_stream
+from tests.conftest import build_entry, save_tiny_model
+
+
+def test_the_prompt_stream_mixes_languages_and_difficulty():
+    prompts = load_prompts()
+    assert len(prompts) >= 500 and len({p.id for p in prompts}) == len({p.prompt for p in prompts}) == len(prompts)
+    groups = Counter((p.lang, p.level) for p in prompts)
+    assert set(groups) == {("en", "easy"), ("en", "hard"), ("zh", "easy"), ("zh", "hard")}
+    assert min(groups.values()) >= 100
+    stream = make_stream(prompts, 600, rate=2.0, seed=3)
+    assert stream == make_stream(prompts, 600, rate=2.0, seed=3)  # replayable
+    assert [a.prompt for a in stream[: len(prompts)]] == prompts and stream[len(prompts)].prompt == prompts[0]
+    gaps = [b.at - a.at for a, b in zip(stream, stream[1:])]
+    assert 0.4 < statistics.fmean(gaps) < 0.6
+
+
+def test_the_oracle_rates_its_own_answer_one_and_a_stranger_low(smollm2_engine_dir):
+    from python_backend.engine.sequence import SamplingParams
+
+    grader = Grader(smollm2_engine_dir)
+    prompt = Prompt(0, "en", "easy", "fact", "What is the capital of France?")
+    chat = grader.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt.prompt}], tokenize=False, add_generation_prompt=True
+    )
+    ids = grader.tokenizer(chat, add_special_tokens=False).input_ids
+    made = grader.engine.generate([ids], SamplingParams(max_tokens=24, temperature=0.0))[0]
+    own = grader.tokenizer.decode(made.token_ids, skip_special_tokens=True)
+    stopped = made.finish_reason == "stop"
+    assert grader.reward(prompt, own, stopped) >= 0.95
+    assert grader.reward(prompt, "Bananas are yellow and grow on trees in warm places.", False) < 0.5
+    assert grader.reward(prompt, "", False) == 0.0
+
+
+@pytest.fixture(scope="module")
+def routing_repo(tmp_path_factory, smollm2_source):
+    from builders.pool import build_pool
+
+    tmp = tmp_path_factory.mktemp("routing")
+    repo = tmp / "repo"
+    for i, name in enumerate(("big", "small")):
+        folder = save_tiny_model(tmp / f"src-{name}", "llama", smollm2_source[1], seed=20 + i)
+        build_entry(repo, str(folder), name, "--max-num-seqs", "4")
+    build_pool(repo, "pool", {"members": ["big", "small"], "cache_size": 0, "exploration": 0.2})
+    prompts = tmp / "prompts.jsonl"
+    rows = [
+        (0, "en", "easy", "fact", "What is the capital of Peru?"),
+        (1, "zh", "easy", "math", "3加4等于多少？"),
+        (2, "en", "hard", "code", "Write a Python function that reverses a list."),
+        (3, "zh", "hard", "explain", "请解释光合作用。"),
+    ]
+    prompts.write_text("".join(json.dumps(dict(zip(Prompt.__dataclass_fields__, r))) + "\n" for r in rows))
+    return repo, prompts
+
+
+def test_the_benchmark_serves_one_stream_by_four_policies(routing_repo, tmp_path):
+    from fastserve.cli import main
+
+    repo, prompts = routing_repo
+    out = tmp_path / "routing.json"
+    args = ["bench", "--routing", "--repository", str(repo), "--model", "pool", "--prompts", str(prompts)]
+    args += ["--strongest", "big", "--fastest", "small", "--num-requests", "8", "--rate", "4", "--output-len", "4"]
+    assert main([*args, "--concurrency", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    runs = result["policies"]
+    assert list(runs) == ["strongest", "fastest", "router", "random"]
+    assert {r["member"] for r in runs["strongest"]["records"]} == {"big"}
+    assert {r["member"] for r in runs["fastest"]["records"]} == {"small"}
+    assert {r["member"] for r in runs["random"]["records"]} <= {"big", "small"}
+    for run in runs.values():
+        assert run["requests"] == 8 and run["failed"] == 0
+        assert all(0.0 <= r["reward"] <= 1.0 and r["tokens"] >= 1 for r in run["records"])
+    assert set(result["table"]) == {"big", "small"}
+    assert 0.0 <= result["workload"]["random_share_strongest"] <= 1.0
+    assert set(result["router_meets_target"]) == {
+        "reward_at_least_95pct_of_strongest",
+        "mean_latency_at_most_70pct_of_strongest",
+        "beats_random_split_on_reward",
+    }
+    assert out.with_suffix(".png").stat().st_size > 0
