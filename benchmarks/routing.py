@@ -1,10 +1,13 @@
 """Routing benchmark: one replayable stream of mixed prompts (English and Chinese, easy and hard)
-served through a pool entry on a real tritonserver by four policies in turn, on the same arrivals:
+served through a pool entry on a real tritonserver by several policies in turn, on the same arrivals:
 
 - always-strongest and always-fastest: every request pinned to that member;
 - the learned router: unpinned, each answer rated by the oracle and the reward sent as feedback;
-- random split: each request pinned to the strongest with probability p, else the fastest, p tuned
-  so its expected mean latency equals the router's.
+- random split: each request pinned to the strongest with probability p, else the fastest; run at
+  the router's own share of the strongest and at the share a straight line between the pinned
+  runs' latencies gives for the router's latency. Its reward at the router's mean latency is read
+  off the measured curve of splits (the pinned runs are the splits at 1 and 0), since latency is
+  not linear in p.
 
 The oracle is the strongest member's judgment, teacher-forced: an answer's reward is the share of
 its tokens (and its stop, where it stopped) that the strongest member's weights, given the same
@@ -13,7 +16,7 @@ answer, and a member whose answer drifts early is not punished for every token a
 The strongest member itself scores about 1.
 
     fastserve bench --routing --repository R --model pool --strongest fp32 --fastest q4 \\
-        --rate 1.5 --num-requests 512 --output-len 48 --out bench-results/routing.json
+        --quality-weight 0.99 --rate 1.5 --num-requests 512 --output-len 48 --out bench-results/routing.json
 
 Writes the JSON (every request: prompt id, member, latency, reward), a PNG (the router's regret
 against always-strongest over time beside the random split's, and reward over time) and the
@@ -96,11 +99,15 @@ def pool_members(repository: Path, pool: str) -> list[str]:
     return [m if isinstance(m, str) else m["name"] for m in settings["members"]]
 
 
-def ask(client, prompt: Prompt, max_tokens: int, member: str | None, at: float = 0.0) -> tuple[Served, str | None]:
+def ask(
+    client, prompt: Prompt, max_tokens: int, member: str | None, at: float = 0.0, quality_weight: float | None = None
+) -> tuple[Served, str | None]:
     """Send one chat request, streamed; the answer and the pool's request id for feedback."""
     kw: dict = {"temperature": 0.0, "exclude_input_in_output": True}
     if member is not None:
         kw["model"] = member
+    elif quality_weight is not None:
+        kw["quality_weight"] = quality_weight
     messages = json.dumps([{"role": "user", "content": prompt.prompt}])
     sent = time.perf_counter()
     first, parts, last = None, [], {}
@@ -186,6 +193,7 @@ def replay(
     max_tokens: int,
     choose: Callable[[Arrival], str | None],
     rate_answer: Callable[[Prompt, Served], float] | None = None,
+    quality_weight: float | None = None,
 ) -> list[Served]:
     """The stream through the pool, each request on its own thread at its arrival time; with
     `rate_answer`, each answer's reward goes back to the pool as feedback."""
@@ -196,7 +204,7 @@ def replay(
     lock = threading.Lock()
 
     def one(arrival: Arrival, member: str | None) -> None:
-        served, request_id = ask(client, arrival.prompt, max_tokens, member, arrival.at)
+        served, request_id = ask(client, arrival.prompt, max_tokens, member, arrival.at, quality_weight)
         with lock:
             records.append(served)
         if rate_answer is not None and request_id and not served.error:
@@ -261,7 +269,7 @@ def plot(result: dict, path: Path) -> None:
     runs = result["policies"]
     strongest = {r["prompt_id"]: r["reward"] for r in runs["strongest"]["records"]}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for name in ("router", "random"):
+    for name in ["router"] + [n for n in runs if n.startswith("random")]:
         total, ys = 0.0, []
         for r in runs[name]["records"]:
             total += strongest[r["prompt_id"]] - r["reward"]
@@ -338,7 +346,8 @@ def routing(args: argparse.Namespace) -> dict:
 
         def run(name: str, choose: Callable[[Arrival], str | None], feedback: bool = False) -> list[Served]:
             print(f"{name}: {len(stream)} requests at {args.rate:g}/s ...", flush=True)
-            records = replay(url, pool, stream, args.output_len, choose, table_reward if feedback else None)
+            rate_answer, qw = (table_reward, args.quality_weight) if feedback else (None, None)
+            records = replay(url, pool, stream, args.output_len, choose, rate_answer, qw)
             result["policies"][name] = {"records": records}
             return records
 
@@ -371,17 +380,20 @@ def routing(args: argparse.Namespace) -> dict:
             }
             for m, answers in table.items()
         }
-        run("router", lambda a: None, feedback=True)
-        runs = result["policies"]
-        lat = {
-            k: statistics.fmean([r.latency_s for r in runs[k]["records"] if not r.error] or [0.0])
-            for k in ("strongest", "fastest", "router")
-        }
+        router = run("router", lambda a: None, feedback=True)
+        # Random splits between strongest and fastest: at the router's own share of the strongest
+        # and at the share a straight line between the pinned runs' latencies gives; the reward at
+        # the router's latency is read off the measured curve (pinned runs are the splits at 0 and 1).
+        served = [r for r in router if not r.error]
+        share = sum(r.member == strongest for r in served) / max(1, len(served))
+        lat = {k: _mean_latency(result["policies"][k]["records"]) for k in ("strongest", "fastest", "router")}
         span = lat["strongest"] - lat["fastest"]
-        p = min(1.0, max(0.0, (lat["router"] - lat["fastest"]) / span)) if span > 0 else 0.5
-        rng = random.Random(args.seed + 1)
-        result["workload"]["random_share_strongest"] = p
-        run("random", lambda a: strongest if rng.random() < p else fastest)
+        line = min(1.0, max(0.0, (lat["router"] - lat["fastest"]) / span)) if span > 0 else 0.5
+        shares = sorted({round(share, 3), round(line, 3)} - {0.0, 1.0})
+        result["workload"]["random_shares_strongest"] = shares
+        for q in shares:
+            rng = random.Random(args.seed + 1)
+            run(f"random {q:.3f}", lambda a, q=q, rng=rng: strongest if rng.random() < q else fastest)
     finally:
         Path(args.out).with_suffix(".server.log").write_text(server.log())
         server.stop()
@@ -402,6 +414,7 @@ def routing(args: argparse.Namespace) -> dict:
             "records": [asdict(r) for r in records],
         }
     runs = result["policies"]
+    result["random_at_router_latency"] = random_at_latency(runs, runs["router"]["latency_s"]["mean"])
     strong = runs["strongest"]
     result["comparison"] = {
         name: {
@@ -415,12 +428,36 @@ def routing(args: argparse.Namespace) -> dict:
     result["router_meets_target"] = {
         "reward_at_least_95pct_of_strongest": router["reward_vs_strongest"] >= 0.95,
         "mean_latency_at_most_70pct_of_strongest": router["mean_latency_vs_strongest"] <= 0.70,
-        "beats_random_split_on_reward": runs["router"]["mean_reward"] > runs["random"]["mean_reward"],
+        "beats_random_split_on_reward": runs["router"]["mean_reward"]
+        > result["random_at_router_latency"]["mean_reward"],
     }
     png = Path(args.out).with_suffix(".png")
     plot(result, png)
     result["plot"] = str(png)
     return result
+
+
+def _mean_latency(records: list[Served]) -> float:
+    return statistics.fmean([r.latency_s for r in records if not r.error] or [0.0])
+
+
+def random_at_latency(runs: dict, latency_s: float) -> dict:
+    """A random split's reward at `latency_s`, linear between the nearest measured splits (the
+    pinned strongest and fastest runs are the splits at 1 and 0). Beyond the measured range, the
+    nearest end."""
+    points = sorted(
+        (run["latency_s"]["mean"], run["mean_reward"], name)
+        for name, run in runs.items()
+        if name in ("strongest", "fastest") or name.startswith("random")
+    )
+    below = [p for p in points if p[0] <= latency_s]
+    above = [p for p in points if p[0] > latency_s]
+    if not below or not above:
+        lat, reward, name = (below or above)[-1] if below else above[0]
+        return {"mean_reward": reward, "from": [name], "latency_s": lat}
+    (l0, r0, n0), (l1, r1, n1) = below[-1], above[0]
+    t = (latency_s - l0) / (l1 - l0)
+    return {"mean_reward": r0 + t * (r1 - r0), "from": [n0, n1], "latency_s": latency_s}
 
 
 def print_routing(result: dict) -> None:
@@ -432,5 +469,7 @@ def print_routing(result: dict) -> None:
             f"{name:<10}{run['mean_reward']:>8.3f}{c['reward_vs_strongest']:>10.2f}{run['latency_s']['mean']:>8.2f}"
             f"{run['latency_s']['p99']:>8.2f}{c['mean_latency_vs_strongest']:>10.2f}  {share}"
         )
+    at = result["random_at_router_latency"]
+    print(f"random split at the router's latency: reward {at['mean_reward']:.3f} (from {', '.join(at['from'])})")
     for k, v in result["router_meets_target"].items():
         print(f"{k}: {v}")

@@ -41,7 +41,7 @@ class MemberSpec:
 class PoolConfig:
     members: tuple[MemberSpec, ...]
     quality_weight: float = 0.7  # the rest of the weight goes to latency
-    exploration: float = 1.0  # α: how far the bandit's optimism reaches (LinUCB's usual 1)
+    exploration: float = 2.0  # α, in standard deviations of the reward: how far the bandit's optimism reaches
     prior_strength: float = 4.0  # how many feedbacks the offline quality is worth
     cache_size: int = 256  # exact-match responses kept for temperature-0 requests; 0: none
     max_pending: int = 10_000  # routed requests awaiting feedback, oldest dropped first
@@ -155,8 +155,10 @@ class Router:
     def rank(
         self, x: np.ndarray, max_tokens: int, quality_weight: float | None = None, exclude: set[str] | None = None
     ) -> list[Choice]:
-        """Members best first for a request with features x. Latency is scaled by the slowest
-        candidate's, so both terms lie in comparable ranges whatever the units."""
+        """Members best first for a request with features x. A member's latency counts as its
+        slowdown against the fastest candidate's (0 for the fastest, 1 for one twice as slow), so
+        the score is free of units and a member that queues up pays in proportion to its queue:
+        at quality_weight w, doubling the latency is worth (1 − w)/w of expected reward."""
         qw = self.config.quality_weight if quality_weight is None else quality_weight
         with self._lock:
             rows = []
@@ -167,10 +169,12 @@ class Router:
                 rows.append((name, est, m.latency.expected_s(max_tokens, m.spec.seats)))
         if not rows:
             return []
-        slowest = max(lat for _, _, lat in rows) or 1.0
+        fastest = max(1e-6, min(lat for _, _, lat in rows))
         alpha = self.config.exploration
         choices = [
-            Choice(name, qw * (est.mean + alpha * est.width) - (1.0 - qw) * lat / slowest, est.mean, est.width, lat)
+            Choice(
+                name, qw * (est.mean + alpha * est.width) - (1.0 - qw) * (lat / fastest - 1.0), est.mean, est.width, lat
+            )
             for name, est, lat in rows
         ]
         return sorted(choices, key=lambda c: -c.score)

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from benchmarks.routing import Grader, Prompt, load_prompts, make_stream
+from benchmarks.routing import Grader, Prompt, load_prompts, make_stream, random_at_latency
 from tests.conftest import build_entry, save_tiny_model
 
 
@@ -43,6 +43,19 @@ def test_the_oracle_rates_its_own_answer_one_and_a_stranger_low(smollm2_engine_d
     assert grader.reward(prompt, "", False) == 0.0
 
 
+def test_the_random_split_is_read_at_the_routers_latency_off_the_measured_splits():
+    def run(latency, reward):
+        return {"latency_s": {"mean": latency}, "mean_reward": reward}
+
+    runs = {"strongest": run(6.0, 1.0), "fastest": run(1.0, 0.9), "router": run(1.5, 0.95)}
+    runs["random 0.2"] = run(2.0, 0.92)
+    at = random_at_latency(runs, 1.5)
+    assert at["from"] == ["fastest", "random 0.2"] and at["mean_reward"] == pytest.approx(0.91)
+    assert random_at_latency(runs, 4.0)["mean_reward"] == pytest.approx(0.96)  # between the split and strongest
+    assert random_at_latency(runs, 0.5) == {"mean_reward": 0.9, "from": ["fastest"], "latency_s": 1.0}
+    assert random_at_latency(runs, 9.0)["from"] == ["strongest"]
+
+
 @pytest.fixture(scope="module")
 def routing_repo(tmp_path_factory, smollm2_source):
     from builders.pool import build_pool
@@ -71,18 +84,21 @@ def test_the_benchmark_serves_one_stream_by_four_policies(routing_repo, tmp_path
     out = tmp_path / "routing.json"
     args = ["bench", "--routing", "--repository", str(repo), "--model", "pool", "--prompts", str(prompts)]
     args += ["--strongest", "big", "--fastest", "small", "--num-requests", "8", "--rate", "4", "--output-len", "4"]
-    assert main([*args, "--concurrency", "2", "--out", str(out)]) == 0
+    assert main([*args, "--concurrency", "2", "--quality-weight", "0.9", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     runs = result["policies"]
-    assert list(runs) == ["strongest", "fastest", "router", "random"]
+    shares = result["workload"]["random_shares_strongest"]
+    assert list(runs) == ["strongest", "fastest", "router"] + [f"random {q:.3f}" for q in shares]
     assert {r["member"] for r in runs["strongest"]["records"]} == {"big"}
     assert {r["member"] for r in runs["fastest"]["records"]} == {"small"}
-    assert {r["member"] for r in runs["random"]["records"]} <= {"big", "small"}
+    for q in shares:
+        assert 0.0 < q < 1.0 and {r["member"] for r in runs[f"random {q:.3f}"]["records"]} <= {"big", "small"}
     for run in runs.values():
         assert run["requests"] == 8 and run["failed"] == 0
         assert all(0.0 <= r["reward"] <= 1.0 and r["tokens"] >= 1 for r in run["records"])
     assert set(result["table"]) == {"big", "small"}
-    assert 0.0 <= result["workload"]["random_share_strongest"] <= 1.0
+    at = result["random_at_router_latency"]
+    assert set(at["from"]) <= set(runs) and min(r["mean_reward"] for r in runs.values()) - 1e-9 <= at["mean_reward"]
     assert set(result["router_meets_target"]) == {
         "reward_at_least_95pct_of_strongest",
         "mean_latency_at_most_70pct_of_strongest",

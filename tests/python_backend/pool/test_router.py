@@ -68,6 +68,32 @@ def test_a_busy_member_loses_traffic():
     assert router.rank(x, 16)[0].member == "small"
 
 
+def test_a_slow_member_pays_for_every_request_in_its_queue():
+    """The latency cost keeps growing with the queue even once the member is the slowest one."""
+    router = Router(_config(quality_weight=0.9, exploration=0.0))
+    x = prompt_features("hi", False, 16)
+    scores = []
+    for _ in range(6):
+        router.latency("big").started()
+        scores.append([c.score for c in router.rank(x, 16) if c.member == "big"][0])
+    assert all(later < earlier for earlier, later in zip(scores[1:], scores[2:]))
+    small = [c for c in router.rank(x, 16) if c.member == "small"][0]
+    assert small.score == pytest.approx(0.9 * 0.6)  # the fastest pays nothing for latency
+
+
+def test_exploration_is_measured_in_the_rewards_own_spread():
+    """A member whose rewards barely vary is soon known precisely; a noisy one stays uncertain."""
+    rng = np.random.default_rng(1)
+    steady, noisy = Arm(0.5), Arm(0.5)
+    x = prompt_features("hello there", False, 16)
+    for _ in range(40):
+        steady.update(x, float(np.clip(0.97 + rng.normal(0, 0.01), 0, 1)))
+        noisy.update(x, float(rng.random() < 0.5))
+    assert 0.9 < steady.estimate(x).mean < 0.98  # the prior of 0.5 still weighs a little
+    assert steady.estimate(x).width < 0.03 < noisy.estimate(x).width
+    assert steady.noise < 0.1 < noisy.noise
+
+
 def test_feedback_is_checked_and_credits_the_member_that_served():
     router = Router(_config())
     x = prompt_features("hi", False, 16)
@@ -130,7 +156,7 @@ def test_reconfigure_keeps_what_members_learned():
         )
     )
     assert "member removed: big" in changes and any(c.startswith("member added: tiny") for c in changes)
-    assert "exploration: 1.0 -> 0.5" in changes
+    assert "exploration: 2.0 -> 0.5" in changes
     small = [c for c in router.rank(x, 16) if c.member == "small"][0]
     assert small.quality == pytest.approx([c for c in learned if c.member == "small"][0].quality)
 
