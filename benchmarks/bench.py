@@ -225,7 +225,7 @@ def _server_view(before: dict[str, float], after: dict[str, float]) -> dict:
 
 
 def _stream_all(
-    url: str, model: str, work: list[tuple[str, int]], concurrency: int, on_open, go
+    url: str, model: str, work: list[tuple[str, int]], concurrency: int, on_open, go, chat: bool = False
 ) -> tuple[list[dict], list[str]]:
     """Closed loop in one process: `concurrency` streams, each taking one request after another, on
     one asyncio gRPC channel (on_open() is called once it is connected; the requests start at
@@ -233,26 +233,24 @@ def _stream_all(
     which matters when the client shares the server's cores."""
     import asyncio
 
-    return asyncio.run(_stream_all_async(url, model, work, concurrency, on_open, go))
+    return asyncio.run(_stream_all_async(url, model, work, concurrency, on_open, go, chat))
 
 
-async def _stream_all_async(url, model, work, concurrency, on_open, go) -> tuple[list[dict], list[str]]:
+async def _stream_all_async(url, model, work, concurrency, on_open, go, chat=False) -> tuple[list[dict], list[str]]:
     import asyncio
 
-    import tritonclient.grpc as grpcclient
     import tritonclient.grpc.aio as aio
 
-    from clients.client import Client
+    from clients.client import grpc_inputs
 
     settings = {"temperature": 0.0, "ignore_eos": True, "exclude_input_in_output": True, "stream": True}
-    shape = Client(url, "grpc", model)
     client = aio.InferenceServerClient(url)
     todo = list(reversed(work))
     records: list[dict] = []
     errors: list[str] = []
 
     async def one(prompt: str, output_len: int) -> None:
-        inputs, params = shape._grpc_inputs(grpcclient, prompt, {"max_tokens": output_len, **settings}, False)
+        inputs, params = grpc_inputs(prompt, {"max_tokens": output_len, **settings}, chat)
 
         async def request():
             yield {"model_name": model, "inputs": inputs, "parameters": params, "enable_empty_final_response": True}
@@ -293,11 +291,13 @@ async def _stream_all_async(url, model, work, concurrency, on_open, go) -> tuple
     return records, errors
 
 
-def _client_process(url, model, work, concurrency, ready, go, results) -> None:
-    results.put(_stream_all(url, model, work, concurrency, lambda: ready.put(True), go))
+def _client_process(url, model, work, concurrency, ready, go, results, chat=False) -> None:
+    results.put(_stream_all(url, model, work, concurrency, lambda: ready.put(True), go, chat))
 
 
-def load(url: str, model: str, prompts: list[str], lengths: list[int], concurrency: int, procs: int = 0) -> dict:
+def load(
+    url: str, model: str, prompts: list[str], lengths: list[int], concurrency: int, procs: int = 0, chat: bool = False
+) -> dict:
     """Closed-loop load: `concurrency` streams in `procs` client processes (0: one per 64 streams), so
     that one Python process decoding every response does not cap what the server is seen to do.
     Times are perf_counter readings, which on Linux share one monotonic clock across processes."""
@@ -314,14 +314,16 @@ def load(url: str, model: str, prompts: list[str], lengths: list[int], concurren
             start = time.perf_counter()
             go.set()
 
-        records, errors = _stream_all(url, model, work, concurrency, begin, go)
+        records, errors = _stream_all(url, model, work, concurrency, begin, go, chat)
     else:
         ctx = mp.get_context("spawn")
         ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
         shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
         children = [
             ctx.Process(
-                target=_client_process, args=(url, model, work[i::procs], shares[i], ready, go, results), daemon=True
+                target=_client_process,
+                args=(url, model, work[i::procs], shares[i], ready, go, results, chat),
+                daemon=True,
             )
             for i in range(procs)
         ]
@@ -338,6 +340,11 @@ def load(url: str, model: str, prompts: list[str], lengths: list[int], concurren
             errors += e
         for c in children:
             c.join(timeout=30)
+    return load_summary(records, errors, start, concurrency, procs)
+
+
+def load_summary(records: list[dict], errors: list[str], start: float, concurrency: int, procs: int) -> dict:
+    """Throughput and latency of one closed-loop run from its records (sent, token times, end, tokens)."""
     elapsed = max((r["end"] for r in records), default=time.perf_counter()) - start
     out_tokens = sum(r["tokens"] for r in records)
     itls = []
@@ -549,9 +556,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="a pool (--model) serving one prompt stream by four policies; JSON and a PNG (benchmarks/routing.py)",
     )
+    p.add_argument(
+        "--openai",
+        action="store_true",
+        help="the OpenAI API against Triton's gRPC path on one server (benchmarks/openai_path.py); JSON",
+    )
     p.add_argument("--strongest", default=None, help="routing: the member whose weights rate answers (default: first)")
     p.add_argument("--fastest", default=None, help="routing: the cheap member (default: the last)")
     p.add_argument("--prompts", default=None, help="routing: a prompt stream JSONL (default: the project's 512)")
+    p.add_argument(
+        "--quality-weight", type=float, default=None, help="routing: the router's requests' quality weight (0..1)"
+    )
     p.add_argument("--policies", default="fcfs,mlfq", help="online: policies to compare on one trace")
     p.add_argument("--load", type=float, default=0.85, help="online: arrival rate as a share of measured capacity")
     p.add_argument("--rate", type=float, default=0.0, help="online: arrival rate in requests/s (overrides --load)")
@@ -612,6 +627,16 @@ def run_bench(args: argparse.Namespace) -> int:
         print_routing(result)
         print(f"wrote {args.out} and {result['plot']}")
         return 0
+    if args.openai:
+        from benchmarks.openai_path import openai_vs_grpc, print_openai
+
+        if args.out == OFFLINE_OUT:
+            args.out = "bench-results/openai.json"
+        result = openai_vs_grpc(args)
+        save(result, args.out)
+        print_openai(result)
+        print(f"wrote {args.out}")
+        return 0
     if args.online:
         from benchmarks.online import online, print_online
 
@@ -622,7 +647,8 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     if not args.offline:
         print(
-            "fastserve bench: give --offline (and --triton to load the server as well), --online or --routing",
+            "fastserve bench: give --offline (and --triton to load the server as well), --online, --routing "
+            "or --openai",
             file=sys.stderr,
         )
         return 2

@@ -41,7 +41,7 @@ _TYPES = {f.name: _WIRE[f.tensor] for f in REQUEST_FIELDS if f.tensor in _WIRE}
 _TYPES.update({s.name: _WIRE[s.data_type] for s in POOL_CONTROLS if s.data_type in _WIRE})
 _STRINGS = {s.name for s in POOL_CONTROLS if s.data_type == "TYPE_STRING"}
 _FEEDBACK = {"request_id", "reward"}  # feedback(), not generation settings
-_RESULTS = ("finish_reason", "num_input_tokens", "num_output_tokens", "served_by", "request_id")
+RESULTS = ("finish_reason", "num_input_tokens", "num_output_tokens", "served_by", "request_id")
 
 
 class GenerateError(RuntimeError):
@@ -61,14 +61,53 @@ class Generation:
 _PARAMETERS = ("ignore_eos",)  # settings sent as request parameters rather than tensors
 
 
-def _settings(max_tokens: int, stop: list[str] | None, kw: dict) -> dict:
-    settings = {"max_tokens": max_tokens, **{k: v for k, v in kw.items() if v is not None}}
+def request_settings(max_tokens: int | None, stop: list[str] | None, kw: dict) -> dict:
+    """A request's settings by their model-side names, refusing names the model does not take."""
+    settings = {"max_tokens": max_tokens, **kw}
+    settings = {k: v for k, v in settings.items() if v is not None}
     unknown = sorted(set(settings) - set(_TYPES) - _STRINGS - set(_PARAMETERS) | set(settings) & _FEEDBACK)
     if unknown:
         raise TypeError(f"unknown generation settings: {', '.join(unknown)}")
     if stop:
         settings["stop_words"] = list(stop)
     return settings
+
+
+def grpc_inputs(prompt: str | None, settings: dict, chat: bool) -> tuple[list, dict]:
+    """The input tensors and request parameters of one request over gRPC (tritonclient's sync and
+    asyncio clients take the same InferInput objects)."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+
+    def add(name: str, datatype: str, array: np.ndarray) -> None:
+        t = grpcclient.InferInput(name, list(array.shape), datatype)
+        t.set_data_from_numpy(array)
+        inputs.append(t)
+
+    if prompt is not None:
+        add("text_input", "BYTES", np.array([[prompt.encode()]], dtype=np.object_))
+    params = {"chat": True} if chat else {}
+    for name, value in settings.items():
+        if name in _PARAMETERS:
+            params[name] = value
+        elif name in _STRINGS:
+            add(name, "BYTES", np.array([[str(value).encode()]], dtype=np.object_))
+        elif name == "stop_words":
+            add(name, "BYTES", np.array([[w.encode() for w in value]], dtype=np.object_))
+        else:
+            datatype, dtype = _TYPES[name]
+            add(name, datatype, np.array([[value]], dtype=dtype))
+    return inputs, params
+
+
+def response_fields(result) -> dict:
+    """One gRPC response's outputs as Python values (text_output decoded)."""
+    out = {k: _first(result.as_numpy(k)) for k in RESULTS if result.as_numpy(k) is not None}
+    text = result.as_numpy("text_output")
+    if text is not None:
+        out["text_output"] = text.reshape(-1)[0].decode("utf-8")
+    return out
 
 
 class _GrpcStream:
@@ -132,38 +171,14 @@ class Client:
         stream.close(cancel)
 
     # ---- gRPC -----------------------------------------------------------------------------------
-    def _grpc_inputs(self, module, prompt: str | None, settings: dict, chat: bool):
-        inputs = []
-
-        def add(name: str, datatype: str, array: np.ndarray) -> None:
-            t = module.InferInput(name, list(array.shape), datatype)
-            t.set_data_from_numpy(array)
-            inputs.append(t)
-
-        if prompt is not None:
-            add("text_input", "BYTES", np.array([[prompt.encode()]], dtype=np.object_))
-        params = {"chat": True} if chat else {}
-        for name, value in settings.items():
-            if name in _PARAMETERS:
-                params[name] = value
-            elif name in _STRINGS:
-                add(name, "BYTES", np.array([[str(value).encode()]], dtype=np.object_))
-            elif name == "stop_words":
-                add(name, "BYTES", np.array([[w.encode() for w in value]], dtype=np.object_))
-            else:
-                datatype, dtype = _TYPES[name]
-                add(name, datatype, np.array([[value]], dtype=dtype))
-        return inputs, params
-
     def _grpc_stream(self, prompt: str | None, settings: dict, chat: bool) -> Iterator[dict]:
-        import tritonclient.grpc as grpcclient
 
         kept = getattr(self._local, "stream", None)
         stream = kept or _GrpcStream(self.url)
         request_id = uuid.uuid4().hex
         done = False
         try:
-            inputs, params = self._grpc_inputs(grpcclient, prompt, settings, chat)
+            inputs, params = grpc_inputs(prompt, settings, chat)
             stream.client.async_stream_infer(
                 self.model, inputs, request_id=request_id, parameters=params, enable_empty_final_response=True
             )
@@ -179,10 +194,7 @@ class Client:
                     continue  # a late response of an earlier request on this stream
                 final = response.parameters.get("triton_final_response")
                 is_final = bool(final and final.bool_param)
-                out = {k: _first(result.as_numpy(k)) for k in _RESULTS if result.as_numpy(k) is not None}
-                text = result.as_numpy("text_output")
-                if text is not None:
-                    out["text_output"] = text.reshape(-1)[0].decode("utf-8")
+                out = response_fields(result)
                 if out:
                     yield out
                 if is_final:
@@ -234,7 +246,7 @@ class Client:
     # ---- the API --------------------------------------------------------------------------------
     def responses(self, prompt: str, max_tokens: int, stop, stream: bool, chat: bool, kw: dict) -> Iterator[dict]:
         """The raw responses as dicts (text_output, and on the last one finish_reason and counts)."""
-        settings = _settings(max_tokens, stop, kw)
+        settings = request_settings(max_tokens, stop, kw)
         settings["stream"] = stream
         if self.protocol == "grpc":
             return self._grpc_stream(prompt, settings, chat)

@@ -7,6 +7,17 @@ import sys
 from pathlib import Path
 
 
+def _front_settings(args: argparse.Namespace, triton_url: str):
+    from frontend.app import FrontSettings
+    from frontend.keys import load_keys
+
+    try:
+        keys = load_keys(args.api_key, args.api_key_file)
+    except ValueError as e:
+        raise SystemExit(f"fastserve: {e}") from None
+    return FrontSettings(triton_url, keys, args.max_streams_per_key, args.max_body_bytes)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from python_backend.serve import TritonServer, serve_forever
 
@@ -17,20 +28,63 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         binary=args.tritonserver,
         log_verbose=args.log_verbose,
+        host=args.host,
     )
-    return serve_forever(server, timeout=args.timeout)
+    front = _front_settings(args, server.grpc_url)
+    server.admin_key = front.keys[0] if front.keys else None
+    return serve_forever(server, timeout=args.timeout, front=front, front_port=args.openai_port)
+
+
+def _openai(args: argparse.Namespace) -> int:
+    from frontend.server import run
+
+    return run(_front_settings(args, args.triton_url), args.host, args.port, access_log=args.access_log)
+
+
+def _add_front_options(p: argparse.ArgumentParser) -> None:
+    from frontend import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_STREAMS_PER_KEY
+    from frontend.keys import KEY_ENV
+
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help=f"a key callers must send as 'Authorization: Bearer KEY' (repeatable; also ${KEY_ENV}, comma-separated)",
+    )
+    p.add_argument("--api-key-file", default=None, help="a file of keys, one per line")
+    p.add_argument(
+        "--max-streams-per-key",
+        type=int,
+        default=DEFAULT_MAX_STREAMS_PER_KEY,
+        help="concurrent OpenAI requests per key (429 beyond)",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest OpenAI request body (413 beyond)"
+    )
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="start Triton Inference Server on a model repository")
+    from frontend import DEFAULT_PORT
+
+    p = sub.add_parser("serve", help="start Triton Inference Server on a model repository, and the OpenAI API")
     p.add_argument("--repository", default="model_repository", help="model repository folder")
+    p.add_argument("--host", default=None, help="the address every endpoint listens on (default: all)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--openai-port", type=int, default=DEFAULT_PORT, help="OpenAI-compatible API; 0 turns it off")
+    _add_front_options(p)
     p.add_argument("--tritonserver", default=None, help="path of a tritonserver binary to use")
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to be ready")
     p.set_defaults(func=_serve)
+    p = sub.add_parser("openai", help="the OpenAI-compatible API in front of a Triton server running elsewhere")
+    p.add_argument("--triton-url", default="localhost:8001", help="the Triton server's gRPC address")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--access-log", action="store_true", help="log every request (never its key)")
+    _add_front_options(p)
+    p.set_defaults(func=_openai)
 
 
 def build_parser() -> argparse.ArgumentParser:

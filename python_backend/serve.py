@@ -123,6 +123,13 @@ def find_triton(binary: str | os.PathLike | None = None) -> TritonInstall:
     return TritonInstall(ts_root / "bin" / "tritonserver", _stub_backend_dir(ts_root), env)
 
 
+ADMIN_APIS = "model-repository,logging,trace"  # Triton's API groups that change or reveal the server's setup
+# Triton's restricted endpoints want this header over HTTP; over gRPC it prefixes the name with
+# "triton-grpc-protocol-".
+ADMIN_HEADER = "authorization"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -141,22 +148,29 @@ class TritonServer:
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    host: str | None = None  # the address the endpoints listen on (None: Triton's default, every address)
+    admin_key: str | None = None  # where set, the administrative endpoints want `Authorization: Bearer KEY`
     proc: subprocess.Popen | None = None
     _lines: deque = field(default_factory=lambda: deque(maxlen=2000))
     _reader: threading.Thread | None = None
     echo: bool = False
 
     @property
+    def _local(self) -> str:
+        """Where this machine reaches the server."""
+        return "localhost" if self.host in (None, "", "0.0.0.0", "::") else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"localhost:{self.http_port}"
+        return f"{self._local}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
+        return f"{self._local}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://localhost:{self.metrics_port}/metrics"
+        return f"http://{self._local}:{self.metrics_port}/metrics"
 
     def command(self, install: TritonInstall) -> list[str]:
         cmd = [
@@ -173,6 +187,12 @@ class TritonServer:
         ]
         if install.backend_dir is not None:
             cmd.append(f"--backend-directory={install.backend_dir}")
+        if self.host:
+            cmd += [f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}"]
+        if self.admin_key:
+            # loading, unloading and the repository index; log and trace settings
+            restricted = f"{ADMIN_APIS}:{ADMIN_HEADER}=Bearer {self.admin_key}"
+            cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         return cmd + list(self.extra_args)
 
     def start(self, timeout: float = 300.0) -> TritonServer:
@@ -255,8 +275,9 @@ class TritonServer:
         self.stop()
 
 
-def serve_forever(server: TritonServer, timeout: float = 600.0) -> int:
-    """Run the server in the foreground until Ctrl-C, SIGTERM, or until it stops by itself."""
+def serve_forever(server: TritonServer, timeout: float = 600.0, front=None, front_port: int = 0) -> int:
+    """Run the server in the foreground until Ctrl-C, SIGTERM, or until it stops by itself; with
+    `front` (the OpenAI API's settings) and a port, the OpenAI API too, for as long as Triton runs."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -270,12 +291,36 @@ def serve_forever(server: TritonServer, timeout: float = 600.0) -> int:
     except ServerError as e:
         print(f"fastserve serve: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        server.stop()
+        return 0
     print(f"Triton is ready on {Path(server.repository).resolve()}", flush=True)
     print(f"  HTTP     http://{server.http_url}   (generate: POST /v2/models/<name>/generate)", flush=True)
     print(f"  gRPC     {server.grpc_url}", flush=True)
     print(f"  metrics  {server.metrics_url}", flush=True)
-    print("Ctrl-C stops the server.", flush=True)
+    if server.admin_key:
+        print(f"  model control wants '{ADMIN_HEADER}: Bearer <key>' (gRPC: '{GRPC_ADMIN_HEADER}')", flush=True)
     server.echo = True
+    if front is not None and front_port:
+        from frontend.server import run
+
+        host = server.host or "0.0.0.0"
+        print(f"  OpenAI   http://{server._local}:{front_port}/v1", flush=True)
+        print("Ctrl-C stops both.", flush=True)
+        try:
+            code = run(front, host, front_port, alive=lambda: server.proc is not None and server.proc.poll() is None)
+        except KeyboardInterrupt:
+            code = 0
+        if server.proc is not None and server.proc.poll() is not None:
+            print(
+                f"fastserve serve: tritonserver stopped with code {server.proc.returncode}:\n{server.error_lines()}",
+                file=sys.stderr,
+            )
+            return server.proc.returncode or 1
+        print("\nstopping tritonserver...", flush=True)
+        server.stop()
+        return code
+    print("Ctrl-C stops the server.", flush=True)
     try:
         assert server.proc is not None
         code = server.proc.wait()

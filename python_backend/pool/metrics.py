@@ -32,8 +32,11 @@ class PoolMetrics:
         }
         self._metrics: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
-        self._added: dict[tuple[str, str], float] = {}  # counter increments not yet flushed
+        # counter increments not yet flushed; every counter starts at 0 in the output, so a
+        # dashboard shows "none yet" rather than "no data"
+        self._added: dict[tuple[str, str], float] = {("failovers", ""): 0.0, ("cache_hits", ""): 0.0}
         self._set: dict[tuple[str, str], float] = {}  # gauge values not yet flushed
+        self._known: set[str] = set()  # members whose counters exist
 
     def _metric(self, kind: str, member: str | None = None):
         key = (kind, member or "")
@@ -63,6 +66,10 @@ class PoolMetrics:
 
     def estimates(self, values: dict[str, tuple[float, float]]) -> None:
         with self._lock:
+            for member in set(values) - self._known:
+                self._known.add(member)
+                for kind in ("requests", "feedback", "reward"):
+                    self._added[(kind, member)] = self._added.get((kind, member), 0.0)
             for member, (quality, latency_s) in values.items():
                 self._set[("estimate", member)] = quality
                 self._set[("latency", member)] = latency_s
