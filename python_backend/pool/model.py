@@ -254,7 +254,7 @@ class TritonPythonModel:
             return "done", ""
         call = Call(member, f"{job.request_id}-{member}", job.inputs, job.parameters, MEMBER_OUTPUTS)
         tracker = self.router.latency(member)
-        tracker.started()
+        load = tracker.started()
         start = time.perf_counter()
         first: float | None = None
         tokens = 0
@@ -289,7 +289,7 @@ class TritonPythonModel:
                 return "done", ""
             if first is None:
                 return "retry", "the member ended without an answer"
-            tracker.finished(first, time.perf_counter() - start, tokens, streamed=job.stream)
+            tracker.finished(first, time.perf_counter() - start, tokens, streamed=job.stream, load=load)
             settled = True
         finally:
             replies.close()  # a return from inside the loop: the call's stream closes now
