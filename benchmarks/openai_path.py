@@ -122,6 +122,11 @@ class Serve:
             self.proc.kill()
 
 
+def _chat(prompts: list[str]) -> list[str]:
+    """The prompts as the chat messages a FastServe model takes over gRPC (what the API sends it)."""
+    return [json.dumps([{"role": "user", "content": p}]) for p in prompts]
+
+
 def openai_vs_grpc(args: argparse.Namespace) -> dict:
     if not args.repository:
         raise SystemExit("fastserve bench --openai: give --repository")
@@ -137,20 +142,28 @@ def openai_vs_grpc(args: argparse.Namespace) -> dict:
     grpc_runs, openai_runs = [], []
     try:
         serve.wait()
-        warm = salted(prompts, "warm-up")[: args.concurrency]
-        load(serve.grpc_url, args.model, warm, lengths, args.concurrency, 1, chat=True)
-        load_openai(serve.openai_url, args.model, warm, lengths, args.concurrency)
+        for path in ("grpc", "openai"):
+            warm = salted(prompts, f"warm-up {path}")[: args.concurrency]
+            if path == "grpc":
+                load(serve.grpc_url, args.model, _chat(warm), lengths, args.concurrency, 1, chat=True)
+            else:
+                load_openai(serve.openai_url, args.model, warm, lengths, args.concurrency)
         for i in range(max(1, args.repeats)):
-            work = salted(prompts, f"run {i}")
             order = ("grpc", "openai") if i % 2 == 0 else ("openai", "grpc")
             for path in order:
+                work = salted(prompts, f"run {i} {path}")  # no run finds another's prompts in the prefix cache
                 print(f"round {i + 1}: {path}, {len(work)} requests at {args.concurrency} streams ...", flush=True)
                 if path == "grpc":
-                    grpc_runs.append(load(serve.grpc_url, args.model, work, lengths, args.concurrency, 1, chat=True))
+                    grpc_runs.append(
+                        load(serve.grpc_url, args.model, _chat(work), lengths, args.concurrency, 1, chat=True)
+                    )
                 else:
                     openai_runs.append(load_openai(serve.openai_url, args.model, work, lengths, args.concurrency))
     finally:
         serve.stop()
+    for run in grpc_runs + openai_runs:
+        if run["errors"] or not run["output_tokens"]:
+            raise SystemExit(f"fastserve bench --openai: a run failed: {run['error_samples']}")
     grpc, oai = median_of(grpc_runs), median_of(openai_runs)
     ratios = [o["output_tokens_per_s"] / g["output_tokens_per_s"] for g, o in zip(grpc_runs, openai_runs)]
     return {
