@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from benchmarks.bench import load, load_summary, median_of, salted
 from benchmarks.common import device_info, synthetic_prompts
+from python_backend.serve import ServeProcess
 
 KEY = "bench-key-openai-path"
 
@@ -84,44 +81,6 @@ async def _load_openai(base: str, model: str, work: list[tuple[str, int]], concu
     return load_summary(records, errors, start, concurrency, 1)
 
 
-class Serve:
-    """`fastserve serve` as a user runs it, on free ports, with a key."""
-
-    def __init__(self, repository: Path, log: Path):
-        from python_backend.serve import free_port
-
-        self.ports = {name: free_port() for name in ("http", "grpc", "metrics", "openai")}
-        cmd = [sys.executable, "-m", "fastserve.cli", "serve", "--repository", str(repository)]
-        cmd += [f"--{name}-port={port}" for name, port in self.ports.items()]
-        cmd += ["--api-key", KEY, "--max-streams-per-key", "100000"]
-        self.log = log
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
-        self.grpc_url = f"localhost:{self.ports['grpc']}"
-        self.openai_url = f"http://localhost:{self.ports['openai']}"
-
-    def wait(self, timeout: float = 900) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"fastserve serve exited: {self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.openai_url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit("fastserve serve was not ready in time")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 def _chat(prompts: list[str]) -> list[str]:
     """The prompts as the chat messages a FastServe model takes over gRPC (what the API sends it)."""
     return [json.dumps([{"role": "user", "content": p}]) for p in prompts]
@@ -138,10 +97,12 @@ def openai_vs_grpc(args: argparse.Namespace) -> dict:
     lengths = [args.output_len] * len(prompts)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    serve = Serve(Path(args.repository), out.with_suffix(".server.log"))
+    serve = ServeProcess(
+        Path(args.repository), out.with_suffix(".server.log"), ["--api-key", KEY, "--max-streams-per-key", "100000"]
+    )
     grpc_runs, openai_runs = [], []
     try:
-        serve.wait()
+        serve.wait_ready(900)
         for path in ("grpc", "openai"):
             warm = salted(prompts, f"warm-up {path}")[: args.concurrency]
             if path == "grpc":

@@ -330,3 +330,53 @@ def serve_forever(server: TritonServer, timeout: float = 600.0, front=None, fron
         print("\nstopping tritonserver...", flush=True)
         server.stop()
         return 0
+
+
+class ServeProcess:
+    """`fastserve serve` in a process of its own, as a user runs it, on free ports: Triton and the
+    OpenAI API. For tests and benchmarks that must see the command, not a part of it."""
+
+    def __init__(
+        self, repository: Path, log: Path, args: tuple[str, ...] | list[str] = (), env: dict[str, str] | None = None
+    ):
+        self.ports = {name: free_port() for name in ("http", "grpc", "metrics", "openai")}
+        cmd = [sys.executable, "-m", "fastserve.cli", "serve", "--repository", str(repository), "--host", "127.0.0.1"]
+        cmd += [f"--{name}-port={port}" for name, port in self.ports.items()] + list(args)
+        self.log_path = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        host = "127.0.0.1"
+        self.openai_url = f"http://{host}:{self.ports['openai']}"
+        self.grpc_url = f"{host}:{self.ports['grpc']}"
+        self.http_url = f"http://{host}:{self.ports['http']}"
+        self.metrics_url = f"http://{host}:{self.ports['metrics']}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 600.0) -> ServeProcess:
+        """Until the OpenAI API's /health answers 200 (Triton ready behind it); ServerError if the
+        command exits or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"fastserve serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.openai_url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"fastserve serve was not ready within {timeout:.0f} s:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -235,66 +229,22 @@ FRONT_LIMIT = 3
 FRONT_BODY_LIMIT = 65536
 
 
-@dataclass
-class Front:
-    proc: subprocess.Popen
-    url: str  # the OpenAI API, http://host:port/v1
-    grpc_url: str
-    http_url: str
-    metrics_url: str
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 @pytest.fixture(scope="session")
 def front(serving_repo, tmp_path_factory):
     """`fastserve serve` with two keys, a limit of 3 concurrent requests per key and 64 KiB bodies, on a
     repository of the serving entries plus a pool of two of them."""
     from builders.pool import build_pool
+    from python_backend.serve import ServeProcess
 
     repo = tmp_path_factory.mktemp("front") / "repo"
     repo.mkdir()
     for entry in ("smollm2", "tiny", "tiny_mlfq"):
         (repo / entry).symlink_to(serving_repo / entry, target_is_directory=True)
     build_pool(repo, "pool", {"members": ["tiny", "tiny_mlfq"], "cache_size": 0})
-    ports = {name: free_port() for name in ("http", "grpc", "metrics", "openai")}
-    log_path = repo.parent / "serve.log"
-    cmd = [sys.executable, "-m", "fastserve.cli", "serve", "--repository", str(repo), "--host", "127.0.0.1"]
-    cmd += [f"--{name}-port={port}" for name, port in ports.items()]
-    cmd += ["--api-key", FRONT_KEY, "--max-streams-per-key", str(FRONT_LIMIT)]
-    cmd += ["--max-body-bytes", str(FRONT_BODY_LIMIT)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "FASTSERVE_API_KEY": FRONT_OTHER_KEY}
-        )
-    f = Front(
-        proc,
-        f"http://127.0.0.1:{ports['openai']}/v1",
-        f"127.0.0.1:{ports['grpc']}",
-        f"http://127.0.0.1:{ports['http']}",
-        f"http://127.0.0.1:{ports['metrics']}/metrics",
-        log_path,
-    )
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"fastserve serve exited with {proc.returncode}:\n{f.log()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{ports['openai']}/health", timeout=5) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"the OpenAI API was not up within 600 s:\n{f.log()[-3000:]}")
-    yield f
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    args = ["--api-key", FRONT_KEY, "--max-streams-per-key", str(FRONT_LIMIT)]
+    args += ["--max-body-bytes", str(FRONT_BODY_LIMIT)]
+    serve = ServeProcess(repo, repo.parent / "serve.log", args, {"FASTSERVE_API_KEY": FRONT_OTHER_KEY})
+    serve.url = f"{serve.openai_url}/v1"  # where the openai package is pointed
+    serve.wait_ready(600)
+    yield serve
+    serve.stop()
