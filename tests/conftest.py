@@ -43,10 +43,18 @@ def prompt_set() -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+TEST_KV_CACHE_GB = "0.25"
+
+
 def build_entry(repository: Path, model: str, name: str, *extra: str) -> Path:
-    """Run the real builder (the same code as `python builders/build.py`)."""
+    """Run the real builder (the same code as `python builders/build.py`). Unless told otherwise,
+    the entry's CPU KV cache is 0.25 GiB (about 5,800 SmolLM2 float32 tokens): the default 2 GiB,
+    zeroed and held by every loaded entry of every server a test session keeps up, would not fit
+    in the machine's memory."""
     from builders.build import main
 
+    if "--kv-cache-gb" not in extra:
+        extra = ("--kv-cache-gb", TEST_KV_CACHE_GB, *extra)
     code = main(["--model", model, "--name", name, "--repository", str(repository), *extra])
     assert code == 0, f"build of {model} failed with code {code}"
     return repository / name
