@@ -424,6 +424,10 @@ def routing(args: argparse.Namespace) -> dict:
         }
         for name, run in runs.items()
     }
+    share = runs["router"]["share"].get(strongest, 0.0)
+    groups = {p.id: f"{p.lang}-{p.level}-{p.kind}" for p in prompts}
+    rewards = {m: {pid: s.reward for pid, s in table[m].items()} for m in (strongest, fastest)}
+    result["headroom"] = headroom(rewards[strongest], rewards[fastest], groups, share)
     router = result["comparison"]["router"]
     result["router_meets_target"] = {
         "reward_at_least_95pct_of_strongest": router["reward_vs_strongest"] >= 0.95,
@@ -435,6 +439,35 @@ def routing(args: argparse.Namespace) -> dict:
     plot(result, png)
     result["plot"] = str(png)
     return result
+
+
+def headroom(strong: dict[int, float], fast: dict[int, float], groups: dict[int, str], share: float) -> dict:
+    """What routing between two members can win over a random split that sends the same `share` to
+    the strongest: the best a policy that knows each group's mean gain exactly can reach (groups
+    being what a router can see of a prompt), and the best with hindsight of every answer. Beside
+    them, the standard error of a mean reward over these prompts, the noise any measured policy's
+    reward carries."""
+    ids = sorted(strong.keys() & fast.keys())
+    gains = {i: strong[i] - fast[i] for i in ids}
+    base = statistics.fmean(fast[i] for i in ids)
+    take = round(share * len(ids))
+    members: dict[str, list[int]] = {}
+    for i in ids:
+        members.setdefault(groups[i], []).append(i)
+    ranked = sorted(members.values(), key=lambda g: -statistics.fmean(gains[i] for i in g))
+    left, by_group = take, 0.0
+    for group in ranked:
+        n = min(left, len(group))
+        by_group += n * statistics.fmean(gains[i] for i in group)
+        left -= n
+    random_split = base + share * statistics.fmean(gains.values())
+    return {
+        "share_strongest": share,
+        "random_split": random_split,
+        "best_by_group": base + by_group / len(ids),
+        "best_in_hindsight": base + sum(sorted(gains.values(), reverse=True)[:take]) / len(ids),
+        "reward_standard_error": statistics.pstdev(fast[i] for i in ids) / len(ids) ** 0.5,
+    }
 
 
 def _mean_latency(records: list[Served]) -> float:
@@ -471,5 +504,11 @@ def print_routing(result: dict) -> None:
         )
     at = result["random_at_router_latency"]
     print(f"random split at the router's latency: reward {at['mean_reward']:.3f} (from {', '.join(at['from'])})")
+    h = result["headroom"]
+    print(
+        f"at the router's share of the strongest ({h['share_strongest']:.0%}): random {h['random_split']:.4f}, "
+        f"best by prompt group {h['best_by_group']:.4f}, in hindsight {h['best_in_hindsight']:.4f}, "
+        f"standard error {h['reward_standard_error']:.4f}"
+    )
     for k, v in result["router_meets_target"].items():
         print(f"{k}: {v}")

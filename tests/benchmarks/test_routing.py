@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from benchmarks.routing import Grader, Prompt, load_prompts, make_stream, random_at_latency
+from benchmarks.routing import Grader, Prompt, headroom, load_prompts, make_stream, random_at_latency
 from tests.conftest import build_entry, save_tiny_model
 
 
@@ -77,6 +77,20 @@ def routing_repo(tmp_path_factory, smollm2_source):
     return repo, prompts
 
 
+def test_headroom_over_a_random_split_by_group_and_in_hindsight():
+    """The strongest gains 0.4 on prompts 1 and 2, nothing on 3 and 4; half the traffic goes to it.
+    A random split wins half the mean gain; a router whose groups separate the gainers wins all of
+    it, as hindsight does; groups that mix them win no more than random."""
+    strong = {1: 1.0, 2: 1.0, 3: 0.9, 4: 0.9}
+    fast = {1: 0.6, 2: 0.6, 3: 0.9, 4: 0.9}
+    h = headroom(strong, fast, {1: "a", 2: "a", 3: "b", 4: "b"}, 0.5)
+    assert h["random_split"] == pytest.approx(0.75 + 0.1)
+    assert h["best_by_group"] == pytest.approx(0.75 + 0.2) == h["best_in_hindsight"]
+    h = headroom(strong, fast, {1: "a", 2: "b", 3: "a", 4: "b"}, 0.5)
+    assert h["best_by_group"] == pytest.approx(h["random_split"]) and h["best_in_hindsight"] == pytest.approx(0.95)
+    assert h["reward_standard_error"] == pytest.approx(statistics.pstdev(fast.values()) / 2)
+
+
 def test_the_benchmark_serves_one_stream_by_four_policies(routing_repo, tmp_path):
     from fastserve.cli import main
 
@@ -104,4 +118,7 @@ def test_the_benchmark_serves_one_stream_by_four_policies(routing_repo, tmp_path
         "mean_latency_at_most_70pct_of_strongest",
         "beats_random_split_on_reward",
     }
+    h = result["headroom"]
+    assert h["share_strongest"] == runs["router"]["share"].get("big", 0.0)
+    assert h["random_split"] <= h["best_by_group"] + 1e-9 <= h["best_in_hindsight"] + 2e-9
     assert out.with_suffix(".png").stat().st_size > 0
