@@ -26,18 +26,20 @@ from python_backend.serve import ServeProcess
 KEY = "bench-key-openai-path"
 
 
-def load_openai(base: str, model: str, prompts: list[str], lengths: list[int], concurrency: int) -> dict:
+def load_openai(
+    base: str, model: str, prompts: list[str], lengths: list[int], concurrency: int, key: str = KEY
+) -> dict:
     """Closed loop over /v1/chat/completions, streamed with usage; the records load() keeps."""
-    return asyncio.run(_load_openai(base, model, list(zip(prompts, lengths)), concurrency))
+    return asyncio.run(_load_openai(base, model, list(zip(prompts, lengths)), concurrency, key))
 
 
-async def _load_openai(base: str, model: str, work: list[tuple[str, int]], concurrency: int) -> dict:
+async def _load_openai(base: str, model: str, work: list[tuple[str, int]], concurrency: int, key: str) -> dict:
     import aiohttp
 
     todo = list(reversed(work))
     records: list[dict] = []
     errors: list[str] = []
-    headers = {"Authorization": f"Bearer {KEY}"}
+    headers = {"Authorization": f"Bearer {key}"}
     connector = aiohttp.TCPConnector(limit=concurrency * 2)
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(base, headers=headers, connector=connector, timeout=timeout) as session:
