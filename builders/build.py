@@ -63,13 +63,27 @@ def build_settings(args: argparse.Namespace, dtype: str) -> dict:
 
 
 def check_compression(args: argparse.Namespace, source, on_gpu: bool) -> None:
-    """Refuse a quantization request that cannot work before any weights are loaded."""
+    """Refuse a quantization or pruning request that cannot work before any weights are loaded."""
     if args.quantize == "gguf" and source.kind != "gguf":
         raise BuildError(f"--quantize gguf keeps a GGUF file's own 4-bit weights; {source.description} is not GGUF")
     if args.quantize == "int4" and args.group_size & (args.group_size - 1):
         raise BuildError(f"--group-size {args.group_size}: must be a power of two (32, 64, 128, ...)")
     if args.quantize == "fp8" and not on_gpu:
         raise BuildError("--quantize fp8 serves on GPUs with FP8 matrix units only; build it with --device gpu")
+    if args.prune != "none":
+        if not 0.0 <= args.sparsity < 1.0:
+            raise BuildError(f"--sparsity {args.sparsity}: must be in [0, 1)")
+        if args.quantize == "gguf":
+            raise BuildError("--quantize gguf keeps the GGUF file's own 4-bit blocks; they cannot be pruned")
+    if args.recover_steps:
+        from builders.distill import DistillError, TrainOptions, check_train
+
+        if args.prune == "none":
+            raise BuildError("--recover-steps recovers a pruned model; give --prune too")
+        try:
+            check_train(TrainOptions(steps=args.recover_steps), args.calibration_tokens)
+        except DistillError as e:
+            raise BuildError(f"--recover-steps: {e} (raise --calibration-tokens)") from e
 
 
 def engine_parameters(args: argparse.Namespace, dtype: str) -> dict[str, str]:
@@ -128,13 +142,74 @@ def _quantize(source, model, tokenizer, args: argparse.Namespace, dtype: str, st
     return quantize.quantize_model(model, tokenizer, opts, target, args.calibration_tokens, lambda m: _log(m, start))
 
 
+def _prune(model, tokenizer, args: argparse.Namespace, start: float) -> tuple:
+    """The model pruned as asked (a new, smaller one for structured pruning), recovered by a short
+    fine-tune where asked, and the record."""
+    import copy
+
+    from builders import prune
+    from builders.text import token_ids
+
+    opts = prune.PruneOptions(method=args.prune, sparsity=args.sparsity)
+    needs_text = args.prune == "structured" or args.recover_steps
+    try:
+        ids, text = token_ids(tokenizer, "calibration", args.calibration_tokens) if needs_text else ([], None)
+    except ValueError as e:
+        raise BuildError(f"pruning failed: {e}") from e
+    original = copy.deepcopy(model) if args.recover_steps and args.recover_distill else None
+    if args.prune == "structured":
+        try:
+            model, record = prune.prune_structured(model, opts, ids, lambda m: _log(m, start))
+        except ValueError as e:
+            raise BuildError(f"pruning failed: {e}") from e
+    else:
+        _log(f"pruning: {args.prune}" + (f" to {args.sparsity:.0%}" if args.prune == "magnitude" else ""), start)
+        record = prune.prune_weights(model, opts)
+    if text is not None:
+        record["calibration"] = text
+    if args.recover_steps:
+        record["recovery"] = _recover(model, original, ids, args, start)
+    return model, record
+
+
+def _recover(model, teacher, ids: list[int], args: argparse.Namespace, start: float) -> dict:
+    """A bounded fine-tune of the pruned model on the calibration text; zeroed weights stay zero."""
+    import torch
+
+    from builders.distill import DistillError, TrainOptions, train
+
+    masks = {n: p != 0 for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    if args.prune == "structured":
+        masks = {}
+    opts = TrainOptions(steps=args.recover_steps, alpha=0.5 if teacher is not None else 1.0, lr=1e-4)
+    how = "distilling from the unpruned model" if teacher is not None else "on the text"
+    _log(f"recovery: {args.recover_steps} steps {how}", start)
+    try:
+        history = train(model, teacher, torch.tensor(ids), opts, masks=masks, progress=False)
+    except DistillError as e:
+        raise BuildError(f"recovery failed: {e}") from e
+    _log(f"recovery: loss {history[0].loss:.3f} -> {history[-1].loss:.3f}", start)
+    return {
+        "steps": args.recover_steps,
+        "distilled": teacher is not None,
+        "first_loss": history[0].loss,
+        "final_loss": history[-1].loss,
+    }
+
+
 def _write_engine(source, dtype: str, args: argparse.Namespace, engine_tmp: Path, start: float) -> dict:
     import torch
 
     settings = build_settings(args, dtype)
-    load_as = dtype if args.quantize == "none" else "float32"  # quantized from full precision
+    dense = args.quantize == "none" and args.prune == "none"
+    load_as = dtype if dense else "float32"  # quantized and pruned from full precision
     _log(f"loading {source.description} ({source.architecture}) as {load_as}", start)
     model, tokenizer = source.load(getattr(torch, load_as))
+    pruning = None
+    if args.prune != "none":
+        model, pruning = _prune(model, tokenizer, args, start)
+        if args.quantize == "none":
+            model.to(getattr(torch, dtype))
     config = model.config
     max_pos = int(getattr(config, "max_position_embeddings", 0) or 0)
     max_model_len = settings["max_model_len"] or max_pos or 4096
@@ -169,6 +244,7 @@ def _write_engine(source, dtype: str, args: argparse.Namespace, engine_tmp: Path
         "eos_token_ids": eos_ids,
         "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
         "quantization": quantization,
+        "pruning": pruning,
     }
 
 
@@ -218,7 +294,7 @@ def build(args: argparse.Namespace) -> Path:
                     "device": "gpu" if on_gpu else "cpu",
                     "dtype": dtype,
                     "quantization": info["quantization"],
-                    "pruning": None,
+                    "pruning": info["pruning"],
                     "max_model_len": info["max_model_len"],
                     "kv_block_size": args.kv_block_size,
                     "max_batch_size": args.max_batch_size,

@@ -60,20 +60,35 @@ class ModelSource:
                     h.update(chunk)
         return h.hexdigest()
 
-    def load(self, dtype):
-        """The model (transformers) and its tokenizer, on CPU, in `dtype`."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    def _where(self) -> tuple[str, dict]:
+        """The folder transformers reads and the keywords that point it at a GGUF file."""
         if self.kind == "gguf":
             path = Path(self.location)
-            kw = {"gguf_file": path.name}
-            where = str(path.parent)
-        else:
-            kw, where = {}, self.location
+            return str(path.parent), {"gguf_file": path.name}
+        return self.location, {}
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        where, kw = self._where()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+            return AutoTokenizer.from_pretrained(where, **kw)
         except Exception as e:  # transformers raises many kinds here
             raise SourceError(f"{self.location}: cannot read the tokenizer: {e}") from e
+
+    def num_layers(self) -> int:
+        """The decoder's layer count, from the config alone (no weights loaded)."""
+        from transformers import AutoConfig
+
+        where, kw = self._where()
+        return int(AutoConfig.from_pretrained(where, **kw).num_hidden_layers)
+
+    def load(self, dtype):
+        """The model (transformers) and its tokenizer, on CPU, in `dtype`."""
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = self.load_tokenizer()
+        where, kw = self._where()
         try:
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
         except Exception as e:

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     from builders.evaluate import add_evaluate_parser
 
     add_evaluate_parser(sub)
+    from builders.distill import add_distill_parser
+
+    add_distill_parser(sub)
     from benchmarks.bench import add_bench_parser
 
     add_bench_parser(sub)

@@ -149,7 +149,28 @@ class BuildConfig:
     fp8_scales: str = setting(
         "channel", "fp8: a weight scale per output channel or per tensor", choices=("channel", "tensor")
     )
-    calibration_tokens: int = setting(4096, "int4 with awq: tokens of calibration text", minimum=64)
+    prune: str = setting(
+        "none",
+        "weights: magnitude (the smallest |w| of each projection zeroed), 2:4 (two of every four along "
+        "the input zeroed, the pattern sparse tensor cores take), structured (query heads and FFN "
+        "channels removed by their importance on calibration text: a smaller model); none keeps them",
+        choices=("none", "magnitude", "2:4", "structured"),
+    )
+    sparsity: float = setting(
+        0.5,
+        "magnitude: the share of projection weights zeroed; structured: the share of query heads per "
+        "KV group and of FFN channels removed; in [0, 1)",
+        minimum=0.0,
+    )
+    recover_steps: int = setting(
+        0, "after pruning: steps of fine-tuning on calibration text to recover quality (0: none)", minimum=0
+    )
+    recover_distill: bool = setting(
+        True, "the recovery step learns the unpruned model's next-token distributions, not the text alone"
+    )
+    calibration_tokens: int = setting(
+        4096, "int4 with awq, structured pruning, recovery: tokens of calibration text", minimum=64
+    )
     evaluate: bool = setting(
         False, "after the build, run `fastserve evaluate` on it and store the result in engine.json"
     )
