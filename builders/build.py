@@ -156,7 +156,9 @@ def _prune(model, tokenizer, args: argparse.Namespace, start: float) -> tuple:
         ids, text = token_ids(tokenizer, "calibration", args.calibration_tokens) if needs_text else ([], None)
     except ValueError as e:
         raise BuildError(f"pruning failed: {e}") from e
-    original = copy.deepcopy(model) if args.recover_steps and args.recover_distill else None
+    original = None  # the teacher of a distilled recovery: the model as it was before pruning
+    if args.recover_steps and args.recover_distill:
+        original = model if args.prune == "structured" else copy.deepcopy(model)  # structured builds anew
     if args.prune == "structured":
         try:
             model, record = prune.prune_structured(model, opts, ids, lambda m: _log(m, start))
@@ -178,9 +180,9 @@ def _recover(model, teacher, ids: list[int], args: argparse.Namespace, start: fl
 
     from builders.distill import DistillError, TrainOptions, train
 
-    masks = {n: p != 0 for n, p in model.named_parameters() if n.endswith("proj.weight")}
-    if args.prune == "structured":
-        masks = {}
+    masks = {}
+    if args.prune != "structured":
+        masks = {n: p != 0 for n, p in model.named_parameters() if n.endswith("proj.weight")}
     opts = TrainOptions(steps=args.recover_steps, alpha=0.5 if teacher is not None else 1.0, lr=1e-4)
     how = "distilling from the unpruned model" if teacher is not None else "on the text"
     _log(f"recovery: {args.recover_steps} steps {how}", start)

@@ -239,6 +239,8 @@ def distill(
     Everything that can be refused is refused before the teacher's weights load."""
     from builders.sources import resolve
 
+    if opts.device in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise DistillError(f"--device {opts.device}: no CUDA device here; use --device cpu")
     source = resolve(opts.teacher)
     tokenizer = source.load_tokenizer()
     ids = text_ids(tokenizer, opts.text)

@@ -135,4 +135,7 @@ def test_bad_requests_are_refused_before_the_teacher_loads(teacher_folder, tmp_p
     assert "larger than its teacher" in capsys.readouterr().err
     assert main([*base, "--text", str(tmp_path / "missing.txt")]) == 2
     assert "cannot read the text file" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*base, "--text", str(_text(tmp_path)), "--device", "cuda"]) == 2
+        assert "no CUDA device here" in capsys.readouterr().err
     assert not out.exists()
