@@ -88,6 +88,18 @@ class EngineConfig:
     kernels: bool = setting(True, "gpu: FastServe's Triton attention and fused decode kernels")
     cuda_graphs: bool = setting(True, "gpu: run decode steps as CUDA graphs")
     decode_gemv: bool = setting(True, "gpu: time the GEMV kernel against cuBLAS at start-up for 1-4 rows")
+    sparse_kernels: bool = setting(
+        False,
+        "gpu: a 2:4-pruned model's projections run on PyTorch's semi-structured sparse kernels (off by "
+        "default: their kernels beat dense ones only from thousands of rows, and each eager call costs "
+        "about 0.5 ms of set-up on the host)",
+    )
+    sparse_min_rows: int = setting(
+        256,
+        "gpu, 2:4 sparse kernels: steps of fewer tokens use the dense weights, kept beside the sparse ones; "
+        "0: every step sparse and no dense copy",
+        minimum=0,
+    )
     max_graph_batch: int = setting(256, "gpu: the largest decode batch run as a CUDA graph", minimum=1)
     capture_graphs_at_start: bool = setting(True, "gpu: capture every decode graph before serving")
     run_ahead: str = setting(
@@ -96,6 +108,11 @@ class EngineConfig:
         choices=("auto", "on", "off"),
     )
     num_threads: int = setting(0, "cpu: threads for PyTorch; 0: PyTorch's default", minimum=0)
+    cpu_take_turns: bool = setting(
+        True,
+        "cpu: engines on this host run their steps one at a time instead of oversubscribing the cores "
+        "(turn off for engines pinned to cores of their own)",
+    )
     seed: int = setting(0, "seed of the sampler for requests without their own", minimum=0)
 
     @classmethod

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from python_backend.engine.cpu_turns import turns_for
 from python_backend.engine.loader import LoadedEngine, make_scheduler
 from python_backend.engine.outputs import EngineStats, OutputProcessor
 from python_backend.engine.sampler import greedy, sample
@@ -44,6 +45,7 @@ class EngineCore:
         self.eos_ids = parts.eos_ids
         self.scheduler = make_scheduler(parts)
         self.run_ahead = cfg.run_ahead == "on" or (cfg.run_ahead == "auto" and self.device.type == "cuda")
+        self._turn = turns_for(self.device.type, cfg.cpu_take_turns)
         self.stats = EngineStats()
         self.outputs = OutputProcessor(parts.tokenizer, self.eos_ids, self.max_model_len, self.stats, self._end)
         self.outputs.on_callback_error = self._callback_failed
@@ -94,12 +96,13 @@ class EngineCore:
             if seq.timing.first_scheduled is None:
                 seq.timing.first_scheduled = start
         self.scheduler.fence()
-        logits, sampled = self.runner.run(batch)
-        self.scheduler.after_step(batch)
-        self.scheduler.proactive()
-        self.stats.steps += 1
-        self.stats.prompt_tokens += sum(n for _, n in batch.prefills)
-        return self._process(batch, logits, sampled, start)
+        with self._turn:
+            logits, sampled = self.runner.run(batch)
+            self.scheduler.after_step(batch)
+            self.scheduler.proactive()
+            self.stats.steps += 1
+            self.stats.prompt_tokens += sum(n for _, n in batch.prefills)
+            return self._process(batch, logits, sampled, start)
 
     def _process(
         self, batch: ScheduledBatch, logits: torch.Tensor | None, sampled: list[Sequence], start: float
