@@ -30,6 +30,12 @@ class EngineFolder:
         q = self.meta.get("quantization")
         return q.get("method") if isinstance(q, dict) else None
 
+    @property
+    def two_four(self) -> bool:
+        """The builder pruned the projections to 2:4 semi-structured sparsity."""
+        p = self.meta.get("pruning")
+        return isinstance(p, dict) and p.get("method") == "2:4"
+
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():

@@ -3,6 +3,7 @@ memory, the GPU's tuned kernels and captured CUDA graphs, and the scheduler the 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,11 @@ from python_backend.engine.mlfq import MLFQConfig, MLFQScheduler, PrefillProfile
 from python_backend.engine.runner import DecodeGraphs, Runner
 from python_backend.engine.scheduler import Policy, ScheduledBatch, Scheduler
 from python_backend.engine.sequence import SamplingParams, Sequence
+from python_backend.models import sparse
 from python_backend.models.llama import LlamaModel
 
 _DEFAULT_MAX_LEN = 4096  # for a model that declares no context length
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,7 +67,15 @@ def load(folder: str | Path | EngineFolder, cfg: EngineConfig) -> LoadedEngine:
     max_len = cfg.max_model_len or meta.get("max_model_len") or _DEFAULT_MAX_LEN
     kv = cfg.kv_cache_dtype
     kernels = cfg.kernels and kv == "auto"  # the Triton attention kernels read an unquantized cache
-    model = LlamaModel.load(folder.path, dtype, device, max_len, kernels=kernels, quantization=folder.quantization)
+    model = LlamaModel.load(
+        folder.path,
+        dtype,
+        device,
+        max_len,
+        kernels=kernels,
+        quantization=folder.quantization,
+        sparse_min_rows=_sparse_min_rows(folder, cfg, device, dtype),
+    )
     mcfg = model.cfg
     gemv_timings = {}
     if device.type == "cuda" and model.kernels and cfg.decode_gemv:
@@ -110,6 +121,17 @@ def load(folder: str | Path | EngineFolder, cfg: EngineConfig) -> LoadedEngine:
         captured,
         capture_s,
     )
+
+
+def _sparse_min_rows(folder: EngineFolder, cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> int | None:
+    """For a 2:4-pruned model, the row count from which steps run the sparse kernels; None: dense."""
+    if not (folder.two_four and cfg.sparse_kernels):
+        return None
+    why = sparse.supported(device, dtype)
+    if why:
+        log.info("fastserve: the 2:4-pruned weights run as dense ones: %s", why)
+        return None
+    return cfg.sparse_min_rows
 
 
 def _blocks_from_memory(cfg: EngineConfig, device: torch.device, per_block: int) -> int:

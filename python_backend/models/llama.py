@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from python_backend.models import quantized
 from python_backend.models.quantized import QuantizedWeight
+from python_backend.models.sparse import SparseWeight, sparsify
 from python_backend.ops.attention import AttentionMetadata, paged_attention
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -97,17 +98,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-Weight = torch.Tensor | QuantizedWeight
+Weight = torch.Tensor | QuantizedWeight | SparseWeight
+_OWN_PRODUCT = (QuantizedWeight, SparseWeight)  # weights that run their own matrix product
 
 
 def _linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
-    if isinstance(w, QuantizedWeight):
+    if isinstance(w, _OWN_PRODUCT):
         return w.linear(x, b)
     return F.linear(x, w, b)
 
 
 def _packed_linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
-    if isinstance(w, QuantizedWeight):
+    if isinstance(w, _OWN_PRODUCT):
         return w.linear(x, b)
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
@@ -171,9 +173,12 @@ class LlamaModel:
         max_len: int,
         kernels: bool = False,
         quantization: str | None = None,
+        sparse_min_rows: int | None = None,
     ):
         """`quantization`: the method the projections' weights are stored in (models/quantized.py),
-        None for dense weights."""
+        None for dense weights. `sparse_min_rows`: the projections are 2:4 sparse and run on the
+        semi-structured sparse kernels in steps of at least this many rows (models/sparse.py); None
+        for dense products."""
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.kernels = kernels and kernels_available(device, cfg)
         self.quantization = quantization
@@ -230,6 +235,10 @@ class LlamaModel:
         self.sin = (emb.sin() * attn_scaling).to(device=device, dtype=dtype)
         self.scale = cfg.head_dim**-0.5
         self._linear = _linear
+        if sparse_min_rows is not None:
+            for layer in self.layers:
+                for name in ("qkv_w", "o_w", "gate_up_w", "down_w"):
+                    setattr(layer, name, sparsify(getattr(layer, name), sparse_min_rows))
         if _can_pack(device, dtype):
             self._pack_weights()
         self.q_size = cfg.num_heads * cfg.head_dim
@@ -264,6 +273,8 @@ class LlamaModel:
         }
         timings = {}
         for name, (weights, silu_mul) in groups.items():
+            if isinstance(weights[0], SparseWeight):
+                continue  # the sparse kernels, or below their rows the dense weight through cuBLAS
             if isinstance(weights[0], QuantizedWeight):
                 from python_backend.ops import quant_gemv  # our GEMV, or the dense path, by timing
 
@@ -276,7 +287,7 @@ class LlamaModel:
                 config, timings[f"{name}/{rows}"] = gemv.choose(weights, rows, silu_mul)
                 if config is not None:
                     self.gemv[(name, rows)] = config
-        if self.layers[0].q_norm is None and not isinstance(self.layers[0].qkv_w, QuantizedWeight):
+        if self.layers[0].q_norm is None and isinstance(self.layers[0].qkv_w, torch.Tensor):
             for rows in (1, 2, 4):
                 timings[f"add_norm_qkv_rope/{rows}"] = self._tune_fused_qkv(rows)
         return timings
@@ -335,15 +346,16 @@ class LlamaModel:
         self,
         name: str,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        weight: Weight,
         bias: torch.Tensor | None = None,
         silu_mul: bool = False,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One projection of the kernel path: the GEMV kernel where tune_decode_gemv chose it for
         this many rows, cuBLAS otherwise (with silu_mul, x is the gate-up output); a quantized weight
-        runs its own product. `out` takes the result (float32 for logits), as gemv's does."""
-        if isinstance(weight, QuantizedWeight):
+        runs its own product, as a sparse one does. `out` takes the result (float32 for logits), as
+        gemv's does."""
+        if isinstance(weight, _OWN_PRODUCT):
             if silu_mul:
                 from python_backend.ops import fused
 
@@ -372,6 +384,7 @@ class LlamaModel:
         max_len: int,
         kernels: bool = False,
         quantization: str | None = None,
+        sparse_min_rows: int | None = None,
     ) -> LlamaModel:
         import json
 
@@ -381,14 +394,14 @@ class LlamaModel:
         weights: dict[str, torch.Tensor] = {}
         for f in sorted(folder.glob("*.safetensors")):
             weights.update(load_file(str(f)))
-        return cls(cfg, weights, dtype, device, max_len, kernels, quantization)
+        return cls(cfg, weights, dtype, device, max_len, kernels, quantization, sparse_min_rows)
 
     @property
     def num_bytes(self) -> int:
         tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         for layer in self.layers:
             tensors += [t for t in vars(layer).values() if t is not None]
-        return sum(t.num_bytes if isinstance(t, QuantizedWeight) else t.numel() * t.element_size() for t in tensors)
+        return sum(t.num_bytes if isinstance(t, _OWN_PRODUCT) else t.numel() * t.element_size() for t in tensors)
 
     def forward(
         self,
