@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ try:  # without a GPU, the Triton kernels' tests run in Triton's interpreter; se
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:
     pass
+
+# engines started by the tests take CPU turns among themselves, not with a user's servers on the host
+os.environ.setdefault("FASTSERVE_CPU_LOCK", os.path.join(tempfile.mkdtemp(prefix="fastserve-tests-"), "cpu.lock"))
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_REPOS = Path(__file__).resolve().parent / "repos"

@@ -98,11 +98,11 @@ class EngineCore:
         self.scheduler.fence()
         with self._turn:
             logits, sampled = self.runner.run(batch)
-            self.scheduler.after_step(batch)
-            self.scheduler.proactive()
-            self.stats.steps += 1
-            self.stats.prompt_tokens += sum(n for _, n in batch.prefills)
-            return self._process(batch, logits, sampled, start)
+        self.scheduler.after_step(batch)
+        self.scheduler.proactive()
+        self.stats.steps += 1
+        self.stats.prompt_tokens += sum(n for _, n in batch.prefills)
+        return self._process(batch, logits, sampled, start)
 
     def _process(
         self, batch: ScheduledBatch, logits: torch.Tensor | None, sampled: list[Sequence], start: float
@@ -110,10 +110,11 @@ class EngineCore:
         """Send the previous step's tokens while this one computes, then take this step's tokens."""
         self._flush()
         if sampled:
-            ids = self._launch_ahead(batch, logits, sampled)
-            logprobs = None
-            if ids is None:
-                ids, logprobs = sample(logits, sampled, self.eos_ids, self._generator)
+            with self._turn:  # a step launched ahead computes here
+                ids = self._launch_ahead(batch, logits, sampled)
+                logprobs = None
+                if ids is None:
+                    ids, logprobs = sample(logits, sampled, self.eos_ids, self._generator)
             now = time.perf_counter()
             for i, (seq, token) in enumerate(zip(sampled, ids)):
                 if not seq.finished:
@@ -242,6 +243,12 @@ class EngineCore:
         self._flush()
         for seq in list(self.seqs.values()):
             self.finish(seq, "cancelled")
+
+    def close(self) -> None:
+        """Let go of the host lock CPU steps take turns on."""
+        close = getattr(self._turn, "close", None)
+        if close is not None:
+            close()
 
     def snapshot(self) -> dict:
         """The scheduler's and the KV cache's state as plain numbers, for metrics."""

@@ -8,11 +8,13 @@ for the length of a step keeps one pool on the cores at a time, at a cost of one
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import tempfile
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 
 def lock_path() -> Path:
     """One lock per user and host; $FASTSERVE_CPU_LOCK names another (engines that should share
@@ -24,18 +26,25 @@ def lock_path() -> Path:
 
 
 class CpuTurns(AbstractContextManager):
-    """`with turns:` holds the host's CPU for one step."""
+    """`with turns:` holds the host's CPU for one step. Where the lock file cannot be opened the
+    engine runs without turns (a warning says so) rather than not at all."""
 
     def __init__(self, path: Path | None = None):
         self.path = path or lock_path()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = -1
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            log.warning("fastserve: CPU engines will not take turns: cannot open %s (%s)", self.path, e)
 
     def __enter__(self) -> CpuTurns:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if self._fd >= 0:

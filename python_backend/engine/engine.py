@@ -255,3 +255,4 @@ class Engine(EngineClient):
             self._thread.join(timeout=30)
             self._thread = None
         self.core.cancel_all()
+        self.core.close()

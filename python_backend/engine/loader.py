@@ -128,6 +128,8 @@ def _sparse_min_rows(folder: EngineFolder, cfg: EngineConfig, device: torch.devi
     if not (folder.two_four and cfg.sparse_kernels):
         return None
     why = sparse.supported(device, dtype)
+    if folder.quantization:
+        why = f"the weights are quantized ({folder.quantization}) and keep their own kernels"
     if why:
         log.info("fastserve: the 2:4-pruned weights run as dense ones: %s", why)
         return None

@@ -28,6 +28,8 @@ def supported(device: torch.device, dtype: torch.dtype) -> str | None:
         return "the GPU has no sparse tensor cores (compute capability 8.0 or newer is needed)"
     if dtype not in (torch.float16, torch.bfloat16):
         return f"the sparse kernels take float16 or bfloat16 weights, not {dtype}"
+    if not torch.backends.cusparselt.is_available():
+        return "this PyTorch build has no cuSPARSELt"
     return None
 
 
@@ -73,8 +75,11 @@ class SparseWeight:
         return F.linear(x, self.sparse, bias).contiguous()
 
 
-def sparsify(w: torch.Tensor, min_rows: int) -> torch.Tensor | SparseWeight:
-    """The weight as a SparseWeight where it is 2:4 and tiles; otherwise as it was."""
+def sparsify(w: object, min_rows: int) -> object:
+    """The weight as a SparseWeight where it is a dense 2:4 tensor that tiles; otherwise as it was
+    (a quantized weight keeps its own product)."""
+    if type(w) is not torch.Tensor and not isinstance(w, torch.nn.Parameter):
+        return w
     try:
         return SparseWeight.from_dense(w, min_rows)
     except ValueError:

@@ -29,6 +29,8 @@ def test_weights_that_cannot_go_sparse_stay_dense():
     assert sparse.sparsify(w, 0) is w  # not 2:4
     odd = torch.randn(48, 96)
     assert sparse.sparsify(odd * semi_structured_mask(odd), 0).shape == (48, 96)  # does not tile
+    quantized = object()  # a quantized weight keeps its own product
+    assert sparse.sparsify(quantized, 0) is quantized
 
 
 @pytest.mark.skipif(
