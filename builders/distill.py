@@ -132,11 +132,11 @@ def distill_loss(
     vocab = student_logits.shape[-1]
     hard = F.cross_entropy(student_logits.reshape(-1, vocab).float(), labels.reshape(-1))
     if teacher_logits is None:
-        return hard, float(hard), 0.0
+        return hard, hard.item(), 0.0
     s = F.log_softmax(student_logits.reshape(-1, vocab).float() / t, dim=-1)
     p = F.log_softmax(teacher_logits.reshape(-1, vocab).float() / t, dim=-1)
     soft = F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
-    return alpha * hard + (1 - alpha) * soft, float(hard), float(soft)
+    return alpha * hard + (1 - alpha) * soft, hard.item(), soft.item()
 
 
 def _autocast(device: torch.device):

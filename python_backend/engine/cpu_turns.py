@@ -16,6 +16,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+
 def lock_path() -> Path:
     """One lock per user and host; $FASTSERVE_CPU_LOCK names another (engines that should share
     cores with each other but not with the rest)."""
