@@ -247,6 +247,7 @@ def _write_engine(source, dtype: str, args: argparse.Namespace, engine_tmp: Path
         "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
         "quantization": quantization,
         "pruning": pruning,
+        "tokenizer": tokenizer,
     }
 
 
@@ -262,6 +263,12 @@ def build(args: argparse.Namespace) -> Path:
     engine_dir = version / "engine"
     settings = build_settings(args, dtype)
     check_compression(args, source, on_gpu)
+    from builders.graph import GraphBuildError, build_graphs, check_backend
+
+    try:
+        check_backend(args.backend, on_gpu, args.quantize)
+    except GraphBuildError as e:
+        raise BuildError(str(e)) from e
     created_entry = not entry.exists()
     entry_config = EntrySettings(
         name=args.name,
@@ -308,6 +315,14 @@ def build(args: argparse.Namespace) -> Path:
                     "build_settings": settings,
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }
+                if args.backend != "pytorch":
+                    (engine_tmp / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
+                    try:
+                        meta["graph"] = build_graphs(
+                            engine_tmp, args.backend, info["tokenizer"], lambda m: _log(m, start), args.max_batch_size
+                        )
+                    except GraphBuildError as e:
+                        raise BuildError(str(e)) from e
                 (engine_tmp / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
                 engine_tmp.chmod(0o755)  # mkdtemp makes it private; a container's server may run as another user
                 for f in engine_tmp.iterdir():

@@ -210,7 +210,7 @@ def train(
                     for name, keep in masks.items():
                         params[name].mul_(keep)
             step += 1
-            record = StepRecord(step, float(loss), hard, soft, inputs.numel() / (time.perf_counter() - began))
+            record = StepRecord(step, loss.item(), hard, soft, inputs.numel() / (time.perf_counter() - began))
             history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record.loss:.4f}", tok_s=f"{record.tokens_per_s:.0f}")

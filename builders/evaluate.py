@@ -42,6 +42,7 @@ class EvalOptions:
     num_threads: int = 0
     kv_blocks: int = 1024
     kv_cache_dtype: str = "auto"
+    runner: str = "auto"
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Evaluation:
     dtype: str
     device: str
     kv_cache_dtype: str
+    runner: str
     perplexity: float
     eval_tokens: int
     text: dict
@@ -82,6 +84,7 @@ def _open(path: Path, opts: EvalOptions):
 
     # a fixed KV pool: enough for the batch speed test, and room for a reference beside the candidate
     overrides = {"num_kv_blocks": opts.kv_blocks, "enable_prefix_caching": False, "kv_cache_dtype": opts.kv_cache_dtype}
+    overrides["runner"] = opts.runner
     if opts.device:
         overrides["device"] = opts.device
     if opts.num_threads:
@@ -125,12 +128,17 @@ def teacher_forced_agreement(candidate, reference, prompts: list[list[int]], gen
     return same / total, total
 
 
+def _graph_bytes(folder: Path) -> int:
+    """An exported graph's weights: the ONNX file and its external data, as the runtime holds them."""
+    return sum(f.stat().st_size for f in folder.glob("model.onnx*"))
+
+
 def speed(engine) -> tuple[float, float]:
     """Tokens/s: one stream 64 -> 128 (best of 3), and 32 x 64 -> 64 (median of 3), EOS ignored."""
     from python_backend.engine.sequence import SamplingParams
 
     rng = random.Random(7)
-    vocab = engine.model.cfg.vocab_size
+    vocab = engine.folder.hf_config["vocab_size"]
     prompts = [[rng.randrange(min(1000, vocab // 2), vocab - 1) for _ in range(64)] for _ in range(32)]
     single_params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     engine.generate([prompts[0]], single_params)
@@ -189,14 +197,15 @@ def evaluate(
         dtype=str(engine.dtype).replace("torch.", ""),
         device=str(engine.device),
         kv_cache_dtype=opts.kv_cache_dtype,
+        runner=engine.folder.runner(opts.runner),
         perplexity=perplexity(engine, ids, opts.window),
         eval_tokens=len(ids),
         text=text,
         weights_bytes_on_disk=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
-        weights_bytes_in_memory=engine.model.num_bytes,
+        weights_bytes_in_memory=engine.model.num_bytes if engine.model is not None else _graph_bytes(folder),
     )
     if against is not None:
-        ref_opts = EvalOptions(**{**asdict(opts), "kv_cache_dtype": "auto"})  # the reference as built
+        ref_opts = EvalOptions(**{**asdict(opts), "kv_cache_dtype": "auto", "runner": "auto"})  # as built
         ref = against if isinstance(against, Reference) else load_reference(against, ids, ref_opts)
         result.against = str(ref.folder)
         result.reference_perplexity = ref.perplexity
@@ -235,7 +244,8 @@ def format_table(results: list[Evaluation]) -> str:
     for r in results:
         agree = "-" if r.agreement is None else f"{100 * r.agreement:.1f}%"
         lines.append(
-            f"| {r.quantization} | {r.kv_cache_dtype} | {r.perplexity:.3f} | {num(r.perplexity_ratio, '.4f')} | "
+            f"| {r.quantization}{'' if r.runner == 'pytorch' else f' ({r.runner})'} | "
+            f"{r.kv_cache_dtype} | {r.perplexity:.3f} | {num(r.perplexity_ratio, '.4f')} | "
             f"{agree} | "
             f"{r.weights_bytes_on_disk / 1e6:.1f} MB | {r.weights_bytes_in_memory / 1e6:.1f} MB | "
             f"{num(r.single_stream_tok_s, '.1f')} | {num(r.batch_tok_s, '.1f')} |"
@@ -252,11 +262,12 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         num_threads=args.threads,
         kv_cache_dtype=args.kv_cache_dtype,
+        runner=args.runner,
     )
     try:
         against = None
         if args.against:
-            ref_opts = EvalOptions(**{**asdict(opts), "kv_cache_dtype": "auto"})
+            ref_opts = EvalOptions(**{**asdict(opts), "kv_cache_dtype": "auto", "runner": "auto"})
             against = load_reference(args.against, evaluation_ids(args.against, opts.eval_tokens)[0], ref_opts)
         results = [evaluate(target, against, opts) for target in args.targets]
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -285,5 +296,11 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     p.add_argument(
         "--kv-cache-dtype", default="auto", choices=("auto", "int8", "fp8"), help="the candidates' KV cache storage"
+    )
+    p.add_argument(
+        "--runner",
+        default="auto",
+        choices=("auto", "pytorch", "onnxruntime", "tensorrt"),
+        help="what runs the candidates (auto: what each was built for)",
     )
     p.set_defaults(func=run)

@@ -138,8 +138,10 @@ def save_tiny_model(folder: Path, arch: str, tokenizer, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def serving_repo(smollm2_repo, smollm2_source, tmp_path_factory) -> Path:
-    """SmolLM2, plus a tiny random model whose queue holds only 4 requests (to see UNAVAILABLE), and the
-    tiny model again under the MLFQ scheduler, streaming one response per 4 tokens."""
+    """SmolLM2, again as its ONNX graph served by ONNX Runtime (smollm2_onnx), a tiny random model whose
+    queue holds only 4 requests (to see UNAVAILABLE), and the tiny model again under the MLFQ
+    scheduler, streaming one response per 4 tokens."""
+    build_entry(smollm2_repo, "smollm2", "smollm2_onnx", "--dtype", "float32", "--backend", "onnx")
     tmp = tmp_path_factory.mktemp("tiny-src")
     folder = save_tiny_model(tmp / "tiny", "llama", smollm2_source[1], seed=5)
     build_entry(smollm2_repo, str(folder), "tiny", "--max-queue-size", "4", "--max-num-seqs", "2")
@@ -161,6 +163,15 @@ def serving_repo(smollm2_repo, smollm2_source, tmp_path_factory) -> Path:
         "4",
     )
     return smollm2_repo
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_entry(tmp_path_factory, smollm2_source) -> Path:
+    """A tiny random Llama built with --backend onnx: its safetensors and its checked ONNX graph."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install -e .[onnx])")
+    tmp = tmp_path_factory.mktemp("tiny-onnx")
+    folder = save_tiny_model(tmp / "src", "llama", smollm2_source[1], seed=11)
+    return build_entry(tmp / "repo", str(folder), "tiny", "--backend", "onnx")
 
 
 @pytest.fixture(scope="session")

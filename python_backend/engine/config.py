@@ -85,6 +85,13 @@ class EngineConfig:
     )
     swap_space_gb: float = setting(4.0, "mlfq: host memory for swapped-out KV blocks, in GiB", minimum=0.0)
     enable_prefix_caching: bool = setting(True, "share the KV blocks of a common prompt prefix between requests")
+    runner: str = setting(
+        "auto",
+        "what runs the model: pytorch (the paged KV cache, and on GPUs our kernels and CUDA graphs), "
+        "onnxruntime (the entry's ONNX graph on the CPU) or tensorrt (its TensorRT engine); auto: "
+        "the backend the entry was built for",
+        choices=("auto", "pytorch", "onnxruntime", "tensorrt"),
+    )
     kernels: bool = setting(True, "gpu: FastServe's Triton attention and fused decode kernels")
     cuda_graphs: bool = setting(True, "gpu: run decode steps as CUDA graphs")
     decode_gemv: bool = setting(True, "gpu: time the GEMV kernel against cuBLAS at start-up for 1-4 rows")
@@ -187,6 +194,13 @@ class BuildConfig:
     )
     calibration_tokens: int = setting(
         4096, "int4 with awq, structured pruning, recovery: tokens of calibration text", minimum=64
+    )
+    backend: str = setting(
+        "pytorch",
+        "what serves the entry: pytorch (the weights as safetensors); onnx (also the decoder as an ONNX "
+        "graph with its KV cache as inputs and outputs, checked against PyTorch with polygraphy, served by "
+        "ONNX Runtime); tensorrt (also a TensorRT engine built from that graph; needs TensorRT)",
+        choices=("pytorch", "onnx", "tensorrt"),
     )
     evaluate: bool = setting(
         False, "after the build, run `fastserve evaluate` on it and store the result in engine.json"

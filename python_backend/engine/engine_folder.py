@@ -31,6 +31,22 @@ class EngineFolder:
         return q.get("method") if isinstance(q, dict) else None
 
     @property
+    def graph(self) -> dict:
+        """The exported graphs (builders/onnx_export.py): file names under "onnx" and "tensorrt", the
+        check's record; empty for an entry built for PyTorch alone."""
+        g = self.meta.get("graph")
+        return g if isinstance(g, dict) else {}
+
+    def runner(self, asked: str) -> str:
+        """The runner a setting of `runner` means for this folder, refusing one it has no file for."""
+        if asked == "auto":
+            return "tensorrt" if self.graph.get("tensorrt") else "onnxruntime" if self.graph.get("onnx") else "pytorch"
+        need = {"onnxruntime": ("onnx", "onnx"), "tensorrt": ("tensorrt", "tensorrt")}.get(asked)
+        if need and not self.graph.get(need[0]):
+            raise EngineFolderError(f"{self.path}: runner {asked} needs an entry built with --backend {need[1]}")
+        return asked
+
+    @property
     def two_four(self) -> bool:
         """The builder pruned the projections to 2:4 semi-structured sparsity."""
         p = self.meta.get("pruning")
@@ -99,6 +115,11 @@ def open_engine_folder(path: str | Path) -> EngineFolder:
                 f"{folder / 'engine.json'}: quantization method {method!r} is unknown; this backend serves "
                 f"{', '.join(METHODS)}"
             )
+    graph = meta.get("graph") or {}
+    for kind in ("onnx", "tensorrt"):
+        name = graph.get(kind)
+        if name and not (folder / name).is_file():
+            raise EngineFolderError(f"{folder / name}: missing ({kind} graph named in engine.json); rebuild the engine")
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
         raise EngineFolderError(f"{folder}: no tokenizer (tokenizer.json or tokenizer.model)")
     return EngineFolder(folder, meta, config)

@@ -13,6 +13,7 @@ import torch
 from python_backend.engine import config as settings
 from python_backend.engine.config import EngineConfig
 from python_backend.engine.engine_folder import EngineFolder, open_engine_folder
+from python_backend.engine.graph_runner import GraphRunner, GraphShape, OnnxRuntimeSession, TensorRTSession
 from python_backend.engine.kv_cache import BlockManager, KVPool
 from python_backend.engine.kv_swap import KVSwapper
 from python_backend.engine.mlfq import MLFQConfig, MLFQScheduler, PrefillProfile
@@ -20,7 +21,7 @@ from python_backend.engine.runner import DecodeGraphs, Runner
 from python_backend.engine.scheduler import Policy, ScheduledBatch, Scheduler
 from python_backend.engine.sequence import SamplingParams, Sequence
 from python_backend.models import sparse
-from python_backend.models.llama import LlamaModel
+from python_backend.models.llama import LlamaModel, ModelConfig
 
 _DEFAULT_MAX_LEN = 4096  # for a model that declares no context length
 log = logging.getLogger(__name__)
@@ -35,10 +36,10 @@ class LoadedEngine:
     device: torch.device
     dtype: torch.dtype
     tokenizer: object
-    model: LlamaModel
-    pool: KVPool
+    model: LlamaModel | None  # None where an exported graph runs instead
+    pool: KVPool | None  # None where the runner keeps each sequence's cache itself
     blocks: BlockManager
-    runner: Runner
+    runner: Runner | GraphRunner
     max_model_len: int
     eos_ids: list[int]
     bytes_per_block: int
@@ -65,6 +66,9 @@ def load(folder: str | Path | EngineFolder, cfg: EngineConfig) -> LoadedEngine:
     dtype = getattr(torch, meta.get("dtype", "float32") if cfg.dtype == "auto" else cfg.dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(folder.path))
     max_len = cfg.max_model_len or meta.get("max_model_len") or _DEFAULT_MAX_LEN
+    runner_kind = folder.runner(cfg.runner)
+    if runner_kind != "pytorch":
+        return _load_graph(folder, cfg, runner_kind, device, tokenizer, max_len)
     kv = cfg.kv_cache_dtype
     kernels = cfg.kernels and kv == "auto"  # the Triton attention kernels read an unquantized cache
     model = LlamaModel.load(
@@ -123,6 +127,46 @@ def load(folder: str | Path | EngineFolder, cfg: EngineConfig) -> LoadedEngine:
     )
 
 
+def _load_graph(
+    folder: EngineFolder, cfg: EngineConfig, kind: str, device: torch.device, tokenizer, max_len: int
+) -> LoadedEngine:
+    """An engine over the folder's exported graph: float32, its cache kept per sequence, so the blocks
+    only count memory (no prefix caching, no swapping)."""
+    if kind == "onnxruntime" and device.type != "cpu":
+        raise ValueError(f"the onnxruntime runner runs on the CPU; device {cfg.device} asks for {device}")
+    mcfg = ModelConfig.from_hf(folder.hf_config)
+    if mcfg.sliding_window and max_len > mcfg.sliding_window:
+        max_len = mcfg.sliding_window
+    dtype = torch.float32
+    per_block = KVPool.bytes_per_block(
+        mcfg.num_layers, cfg.kv_block_size, mcfg.num_kv_heads, mcfg.head_dim, dtype, "auto"
+    )
+    num_blocks = cfg.num_kv_blocks or _blocks_from_memory(cfg, torch.device("cpu"), per_block)
+    if num_blocks < 2:
+        raise RuntimeError(f"KV cache too small: {num_blocks} blocks of {per_block} bytes")
+    if kind == "tensorrt":
+        session = TensorRTSession(folder.path / folder.graph["tensorrt"])
+    else:
+        session = OnnxRuntimeSession(folder.path / folder.graph["onnx"], cfg.num_threads)
+    shape = GraphShape(mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, mcfg.vocab_size)
+    log.info("fastserve: %s runs %s", kind, folder.path)
+    eos_ids = folder.eos_token_ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    return LoadedEngine(
+        folder,
+        cfg,
+        device,
+        dtype,
+        tokenizer,
+        None,
+        None,
+        BlockManager(num_blocks, cfg.kv_block_size, enable_prefix_caching=False),
+        GraphRunner(session, shape),
+        min(max_len, num_blocks * cfg.kv_block_size),
+        eos_ids,
+        per_block,
+    )
+
+
 def _sparse_min_rows(folder: EngineFolder, cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> int | None:
     """For a 2:4-pruned model, the row count from which steps run the sparse kernels; None: dense."""
     if not (folder.two_four and cfg.sparse_kernels):
@@ -149,6 +193,8 @@ def make_scheduler(parts: LoadedEngine) -> Scheduler:
     if cfg.scheduler == "fcfs":
         return Scheduler(parts.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, Policy())
     host_blocks = int(cfg.swap_space_gb * (1 << 30) // parts.bytes_per_block)
+    if parts.pool is None:
+        host_blocks = 0  # swapping moves blocks, and these hold nothing: a preempted job recomputes
     swapper = KVSwapper(parts.pool, host_blocks, parts.device) if host_blocks > 0 else None
     mlfq = MLFQConfig(
         levels=cfg.mlfq_levels,

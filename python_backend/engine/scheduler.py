@@ -86,6 +86,7 @@ class Scheduler:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed = 0
+        seq.runner_kv = None
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         """Recompute later: drop the KV blocks, keep the tokens made so far."""

@@ -144,6 +144,7 @@ class Sequence:
     senior: bool = False  # in the system longer than the senior bound: runs ahead of the queues
     swap_buffer: Any = None  # the K/V in host memory while SWAPPED (kv_swap.py)
     swapped_blocks: int = 0
+    runner_kv: Any = None  # the KV cache of a runner that keeps one per sequence (graph_runner.py)
 
     @property
     def all_ids(self) -> list[int]:

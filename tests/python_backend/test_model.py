@@ -19,6 +19,14 @@ from python_backend.engine.engine import Engine, EngineConfig
 from python_backend.engine.sequence import SamplingParams
 from tests.conftest import prompt_ids
 
+# the same serving behaviour whichever runner an entry has: PyTorch's, or ONNX Runtime's (--backend onnx)
+RUNNER_ENTRIES = ["smollm2", "smollm2_onnx"]
+
+
+@pytest.fixture(params=RUNNER_ENTRIES)
+def model(request) -> str:
+    return request.param
+
 
 def metric(server, name: str, **labels) -> float:
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
@@ -74,10 +82,10 @@ def reference_engine(smollm2_engine_dir):
     return Engine(smollm2_engine_dir, EngineConfig(num_kv_blocks=1024))
 
 
-def test_grpc_stream_and_http_match_engine(smollm2_server, reference_engine, prompt_set):
+def test_grpc_stream_and_http_match_engine(smollm2_server, model, reference_engine, prompt_set):
     tok = reference_engine.tokenizer
-    grpc = Client(smollm2_server.grpc_url, "grpc", "smollm2")
-    http = Client(smollm2_server.http_url, "http", "smollm2")
+    grpc = Client(smollm2_server.grpc_url, "grpc", model)
+    http = Client(smollm2_server.http_url, "http", model)
     n = 32
 
     all_ids = [prompt_ids(tok, p) for p in prompt_set]
@@ -104,22 +112,22 @@ def test_grpc_stream_and_http_match_engine(smollm2_server, reference_engine, pro
         assert whole.finish_reason == expected.finish_reason
 
 
-def test_http_generate_includes_prompt_unless_excluded(smollm2_server):
+def test_http_generate_includes_prompt_unless_excluded(smollm2_server, model):
     body = {"text_input": "The capital of France is", "max_tokens": 8, "temperature": 0.0}
     req = urllib.request.Request(
-        f"http://{smollm2_server.http_url}/v2/models/smollm2/generate", data=json.dumps(body).encode(), method="POST"
+        f"http://{smollm2_server.http_url}/v2/models/{model}/generate", data=json.dumps(body).encode(), method="POST"
     )
     data = json.loads(urllib.request.urlopen(req, timeout=120).read())
     assert data["text_output"].startswith("The capital of France is") and data["finish_reason"] == "length"
     assert data["num_output_tokens"] == 8
 
 
-def test_32_concurrent_streams_finish(smollm2_server):
+def test_32_concurrent_streams_finish(smollm2_server, model):
     with ThreadPoolExecutor(32) as pool:
         results = list(
             pool.map(
                 lambda i: _stream_request(
-                    smollm2_server.grpc_url, "smollm2", f"Write item number {i} of a long list:", 128
+                    smollm2_server.grpc_url, model, f"Write item number {i} of a long list:", 128
                 ),
                 range(32),
             )
@@ -142,13 +150,13 @@ def test_stream_interval_sends_one_response_per_interval(smollm2_server):
     assert "".join(texts) == whole.text and whole.num_output_tokens == 10
 
 
-def test_cancelled_streams_free_their_blocks(smollm2_server):
+def test_cancelled_streams_free_their_blocks(smollm2_server, model):
     with ThreadPoolExecutor(50) as pool:
         results = list(
             pool.map(
                 lambda i: _stream_request(
                     smollm2_server.grpc_url,
-                    "smollm2",
+                    model,
                     f"Count slowly to a thousand, attempt {i}:",
                     2000,
                     cancel_after=2,
@@ -159,14 +167,14 @@ def test_cancelled_streams_free_their_blocks(smollm2_server):
     assert all(error is None and len(texts) >= 2 for texts, _, error in results)
     deadline = time.time() + 120
     while time.time() < deadline:
-        used = metric(smollm2_server, "fastserve_kv_blocks", model="smollm2", state="used")
-        busy = metric(smollm2_server, "fastserve_requests", model="smollm2")
+        used = metric(smollm2_server, "fastserve_kv_blocks", model=model, state="used")
+        busy = metric(smollm2_server, "fastserve_requests", model=model)
         if used == 0 and busy == 0:
             break
         time.sleep(0.5)
     assert used == 0 and busy == 0
-    assert metric(smollm2_server, "fastserve_request_finish_total", model="smollm2", reason="cancelled") >= 50
-    out = Client(smollm2_server.grpc_url, "grpc", "smollm2").generate("Hello", 4)
+    assert metric(smollm2_server, "fastserve_request_finish_total", model=model, reason="cancelled") >= 50
+    out = Client(smollm2_server.grpc_url, "grpc", model).generate("Hello", 4)
     assert out.num_output_tokens == 4
 
 
@@ -185,7 +193,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("fields,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
-def test_bad_input_is_invalid_arg_and_server_keeps_serving(smollm2_server, fields, message):
+def test_bad_input_is_invalid_arg_and_server_keeps_serving(smollm2_server, model, fields, message):
     types = {
         "text_input": ("BYTES", np.object_),
         "max_tokens": ("INT32", np.int32),
@@ -204,15 +212,15 @@ def test_bad_input_is_invalid_arg_and_server_keeps_serving(smollm2_server, field
     errors: queue.SimpleQueue = queue.SimpleQueue()
     client = grpcclient.InferenceServerClient(smollm2_server.grpc_url)
     client.start_stream(callback=lambda result, error: errors.put(error))
-    client.async_stream_infer("smollm2", inputs)
+    client.async_stream_infer(model, inputs)
     error = errors.get(timeout=120)
     client.stop_stream()
     assert error is not None and message in error.message()
     # The model answers with TritonError(INVALID_ARG); Triton's frontends here pass on only the message
     # (gRPC streams have no code field; the HTTP generate endpoint answers 400 for any model error).
-    status, body = _http_generate(smollm2_server, {"text_input": "Hello", "max_tokens": 8, **fields})
+    status, body = _http_generate(smollm2_server, {"text_input": "Hello", "max_tokens": 8, **fields}, model)
     assert status == 400 and message in body["error"]
-    assert Client(smollm2_server.grpc_url, "grpc", "smollm2").generate("Hi", 3).num_output_tokens == 3
+    assert Client(smollm2_server.grpc_url, "grpc", model).generate("Hi", 3).num_output_tokens == 3
 
 
 def _http_generate(server, body: dict, model: str = "smollm2") -> tuple[int, dict]:
@@ -226,12 +234,12 @@ def _http_generate(server, body: dict, model: str = "smollm2") -> tuple[int, dic
         return e.code, json.loads(e.read() or b"{}")
 
 
-def test_wrong_tensor_type_rejected_and_server_keeps_serving(smollm2_server):
-    client = Client(smollm2_server.http_url, "http", "smollm2")
+def test_wrong_tensor_type_rejected_and_server_keeps_serving(smollm2_server, model):
+    client = Client(smollm2_server.http_url, "http", model)
     with pytest.raises(GenerateError):
         client.generate("Hello", max_tokens=4, temperature="hot")
     req = urllib.request.Request(
-        f"http://{smollm2_server.http_url}/v2/models/smollm2/generate",
+        f"http://{smollm2_server.http_url}/v2/models/{model}/generate",
         data=json.dumps({"text_input": "Hi", "max_tokens": 2.5}).encode(),
         method="POST",
     )
@@ -261,20 +269,20 @@ def test_overload_is_unavailable_not_a_hang(smollm2_server):
     assert Client(smollm2_server.grpc_url, "grpc", "tiny").generate("y", 2).num_output_tokens == 2
 
 
-def test_metrics_move_with_traffic(smollm2_server):
-    before = metric(smollm2_server, "fastserve_generation_tokens_total", model="smollm2")
-    ttft_before = metric(smollm2_server, "fastserve_time_to_first_token_seconds_count", model="smollm2")
-    Client(smollm2_server.grpc_url, "grpc", "smollm2").generate("Tell me about rivers.", 10, ignore_eos=True)
+def test_metrics_move_with_traffic(smollm2_server, model):
+    before = metric(smollm2_server, "fastserve_generation_tokens_total", model=model)
+    ttft_before = metric(smollm2_server, "fastserve_time_to_first_token_seconds_count", model=model)
+    Client(smollm2_server.grpc_url, "grpc", model).generate("Tell me about rivers.", 10, ignore_eos=True)
     deadline = time.time() + 10
     while (
         time.time() < deadline
-        and metric(smollm2_server, "fastserve_generation_tokens_total", model="smollm2") < before + 10
+        and metric(smollm2_server, "fastserve_generation_tokens_total", model=model) < before + 10
     ):
         time.sleep(0.1)
-    assert metric(smollm2_server, "fastserve_generation_tokens_total", model="smollm2") >= before + 10
-    assert metric(smollm2_server, "fastserve_time_to_first_token_seconds_count", model="smollm2") > ttft_before
-    assert metric(smollm2_server, "fastserve_kv_blocks", model="smollm2", state="total") > 0
-    assert metric(smollm2_server, "fastserve_prompt_tokens_total", model="smollm2") > 0
+    assert metric(smollm2_server, "fastserve_generation_tokens_total", model=model) >= before + 10
+    assert metric(smollm2_server, "fastserve_time_to_first_token_seconds_count", model=model) > ttft_before
+    assert metric(smollm2_server, "fastserve_kv_blocks", model=model, state="total") > 0
+    assert metric(smollm2_server, "fastserve_prompt_tokens_total", model=model) > 0
 
 
 def test_mlfq_entry_serves_priorities_and_reports_its_queues(smollm2_server):

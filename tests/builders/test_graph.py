@@ -1,0 +1,111 @@
+"""The ONNX export and its polygraphy check, and the TensorRT path up to where TensorRT is needed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from builders.build import main as build
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install -e .[onnx])")
+pytest.importorskip("polygraphy", reason="the onnx extra is not installed (pip install -e .[onnx])")
+
+
+def test_onnx_build_records_the_polygraphy_check(tiny_onnx_entry):
+    engine = tiny_onnx_entry / "1" / "engine"
+    meta = json.loads((engine / "engine.json").read_text())
+    graph = meta["graph"]
+    assert graph["backend"] == "onnx" and (engine / graph["onnx"]).is_file()
+    check = graph["check"]
+    assert check["passed"] and check["feeds"] >= 6 and check["tool"].startswith("polygraphy")
+    assert check["max_abs_diff"]["logits"] <= check["tolerances"]["logits"]["atol"]
+    assert check["greedy_agreement"] == 1.0
+    # the export's inputs and outputs, with the dynamic axes the runners rely on
+    import onnx
+
+    model = onnx.load(str(engine / graph["onnx"]), load_external_data=False)
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert inputs["input_ids"] == ["batch", "seq"]
+    assert inputs["past_key.0"][0] == "batch" and inputs["past_key.0"][2] == "past"
+    assert [o.name for o in model.graph.output][:3] == ["logits", "present_key.0", "present_value.0"]
+
+
+def test_polygraphy_check_fails_on_a_graph_that_differs(tiny_onnx_entry, tmp_path):
+    """A graph whose weights drifted from the model's must not pass the check."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from builders.onnx_check import check_graph
+    from builders.onnx_export import Decoder
+
+    engine = tiny_onnx_entry / "1" / "engine"
+    model = onnx.load(str(engine / "model.onnx"))
+    for init in model.graph.initializer:
+        if init.name == "norm":  # the final RMSNorm's weight: every logit moves with it
+            array = numpy_helper.to_array(init) * 1.5
+            init.CopyFrom(numpy_helper.from_array(array.astype(np.float32), init.name))
+            break
+    else:
+        pytest.fail("the final norm's weight is not among the graph's initializers")
+    onnx.save(model, str(tmp_path / "drifted.onnx"))
+    decoder = Decoder.from_engine_folder(engine)
+    result = check_graph(tmp_path / "drifted.onnx", decoder, [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    assert not result.passed and result.max_abs_diff["logits"] > result.tolerances["logits"]["atol"]
+
+
+def test_onnx_backend_refuses_quantized_and_gpu_builds(tmp_path, capsys):
+    for extra, message in (
+        (["--quantize", "int8"], "exports dense weights"),
+        (["--device", "gpu"], "ONNX Runtime on the CPU"),
+    ):
+        code = build(["--model", "smollm2", "--name", "x", "--repository", str(tmp_path), "--backend", "onnx", *extra])
+        assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_tensorrt_backend_stops_at_once_naming_where_tensorrt_is(tmp_path, capsys):
+    from python_backend.engine.graph_runner import tensorrt_missing
+
+    if tensorrt_missing(builder=True) is None:
+        pytest.skip("TensorRT's builder is installed here; the refusal does not apply")
+    code = build(
+        ["--model", "smollm2", "--name", "x", "--repository", str(tmp_path), "--backend", "tensorrt", "--device", "gpu"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "TensorRT" in err and "nvcr.io/nvidia/tritonserver" in err
+    assert "hashing" not in err and not (tmp_path / "x").exists()
+
+
+def test_tensorrt_profile_covers_decode_batches_and_prefills(tiny_onnx_entry):
+    from builders.graph import tensorrt_profile
+    from builders.onnx_export import Decoder
+
+    decoder = Decoder.from_engine_folder(tiny_onnx_entry / "1" / "engine")
+    shapes = tensorrt_profile(decoder, max_batch=16, max_len=512)
+    assert set(shapes) >= {"input_ids", "attention_mask", "past_key.0", f"past_value.{decoder.cfg.num_layers - 1}"}
+    for name, (low, opt, high) in shapes.items():
+        assert all(a <= b <= c for a, b, c in zip(low, opt, high)), name
+    assert shapes["input_ids"][2] == (16, 512) and shapes["past_key.0"][0][2] == 0
+
+
+def test_tensorrt_runner_refuses_where_tensorrt_is_missing(tiny_onnx_entry, tmp_path):
+    from python_backend.engine.engine import Engine
+    from python_backend.engine.engine_folder import EngineFolderError
+    from python_backend.engine.graph_runner import tensorrt_missing
+
+    engine = tiny_onnx_entry / "1" / "engine"
+    with pytest.raises(EngineFolderError, match="--backend tensorrt"):
+        Engine.from_folder(engine, runner="tensorrt")
+    if tensorrt_missing() is None:
+        pytest.skip("TensorRT is installed here")
+    copy = tmp_path / "engine"
+    shutil.copytree(engine, copy)
+    meta = json.loads((copy / "engine.json").read_text())
+    meta["graph"]["tensorrt"] = "model.plan"
+    (copy / "engine.json").write_text(json.dumps(meta))
+    (copy / "model.plan").write_bytes(b"not an engine")
+    with pytest.raises(RuntimeError, match="nvcr.io/nvidia/tritonserver"):
+        Engine.from_folder(copy)
