@@ -43,18 +43,21 @@ def test_auto_runs_the_entrys_graph(engine_dir):
     [
         {},  # decodes batched together, prefills whole
         {"max_num_batched_tokens": 16},  # prompts prefilled in chunks beside running decodes
-        {"scheduler": "mlfq", "max_num_seqs": 3, "mlfq_base_quantum_s": 0.0005, "mlfq_levels": 4},  # preemption
+        # blocks short: running jobs are preempted and recompute their cache
+        {"scheduler": "mlfq", "max_num_seqs": 3, "mlfq_base_quantum_s": 0.0005, "num_kv_blocks": 14},
     ],
-    ids=["fcfs", "chunked", "mlfq"],
+    ids=["fcfs", "chunked", "mlfq-preempting"],
 )
 def test_graph_runner_greedy_equals_pytorch_runner(engine_dir, settings):
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     prompts = _prompts(10)
     out = {}
     for runner in ("pytorch", "onnxruntime"):
-        engine = Engine.from_folder(engine_dir, runner=runner, num_kv_blocks=256, **settings)
+        engine = Engine.from_folder(engine_dir, runner=runner, **{"num_kv_blocks": 256, **settings})
         out[runner] = _tokens(run_staggered(engine, prompts, params, every=2, per_step=2))
         assert engine.blocks.num_free == engine.blocks.num_blocks
+        if "num_kv_blocks" in settings:
+            assert engine.scheduler.num_preemptions > 0
     assert out["onnxruntime"] == out["pytorch"]
 
 
