@@ -266,7 +266,7 @@ def build(args: argparse.Namespace) -> Path:
     from builders.graph import GraphBuildError, build_graphs, check_backend
 
     try:
-        check_backend(args.backend, on_gpu, args.quantize)
+        check_backend(args.backend, on_gpu, args.quantize, args.runner, dtype)
     except GraphBuildError as e:
         raise BuildError(str(e)) from e
     created_entry = not entry.exists()
@@ -319,7 +319,12 @@ def build(args: argparse.Namespace) -> Path:
                     (engine_tmp / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
                     try:
                         meta["graph"] = build_graphs(
-                            engine_tmp, args.backend, info["tokenizer"], lambda m: _log(m, start), args.max_batch_size
+                            engine_tmp,
+                            args.backend,
+                            info["tokenizer"],
+                            lambda m: _log(m, start),
+                            args.max_num_seqs,
+                            args.max_num_batched_tokens,
                         )
                     except GraphBuildError as e:
                         raise BuildError(str(e)) from e

@@ -128,9 +128,14 @@ def teacher_forced_agreement(candidate, reference, prompts: list[list[int]], gen
     return same / total, total
 
 
-def _graph_bytes(folder: Path) -> int:
-    """An exported graph's weights: the ONNX file and its external data, as the runtime holds them."""
-    return sum(f.stat().st_size for f in folder.glob("model.onnx*"))
+def _weight_files(folder: Path, runner: str) -> list[Path]:
+    """The files a runner loads its weights from: safetensors, or the exported graph it runs."""
+    graph = json.loads((folder / "engine.json").read_text()).get("graph") or {}
+    if runner == "tensorrt":
+        return [folder / graph["tensorrt"]]
+    if runner == "onnxruntime":
+        return sorted(folder.glob(graph["onnx"] + "*"))  # the graph and its external data
+    return sorted(folder.glob("*.safetensors"))
 
 
 def speed(engine) -> tuple[float, float]:
@@ -191,18 +196,20 @@ def evaluate(
     engine = _open(folder, opts)
     meta = engine.folder.meta
     q = meta.get("quantization") or {}
+    runner = engine.folder.runner(opts.runner)
+    on_disk = sum(f.stat().st_size for f in _weight_files(folder, runner))
     result = Evaluation(
         engine=str(folder),
         quantization=q.get("method", "none") + ("-gguf" if q.get("source") == "gguf" else ""),
         dtype=str(engine.dtype).replace("torch.", ""),
         device=str(engine.device),
         kv_cache_dtype=opts.kv_cache_dtype,
-        runner=engine.folder.runner(opts.runner),
+        runner=runner,
         perplexity=perplexity(engine, ids, opts.window),
         eval_tokens=len(ids),
         text=text,
-        weights_bytes_on_disk=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
-        weights_bytes_in_memory=engine.model.num_bytes if engine.model is not None else _graph_bytes(folder),
+        weights_bytes_on_disk=on_disk,
+        weights_bytes_in_memory=engine.model.num_bytes if engine.model is not None else on_disk,
     )
     if against is not None:
         ref_opts = EvalOptions(**{**asdict(opts), "kv_cache_dtype": "auto", "runner": "auto"})  # as built
@@ -297,10 +304,8 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--kv-cache-dtype", default="auto", choices=("auto", "int8", "fp8"), help="the candidates' KV cache storage"
     )
-    p.add_argument(
-        "--runner",
-        default="auto",
-        choices=("auto", "pytorch", "onnxruntime", "tensorrt"),
-        help="what runs the candidates (auto: what each was built for)",
-    )
+    from python_backend.engine.config import settings
+
+    runner = next(s for s in settings() if s.name == "runner")
+    p.add_argument("--runner", default=runner.default, choices=runner.choices, help=runner.help)
     p.set_defaults(func=run)

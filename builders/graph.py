@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from builders.onnx_export import ONNX_FILE, OPSET, Decoder, OnnxExportError, export
-from python_backend.engine.graph_runner import tensorrt_missing
+from python_backend.engine.graph_runner import GraphNames, tensorrt_missing
 
 TENSORRT_FILE = "model.plan"
 CHECK_LENGTHS = (5, 24, 64)  # prompt lengths the polygraphy check feeds
@@ -23,12 +23,25 @@ class GraphBuildError(RuntimeError):
     pass
 
 
-def check_backend(backend: str, on_gpu: bool, quantize: str) -> None:
-    """Refuse, before any work, a graph build that cannot succeed here."""
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime", "polygraphy")
+BACKEND_OF_RUNNER = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}  # the build a graph runner needs
+SERVES = {"pytorch": (), "onnx": ("onnxruntime",), "tensorrt": ("onnxruntime", "tensorrt")}  # graph runners
+
+
+def check_backend(backend: str, on_gpu: bool, quantize: str, runner: str, dtype: str) -> None:
+    """Refuse, before any work, a graph build that cannot succeed here or an entry whose runner
+    setting could not load it."""
+    import importlib.util
+
+    if runner in BACKEND_OF_RUNNER and runner not in SERVES[backend]:
+        raise GraphBuildError(f"--runner {runner} needs an entry built with --backend {BACKEND_OF_RUNNER[runner]}")
     if backend == "pytorch":
         return
-    if quantize != "none":
-        raise GraphBuildError(f"--backend {backend} exports dense weights; drop --quantize {quantize}")
+    missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise GraphBuildError(
+            f"--backend {backend} needs {', '.join(missing)}: install FastServe's onnx extra (pip install -e .[onnx])"
+        )
     if backend == "onnx" and on_gpu:
         raise GraphBuildError("--backend onnx serves with ONNX Runtime on the CPU; build it with --device cpu")
     if backend == "tensorrt":
@@ -37,6 +50,10 @@ def check_backend(backend: str, on_gpu: bool, quantize: str) -> None:
         why = tensorrt_missing(builder=True)
         if why:
             raise GraphBuildError(f"--backend tensorrt: {why}")
+    if quantize != "none":
+        raise GraphBuildError(f"--backend {backend} exports dense weights; drop --quantize {quantize}")
+    if dtype != "float32":
+        raise GraphBuildError(f"--backend {backend} exports a float32 graph; give --dtype float32 (not {dtype})")
 
 
 def check_prompts(tokenizer) -> list[list[int]]:
@@ -51,7 +68,9 @@ def check_prompts(tokenizer) -> list[list[int]]:
     return out
 
 
-def build_graphs(engine_dir: Path, backend: str, tokenizer, log: Callable[[str], None], max_batch: int) -> dict:
+def build_graphs(
+    engine_dir: Path, backend: str, tokenizer, log: Callable[[str], None], max_seqs: int, max_step_tokens: int
+) -> dict:
     """Export (and for tensorrt, compile) the engine folder's model; returns engine.json's "graph"."""
     try:
         decoder = Decoder.from_engine_folder(engine_dir)
@@ -74,45 +93,61 @@ def build_graphs(engine_dir: Path, backend: str, tokenizer, log: Callable[[str],
             f"the ONNX graph disagrees with PyTorch beyond the tolerances {check.tolerances}: "
             f"max |diff| {check.max_abs_diff}"
         )
-    graph = {"backend": backend, "onnx": ONNX_FILE, "opset": OPSET, "dtype": "float32", "check": check.to_dict()}
+    max_len = int(decoder.cos.shape[0])  # the graph's rotary table: positions beyond it do not exist
+    graph = {
+        "backend": backend,
+        "onnx": ONNX_FILE,
+        "opset": OPSET,
+        "dtype": "float32",
+        "max_model_len": max_len,
+        "check": check.to_dict(),
+    }
     if backend == "tensorrt":
         log("building the TensorRT engine from the ONNX graph (polygraphy)")
-        build_tensorrt(engine_dir / ONNX_FILE, engine_dir / TENSORRT_FILE, decoder, max_batch)
+        profiles = tensorrt_profiles(decoder, max_seqs, min(max_step_tokens, max_len), max_len)
+        build_tensorrt(engine_dir / ONNX_FILE, engine_dir / TENSORRT_FILE, profiles)
         graph["tensorrt"] = TENSORRT_FILE
     return graph
 
 
-def tensorrt_profile(decoder: Decoder, max_batch: int, max_len: int) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """min, opt and max shape of every input: decode batches up to max_batch, prefills up to max_len."""
+Shapes = dict[str, tuple[tuple, tuple, tuple]]  # input name -> min, opt and max shape
+
+
+def tensorrt_profiles(decoder: Decoder, max_seqs: int, max_step: int, max_len: int) -> list[Shapes]:
+    """Two optimization profiles, in graph_runner's order: prefill (one sequence, up to a step's
+    tokens after up to a context of cache) and decode (up to max_seqs sequences, one token each)."""
     cfg = decoder.cfg
-    kv = (cfg.num_kv_heads, cfg.head_dim)
-    opt_batch = min(8, max_batch)
-    shapes = {
-        "input_ids": ((1, 1), (opt_batch, 1), (max_batch, max_len)),
-        "position_ids": ((1, 1), (opt_batch, 1), (max_batch, max_len)),
-        "attention_mask": ((1, 1), (opt_batch, 512), (max_batch, max_len)),
-        "logit_positions": ((1, 1), (opt_batch, 1), (max_batch, max_len)),
-    }
-    for i in range(cfg.num_layers):
-        for kind in ("key", "value"):
-            shapes[f"past_{kind}.{i}"] = (
-                (1, kv[0], 0, kv[1]),
-                (opt_batch, kv[0], 511, kv[1]),
-                (max_batch, kv[0], max_len - 1, kv[1]),
-            )
-    return shapes
+    heads, hd = cfg.num_kv_heads, cfg.head_dim
+
+    def profile(batch: int, seq: int, opt_batch: int, opt_seq: int) -> Shapes:
+        opt_past = min(512, max_len - seq)
+        shapes = {
+            "input_ids": ((1, 1), (opt_batch, opt_seq), (batch, seq)),
+            "position_ids": ((1, 1), (opt_batch, opt_seq), (batch, seq)),
+            "attention_mask": ((1, 1), (opt_batch, opt_past + opt_seq), (batch, max_len)),
+            "logit_positions": ((1, 1), (opt_batch, 1 if seq == 1 else opt_seq), (batch, seq)),
+        }
+        for name in GraphNames(cfg.num_layers).past:
+            shapes[name] = ((1, heads, 0, hd), (opt_batch, heads, opt_past, hd), (batch, heads, max_len - 1, hd))
+        return shapes
+
+    prefill = profile(1, max_step, 1, min(256, max_step))
+    decode = profile(max_seqs, 1, min(8, max_seqs), 1)
+    return [prefill, decode]
 
 
-def build_tensorrt(onnx_path: Path, out: Path, decoder: Decoder, max_batch: int) -> None:
-    """A TensorRT engine from the ONNX graph with one optimization profile over batch and length."""
+def build_tensorrt(onnx_path: Path, out: Path, profiles: list[Shapes]) -> None:
+    """A TensorRT engine from the ONNX graph with the optimization profiles given."""
     why = tensorrt_missing(builder=True)
     if why:
         raise GraphBuildError(why)
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
 
-    profile = Profile()
-    max_len = int(decoder.cos.shape[0])
-    for name, (low, opt, high) in tensorrt_profile(decoder, max_batch, max_len).items():
-        profile.add(name, min=low, opt=opt, max=high)
-    engine = EngineFromNetwork(NetworkFromOnnxPath(str(onnx_path)), config=CreateConfig(profiles=[profile]))
+    trt_profiles = []
+    for shapes in profiles:
+        profile = Profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.add(name, min=low, opt=opt, max=high)
+        trt_profiles.append(profile)
+    engine = EngineFromNetwork(NetworkFromOnnxPath(str(onnx_path)), config=CreateConfig(profiles=trt_profiles))
     SaveEngine(engine, path=str(out))()

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from builders.onnx_export import Decoder, GraphNames
+from builders.onnx_export import Decoder
+from python_backend.engine.graph_runner import GraphNames
 
 # float32 on both sides; the logits of a 49k-word vocabulary are sums over hundreds of products
 LOGITS_ATOL, LOGITS_RTOL = 1e-2, 1e-3

@@ -17,12 +17,12 @@ a causal-and-padding mask) so any ONNX runtime or TensorRT parser takes it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from python_backend.engine.graph_runner import GraphNames
 from python_backend.models.llama import ModelConfig, rope_inv_freq
 
 OPSET = 18
@@ -31,29 +31,6 @@ ONNX_FILE = "model.onnx"
 
 class OnnxExportError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class GraphNames:
-    """The graph's input and output names, in order; the runners feed and read them by name."""
-
-    num_layers: int
-
-    @property
-    def past(self) -> list[str]:
-        return [n for i in range(self.num_layers) for n in (f"past_key.{i}", f"past_value.{i}")]
-
-    @property
-    def present(self) -> list[str]:
-        return [n for i in range(self.num_layers) for n in (f"present_key.{i}", f"present_value.{i}")]
-
-    @property
-    def inputs(self) -> list[str]:
-        return ["input_ids", "position_ids", "attention_mask", "logit_positions", *self.past]
-
-    @property
-    def outputs(self) -> list[str]:
-        return ["logits", *self.present]
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -81,9 +58,13 @@ class Decoder(torch.nn.Module):
         def opt(name: str) -> torch.nn.Parameter | None:
             return w(name) if name in weights else None
 
+        # the same weights, and the same rules for which are used, as the engine's LlamaModel: Q, K
+        # and V biases (Qwen2), q/k norms (Qwen3), an output projection tied to the embedding unless
+        # the model has its own
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        self.lm_head = self.embed if "lm_head.weight" not in weights else w("lm_head.weight")
+        untied = not cfg.tie_word_embeddings and "lm_head.weight" in weights
+        self.lm_head = w("lm_head.weight") if untied else self.embed
         self.layers = torch.nn.ModuleList()
         for i in range(cfg.num_layers):
             p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
@@ -98,7 +79,9 @@ class Decoder(torch.nn.Module):
                 ("down", p + "mlp.down_proj"),
             ):
                 setattr(layer, short + "_w", w(name + ".weight"))
-                setattr(layer, short + "_b", opt(name + ".bias"))
+            biases = [opt(a + f"{n}_proj.bias") for n in "qkv"]
+            has_bias = all(b is not None for b in biases)
+            layer.q_b, layer.k_b, layer.v_b = biases if has_bias else (None, None, None)
             layer.ln1, layer.ln2 = w(p + "input_layernorm.weight"), w(p + "post_attention_layernorm.weight")
             layer.q_norm, layer.k_norm = opt(a + "q_norm.weight"), opt(a + "k_norm.weight")
             self.layers.append(layer)
@@ -158,9 +141,9 @@ class Decoder(torch.nn.Module):
             scores = torch.matmul(qg, k.transpose(2, 3)).view(b, nkv, group, s, total) * (hd**-0.5)
             probs = torch.softmax(scores + bias.unsqueeze(1), dim=-1)
             attn = torch.matmul(probs.view(b, nkv, group * s, total), v).view(b, nh, s, hd)
-            h = h + F.linear(attn.transpose(1, 2).reshape(b, s, nh * hd), la.o_w, la.o_b)
+            h = h + F.linear(attn.transpose(1, 2).reshape(b, s, nh * hd), la.o_w)
             x = _rms_norm(h, la.ln2, eps)
-            h = h + F.linear(F.silu(F.linear(x, la.gate_w, la.gate_b)) * F.linear(x, la.up_w, la.up_b), la.down_w)
+            h = h + F.linear(F.silu(F.linear(x, la.gate_w)) * F.linear(x, la.up_w), la.down_w)
         rows = torch.gather(h, 1, logit_positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         logits = F.linear(_rms_norm(rows, self.norm, eps), self.lm_head)
         return (logits, *presents)

@@ -7,33 +7,31 @@
 #   GENAI_PYTHON=/path/to/venv/bin/python bash scripts/onnx_cpu_compare.sh WORK_DIR RESULTS_JSON
 #
 # GENAI_PYTHON: a Python with onnxruntime-genai (and torch and transformers for its model builder).
+# $STAGE=build stops after the builds, $STAGE=measure starts from them (measurements want the machine
+# to themselves).
 set -euo pipefail
-work=${1:?work folder}
+work=$(realpath -m "${1:?work folder}")
 out=${2:?results json}
 py=${PYTHON:-python}
 genai=${GENAI_PYTHON:?a python with onnxruntime-genai}
 repo=$work/repo
+stage=${STAGE:-all}
 mkdir -p "$repo"
+if [[ $stage != measure ]]; then
 $py builders/build.py --model smollm2 --name onnx --repository "$repo" --dtype float32 --backend onnx
 $py builders/build.py --model smollm2 --name gguf --repository "$repo" --dtype bfloat16 --quantize gguf
-if [[ ! -f $work/hf/config.json ]]; then
-  $py - "$work/hf" <<'PY'
-import sys
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from builders.sources import smollm2_path
-path = smollm2_path()
-AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(sys.argv[1])
-AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).save_pretrained(sys.argv[1])
-PY
-fi
-# the model builder imports its own top-level `builders` package, which ours would shadow
+# the float32 engine folder is a Hugging Face folder too (config, safetensors, tokenizer)
+hf=$repo/onnx/1/engine
+# the model builder imports its own top-level `builders` package, which ours (the working directory,
+# first on the path) would shadow: it runs from the work folder
 og_models=$($genai -c "import onnxruntime_genai, os; print(os.path.join(os.path.dirname(onnxruntime_genai.__file__), 'models'))")
 for precision in fp32 int4; do
-  [[ -f $work/genai-$precision/genai_config.json ]] || PYTHONPATH=$og_models HF_HUB_OFFLINE=1 \
-    $genai -m onnxruntime_genai.models.builder -i "$work/hf" -o "$work/genai-$precision" -p $precision -e cpu \
-    -c "$work/genai-cache"
+  [[ -f $work/genai-$precision/genai_config.json ]] || (cd "$work" && PYTHONPATH=$og_models HF_HUB_OFFLINE=1 \
+    $genai -m onnxruntime_genai.models.builder -i "$hf" -o "$work/genai-$precision" -p $precision -e cpu \
+    -c "$work/genai-cache")
 done
+fi
+[[ $stage == build ]] && exit 0
 $py -m fastserve.cli evaluate "$repo/onnx" --runner pytorch --eval-tokens 512 --out "$work/pytorch.json"
 $py -m fastserve.cli evaluate "$repo/onnx" --runner onnxruntime --eval-tokens 512 --out "$work/onnxruntime.json"
 $py -m fastserve.cli evaluate "$repo/gguf" --eval-tokens 512 --out "$work/gguf.json"

@@ -8,8 +8,9 @@ The block manager still admits sequences by their blocks, so memory is bounded a
 path, but no block holds data and prefix caching and KV swapping are off.
 
 What that costs: a decode step of several sequences gathers every sequence's whole cache into one
-left-padded batch, and the graph writes the grown cache anew, so each step copies all the KV it
-reads, where the paged path writes one slot per token. Prefills run one sequence at a time.
+left-padded batch, the graph writes the grown cache anew, and each sequence copies its rows back
+out, so each step copies all the KV it reads three times, where the paged path writes one slot per
+token. Prefills run one sequence at a time.
 """
 
 from __future__ import annotations
@@ -32,6 +33,30 @@ class GraphSession(Protocol):
     """One loaded graph: feed by input name, outputs in the graph's output order."""
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class GraphNames:
+    """The graph's input and output names, in order: the export writes them, the runners feed and
+    read them."""
+
+    num_layers: int
+
+    @property
+    def past(self) -> list[str]:
+        return [n for i in range(self.num_layers) for n in (f"past_key.{i}", f"past_value.{i}")]
+
+    @property
+    def present(self) -> list[str]:
+        return [n for i in range(self.num_layers) for n in (f"present_key.{i}", f"present_value.{i}")]
+
+    @property
+    def inputs(self) -> list[str]:
+        return ["input_ids", "position_ids", "attention_mask", "logit_positions", *self.past]
+
+    @property
+    def outputs(self) -> list[str]:
+        return ["logits", *self.present]
 
 
 @dataclass
@@ -90,16 +115,21 @@ def tensorrt_missing(builder: bool = False) -> str | None:
             return None
         why = f"only TensorRT's lean runtime is installed ({getattr(trt, '__version__', '?')}), without its builder"
     return (
-        f"{why}. The full TensorRT ships in NVIDIA's Triton Inference Server container "
-        "(nvcr.io/nvidia/tritonserver:<yy.mm>-py3; docker/Dockerfile.tensorrt builds FastServe on it); PyPI "
-        "serves only the lean runtime. Here, build with --backend onnx."
+        f"{why}. TensorRT with its builder comes with NVIDIA's containers: docker/Dockerfile.tensorrt builds "
+        "FastServe on the Triton Inference Server image (nvcr.io/nvidia/tritonserver:<yy.mm>-py3) with the "
+        "Python bindings of the TensorRT image of the same release. Without it, build with --backend onnx."
     )
 
 
-class TensorRTSession:
-    """A TensorRT engine run through polygraphy's runner, which sets the dynamic shapes from each feed."""
+PREFILL_PROFILE, DECODE_PROFILE = 0, 1  # the TensorRT engine's optimization profiles (builders/graph.py)
 
-    def __init__(self, path: Path):
+
+class TensorRTSession:
+    """A TensorRT engine run through polygraphy's runner, which sets the dynamic shapes from each feed.
+    Prefills (one sequence, many tokens) and decodes (many sequences, one token) each have their
+    optimization profile."""
+
+    def __init__(self, path: Path, num_layers: int):
         why = tensorrt_missing()
         if why:
             raise RuntimeError(why)
@@ -107,18 +137,17 @@ class TensorRTSession:
 
         self.runner = TrtRunner(EngineFromBytes(path.read_bytes()))
         self.runner.activate()
-        self.output_names: list[str] = []
+        self.output_names = GraphNames(num_layers).outputs
+        self._profile = PREFILL_PROFILE
+        self.runner.set_profile(self._profile)
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        profile = PREFILL_PROFILE if feed["input_ids"].shape[1] > 1 else DECODE_PROFILE
+        if profile != self._profile:
+            self.runner.set_profile(profile)
+            self._profile = profile
         out = self.runner.infer(feed)
-        if not self.output_names:
-            self.output_names = ["logits", *sorted((n for n in out if n != "logits"), key=_present_order)]
-        return [np.asarray(out[n]) for n in self.output_names]
-
-
-def _present_order(name: str) -> tuple[int, int]:
-    kind, layer = name.split(".")
-    return int(layer), 0 if kind == "present_key" else 1
+        return [np.array(out[n], copy=True) for n in self.output_names]  # the runner reuses its buffers
 
 
 class GraphRunner:
@@ -131,8 +160,7 @@ class GraphRunner:
         self.session = session
         self.shape = shape
         self.device = torch.device("cpu")
-        n = shape.num_layers
-        self._past = [name for i in range(n) for name in (f"past_key.{i}", f"past_value.{i}")]
+        self._past = GraphNames(shape.num_layers).past
 
     def _empty(self) -> SequenceKV:
         s = self.shape
@@ -173,7 +201,8 @@ class GraphRunner:
 
     def _decode(self, seqs: list[Sequence], ids: list[int]) -> np.ndarray:
         """One token for each sequence, as one batch: caches left-padded to the longest, the padding
-        masked out. Each sequence keeps a view of its rows of the grown cache."""
+        masked out. Each sequence keeps a copy of its rows of the grown cache (a view would keep the
+        whole padded batch alive)."""
         s = self.shape
         kvs = [self._cache_at(seq, seq.num_computed) for seq in seqs]
         lengths = [kv.length for kv in kvs]
@@ -203,9 +232,15 @@ class GraphRunner:
                 values,
             )
         )
+        if b == 1:
+            seqs[0].runner_kv = SequenceKV([k[0] for k in out[1::2]], [v[0] for v in out[2::2]])
+            return out[0][:, 0]
         for row, (seq, n) in enumerate(zip(seqs, lengths)):
             start = longest - n
-            seq.runner_kv = SequenceKV([k[row, :, start:] for k in out[1::2]], [v[row, :, start:] for v in out[2::2]])
+            seq.runner_kv = SequenceKV(
+                [k[row, :, start:].copy() for k in out[1::2]],
+                [v[row, :, start:].copy() for v in out[2::2]],
+            )
         return out[0][:, 0]
 
     def run(

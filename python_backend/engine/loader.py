@@ -130,10 +130,18 @@ def load(folder: str | Path | EngineFolder, cfg: EngineConfig) -> LoadedEngine:
 def _load_graph(
     folder: EngineFolder, cfg: EngineConfig, kind: str, device: torch.device, tokenizer, max_len: int
 ) -> LoadedEngine:
-    """An engine over the folder's exported graph: float32, its cache kept per sequence, so the blocks
-    only count memory (no prefix caching, no swapping)."""
+    """An engine over the folder's exported graph: float32, its cache kept per sequence on the host, so
+    the blocks only count memory (no prefix caching, no swapping). Logits and caches are host arrays
+    whatever runs the graph, so the engine's own device (sampling) is the CPU."""
     if kind == "onnxruntime" and device.type != "cpu":
         raise ValueError(f"the onnxruntime runner runs on the CPU; device {cfg.device} asks for {device}")
+    if cfg.kv_cache_dtype != "auto" or cfg.dtype not in ("auto", "float32"):
+        raise ValueError(
+            f"the {kind} runner serves the graph's float32 weights and cache; dtype {cfg.dtype} and "
+            f"kv_cache_dtype {cfg.kv_cache_dtype} are for the pytorch runner"
+        )
+    device = torch.device("cpu")
+    max_len = min(max_len, folder.graph.get("max_model_len") or max_len)  # the graph's rotary table
     mcfg = ModelConfig.from_hf(folder.hf_config)
     if mcfg.sliding_window and max_len > mcfg.sliding_window:
         max_len = mcfg.sliding_window
@@ -145,7 +153,7 @@ def _load_graph(
     if num_blocks < 2:
         raise RuntimeError(f"KV cache too small: {num_blocks} blocks of {per_block} bytes")
     if kind == "tensorrt":
-        session = TensorRTSession(folder.path / folder.graph["tensorrt"])
+        session = TensorRTSession(folder.path / folder.graph["tensorrt"], mcfg.num_layers)
     else:
         session = OnnxRuntimeSession(folder.path / folder.graph["onnx"], cfg.num_threads)
     shape = GraphShape(mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, mcfg.vocab_size)

@@ -56,10 +56,12 @@ def test_polygraphy_check_fails_on_a_graph_that_differs(tiny_onnx_entry, tmp_pat
     assert not result.passed and result.max_abs_diff["logits"] > result.tolerances["logits"]["atol"]
 
 
-def test_onnx_backend_refuses_quantized_and_gpu_builds(tmp_path, capsys):
+def test_onnx_backend_refuses_what_it_cannot_serve(tmp_path, capsys):
     for extra, message in (
         (["--quantize", "int8"], "exports dense weights"),
         (["--device", "gpu"], "ONNX Runtime on the CPU"),
+        (["--dtype", "bfloat16"], "exports a float32 graph"),
+        (["--runner", "tensorrt"], "--runner tensorrt needs an entry built with --backend tensorrt"),
     ):
         code = build(["--model", "smollm2", "--name", "x", "--repository", str(tmp_path), "--backend", "onnx", *extra])
         assert code == 2 and message in capsys.readouterr().err
@@ -79,16 +81,22 @@ def test_tensorrt_backend_stops_at_once_naming_where_tensorrt_is(tmp_path, capsy
     assert "hashing" not in err and not (tmp_path / "x").exists()
 
 
-def test_tensorrt_profile_covers_decode_batches_and_prefills(tiny_onnx_entry):
-    from builders.graph import tensorrt_profile
+@pytest.mark.parametrize("max_len", [512, 100])
+def test_tensorrt_profiles_cover_prefills_and_decode_batches(tiny_onnx_entry, max_len):
+    from builders.graph import tensorrt_profiles
     from builders.onnx_export import Decoder
+    from python_backend.engine.graph_runner import DECODE_PROFILE, PREFILL_PROFILE, GraphNames
 
     decoder = Decoder.from_engine_folder(tiny_onnx_entry / "1" / "engine")
-    shapes = tensorrt_profile(decoder, max_batch=16, max_len=512)
-    assert set(shapes) >= {"input_ids", "attention_mask", "past_key.0", f"past_value.{decoder.cfg.num_layers - 1}"}
-    for name, (low, opt, high) in shapes.items():
-        assert all(a <= b <= c for a, b, c in zip(low, opt, high)), name
-    assert shapes["input_ids"][2] == (16, 512) and shapes["past_key.0"][0][2] == 0
+    profiles = tensorrt_profiles(decoder, max_seqs=16, max_step=min(64, max_len), max_len=max_len)
+    names = set(GraphNames(decoder.cfg.num_layers).inputs)
+    for shapes in profiles:
+        assert set(shapes) == names
+        for name, (low, opt, high) in shapes.items():
+            assert all(a <= b <= c for a, b, c in zip(low, opt, high)), name
+    prefill, decode = profiles[PREFILL_PROFILE], profiles[DECODE_PROFILE]
+    assert prefill["input_ids"][2] == (1, min(64, max_len)) and decode["input_ids"][2] == (16, 1)
+    assert decode["past_key.0"][0][2] == 0 and decode["past_key.0"][2][2] == max_len - 1
 
 
 def test_tensorrt_runner_refuses_where_tensorrt_is_missing(tiny_onnx_entry, tmp_path):

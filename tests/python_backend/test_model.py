@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from clients.client import Client, GenerateError
 from python_backend.engine.engine import Engine, EngineConfig
 from python_backend.engine.sequence import SamplingParams
-from tests.conftest import prompt_ids
+from tests.conftest import onnx_extra, prompt_ids
 
 # the same serving behaviour whichever runner an entry has: PyTorch's, or ONNX Runtime's (--backend onnx)
 RUNNER_ENTRIES = ["smollm2", "smollm2_onnx"]
@@ -25,6 +25,8 @@ RUNNER_ENTRIES = ["smollm2", "smollm2_onnx"]
 
 @pytest.fixture(params=RUNNER_ENTRIES)
 def model(request) -> str:
+    if request.param == "smollm2_onnx" and not onnx_extra():
+        pytest.skip("the onnx extra is not installed (pip install -e .[onnx])")
     return request.param
 
 

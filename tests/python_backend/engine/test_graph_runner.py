@@ -77,8 +77,26 @@ def test_caches_are_dropped_with_their_sequences(engine_dir):
     seqs = [engine.add_request(f"r{i}", ids, params) for i, ids in enumerate(_prompts(6, seed=2))]
     while engine.has_work():
         engine.step()
-        assert all(s.runner_kv is None or s.runner_kv.length == s.num_computed for s in seqs)
+        for s in seqs:
+            if s.runner_kv is not None:  # each cache holds its own tokens, not a padded batch's
+                assert s.runner_kv.length == s.num_computed
+                key = s.runner_kv.keys[0]
+                assert key.base is None or key.base.nbytes == key.nbytes
     assert all(s.finish_reason == "length" and s.runner_kv is None for s in seqs)
+    aborted = engine.add_request("gone", _prompts(1, seed=9)[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert aborted.runner_kv is not None
+    engine.abort("gone")
+    while engine.has_work():
+        engine.step()
+    assert aborted.finish_reason == "cancelled" and aborted.runner_kv is None
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_settings_for_the_pytorch_runner_are_refused(engine_dir):
+    for settings in ({"kv_cache_dtype": "int8"}, {"dtype": "bfloat16"}):
+        with pytest.raises(ValueError, match="float32 weights and cache"):
+            Engine.from_folder(engine_dir, num_kv_blocks=64, **settings)
 
 
 def test_seeded_sampling_matches_pytorch_runner(engine_dir):
