@@ -1,10 +1,14 @@
 """The build's graphs: the ONNX export checked by polygraphy, and a TensorRT engine built from it.
 
     python builders/build.py --model smollm2 --name smollm2_onnx --backend onnx
+    python builders/build.py --model smollm2 --name smollm2_onnx_int4 --backend onnx --quantize int4 --group-size 32
     python builders/build.py --model smollm2 --name smollm2_trt --backend tensorrt --device gpu
 
 Both are written into the engine folder beside the safetensors weights and named in engine.json
-under "graph", with the check's record; the engine's runner setting picks which one serves.
+under "graph", with the check's record; the engine's runner setting picks which one serves. An int8
+or int4 build exports its codes as MatMulNBits (builders/onnx_nbits.py): the check then runs on a
+copy whose products are float32, which must match the reference as closely as a dense graph, and
+the served graph (int8 activations) is compared too, for the record.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from builders.onnx_export import ONNX_FILE, OPSET, Decoder, OnnxExportError, export
+from builders.onnx_export import ONNX_FILE, OPSET, Decoder, OnnxExportError, export, with_accuracy_level
+from builders.onnx_nbits import EXACT_ACCURACY_LEVEL, SERVED_ACCURACY_LEVEL
 from python_backend.engine.graph_runner import GraphNames, tensorrt_missing
 
 TENSORRT_FILE = "model.plan"
+EXACT_FILE = "model.exact.onnx"  # a quantized graph with float32 products, for the check only
 CHECK_LENGTHS = (5, 24, 64)  # prompt lengths the polygraphy check feeds
 
 
@@ -44,14 +50,16 @@ def check_backend(backend: str, on_gpu: bool, quantize: str, runner: str, dtype:
         )
     if backend == "onnx" and on_gpu:
         raise GraphBuildError("--backend onnx serves with ONNX Runtime on the CPU; build it with --device cpu")
+    if backend == "tensorrt" and quantize != "none":
+        raise GraphBuildError(f"--backend tensorrt builds from dense weights; drop --quantize {quantize}")
     if backend == "tensorrt":
         if not on_gpu:
             raise GraphBuildError("--backend tensorrt builds an engine for the GPU; give --device gpu")
         why = tensorrt_missing(builder=True)
         if why:
             raise GraphBuildError(f"--backend tensorrt: {why}")
-    if quantize != "none":
-        raise GraphBuildError(f"--backend {backend} exports dense weights; drop --quantize {quantize}")
+    if quantize == "fp8":
+        raise GraphBuildError("--backend onnx takes dense, int8 and int4 weights; fp8 runs on GPUs (--backend pytorch)")
     if dtype != "float32":
         raise GraphBuildError(f"--backend {backend} exports a float32 graph; give --dtype float32 (not {dtype})")
 
@@ -73,16 +81,25 @@ def build_graphs(
 ) -> dict:
     """Export (and for tensorrt, compile) the engine folder's model; returns engine.json's "graph"."""
     try:
-        decoder = Decoder.from_engine_folder(engine_dir)
+        decoder = Decoder.from_engine_folder(engine_dir, contrib_rotary=backend == "onnx")
     except OnnxExportError as e:
         raise GraphBuildError(str(e)) from e
     decoder.eval()
-    log(f"exporting the decoder to ONNX (opset {OPSET}, float32, KV cache as inputs and outputs)")
+    weights = "int8/int4 codes as MatMulNBits" if decoder.quantized else "float32"
+    log(f"exporting the decoder to ONNX (opset {OPSET}, {weights}, KV cache as inputs and outputs)")
     export(decoder, engine_dir / ONNX_FILE)
     from builders.onnx_check import check_graph
 
+    prompts = check_prompts(tokenizer)
+    exact_path = engine_dir / ONNX_FILE
+    if decoder.quantized:  # the products in float32 first: the export itself must be exact
+        exact_path = with_accuracy_level(engine_dir / ONNX_FILE, engine_dir / EXACT_FILE, EXACT_ACCURACY_LEVEL)
     log("comparing ONNX Runtime with PyTorch (polygraphy)")
-    check = check_graph(engine_dir / ONNX_FILE, decoder, check_prompts(tokenizer))
+    try:
+        check = check_graph(exact_path, decoder, prompts)
+    finally:
+        if exact_path != engine_dir / ONNX_FILE:
+            exact_path.unlink(missing_ok=True)
     log(
         f"polygraphy: {'passed' if check.passed else 'FAILED'}, {check.feeds} feeds, max |diff| logits "
         f"{check.max_abs_diff['logits']:.2e}, KV {check.max_abs_diff['kv']:.2e}, greedy agreement "
@@ -93,6 +110,13 @@ def build_graphs(
             f"the ONNX graph disagrees with PyTorch beyond the tolerances {check.tolerances}: "
             f"max |diff| {check.max_abs_diff}"
         )
+    served = None
+    if decoder.quantized:
+        served = check_graph(engine_dir / ONNX_FILE, decoder, prompts, tolerances=False)
+        log(
+            f"with int8 activations (accuracy level {SERVED_ACCURACY_LEVEL}): max |diff| logits "
+            f"{served.max_abs_diff['logits']:.2e}, greedy agreement {served.greedy_agreement:.1%}"
+        )
     max_len = int(decoder.cos.shape[0])  # the graph's rotary table: positions beyond it do not exist
     graph = {
         "backend": backend,
@@ -102,6 +126,9 @@ def build_graphs(
         "max_model_len": max_len,
         "check": check.to_dict(),
     }
+    if served is not None:
+        graph["weights"] = {"operator": "MatMulNBits", "accuracy_level": SERVED_ACCURACY_LEVEL}
+        graph["check_served"] = served.to_dict()
     if backend == "tensorrt":
         log("building the TensorRT engine from the ONNX graph (polygraphy)")
         profiles = tensorrt_profiles(decoder, max_seqs, min(max_step_tokens, max_len), max_len)

@@ -147,9 +147,11 @@ def save_tiny_model(folder: Path, arch: str, tokenizer, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def serving_repo(smollm2_repo, smollm2_source, tmp_path_factory) -> Path:
-    """SmolLM2, again as its ONNX graph served by ONNX Runtime (smollm2_onnx), a tiny random model whose
-    queue holds only 4 requests (to see UNAVAILABLE), and the tiny model again under the MLFQ
-    scheduler, streaming one response per 4 tokens."""
+    """SmolLM2, again as its ONNX graph served by ONNX Runtime (smollm2_onnx), again split over two
+    tensor-parallel ranks (smollm2_tp2), a tiny random model whose queue holds only 4 requests (to see
+    UNAVAILABLE), and the tiny model again under the MLFQ scheduler, streaming one response per 4
+    tokens."""
+    build_entry(smollm2_repo, "smollm2", "smollm2_tp2", "--dtype", "float32", "--tensor-parallel", "2")
     if onnx_extra():
         build_entry(smollm2_repo, "smollm2", "smollm2_onnx", "--dtype", "float32", "--backend", "onnx")
     tmp = tmp_path_factory.mktemp("tiny-src")
@@ -183,6 +185,17 @@ def tiny_onnx_entry(tmp_path_factory, smollm2_source) -> Path:
     tmp = tmp_path_factory.mktemp("tiny-onnx")
     folder = save_tiny_model(tmp / "src", "llama", smollm2_source[1], seed=11)
     return build_entry(tmp / "repo", str(folder), "tiny", "--backend", "onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_int4_entry(tmp_path_factory, smollm2_source) -> Path:
+    """The tiny random Llama built with --backend onnx --quantize int4: MatMulNBits in the graph."""
+    if not onnx_extra():
+        pytest.skip("the onnx extra is not installed (pip install -e .[onnx])")
+    tmp = tmp_path_factory.mktemp("tiny-onnx-int4")
+    folder = save_tiny_model(tmp / "src", "llama", smollm2_source[1], seed=11)
+    extra = ("--backend", "onnx", "--quantize", "int4", "--group-size", "32")
+    return build_entry(tmp / "repo", str(folder), "tiny", *extra)
 
 
 @pytest.fixture(scope="session")

@@ -56,9 +56,29 @@ def test_polygraphy_check_fails_on_a_graph_that_differs(tiny_onnx_entry, tmp_pat
     assert not result.passed and result.max_abs_diff["logits"] > result.tolerances["logits"]["atol"]
 
 
+def test_quantized_onnx_build_runs_its_codes_and_checks_them_exactly(tiny_onnx_int4_entry):
+    """The graph multiplies the folder's int4 codes (MatMulNBits), no dense copy of the projections;
+    the check compares float32 products within the dense tolerances, and records the served graph."""
+    import onnx
+
+    engine = tiny_onnx_int4_entry / "1" / "engine"
+    graph = json.loads((engine / "engine.json").read_text())["graph"]
+    assert graph["weights"] == {"operator": "MatMulNBits", "accuracy_level": 4}
+    check, served = graph["check"], graph["check_served"]
+    assert check["passed"] and check["max_abs_diff"]["logits"] <= check["tolerances"]["logits"]["atol"]
+    assert served["passed"] is None and served["tolerances"] == {} and served["feeds"] == check["feeds"]
+    assert not (engine / "model.exact.onnx").exists()
+    model = onnx.load(str(engine / graph["onnx"]), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    layers = json.loads((engine / "config.json").read_text())["num_hidden_layers"]
+    assert ops.count("MatMulNBits") == 4 * layers + 1  # QKV, O, gate-up, down; the LM head
+    assert ops.count("RotaryEmbedding") == 2 * layers
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {4}
+
+
 def test_onnx_backend_refuses_what_it_cannot_serve(tmp_path, capsys):
     for extra, message in (
-        (["--quantize", "int8"], "exports dense weights"),
         (["--device", "gpu"], "ONNX Runtime on the CPU"),
         (["--dtype", "bfloat16"], "exports a float32 graph"),
         (["--runner", "tensorrt"], "--runner tensorrt needs an entry built with --backend tensorrt"),
@@ -66,6 +86,17 @@ def test_onnx_backend_refuses_what_it_cannot_serve(tmp_path, capsys):
         code = build(["--model", "smollm2", "--name", "x", "--repository", str(tmp_path), "--backend", "onnx", *extra])
         assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_graph_backends_refuse_weights_they_cannot_take():
+    from builders.graph import GraphBuildError, check_backend
+
+    with pytest.raises(GraphBuildError, match="fp8 runs on GPUs"):
+        check_backend("onnx", False, "fp8", "auto", "float32")
+    with pytest.raises(GraphBuildError, match="--backend tensorrt builds from dense weights"):
+        check_backend("tensorrt", True, "int4", "auto", "float32")
+    check_backend("onnx", False, "int4", "onnxruntime", "float32")  # accepted
+    check_backend("onnx", False, "gguf", "auto", "float32")
 
 
 def test_tensorrt_backend_stops_at_once_naming_where_tensorrt_is(tmp_path, capsys):

@@ -5,6 +5,8 @@ tritonserver."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from builders import quantize
 from builders.quantize import QuantizeOptions, group_size_for
 from builders.text import corpus
 from python_backend.models.quantized import QuantizedWeight
-from tests.conftest import build_entry, save_tiny_model, start_server
+from tests.conftest import build_entry, onnx_extra, save_tiny_model, start_server
 
 
 def _restore(parts: dict[str, torch.Tensor], method: str) -> torch.Tensor:
@@ -115,14 +117,23 @@ def test_calibration_and_evaluation_text_are_disjoint_and_stable():
 def quantized_repo(tmp_path_factory):
     """SmolLM2 as int8, int4 (AWQ) and the GGUF file's own Q4_1 blocks. int4 takes
     groups of 32: the file's weights already lie on a 4-bit grid of 32-weight blocks, which wider
-    groups would round a second time."""
+    groups would round a second time. Where the onnx extra is installed the GGUF build also carries
+    its ONNX graph (MatMulNBits), and the same build is served a second time as gguf_onnx, its runner
+    set to onnxruntime in its config.pbtxt as a user would."""
     repo = tmp_path_factory.mktemp("quantized")
     build_entry(repo, "smollm2", "int8", "--dtype", "bfloat16", "--quantize", "int8", "--max-num-seqs", "8")
     build_entry(
         repo, "smollm2", "int4", "--dtype", "bfloat16", "--quantize", "int4", "--group-size", "32",
         "--calibration-tokens", "1024", "--max-num-seqs", "8",
     )  # fmt: skip
-    build_entry(repo, "smollm2", "gguf", "--dtype", "float32", "--quantize", "gguf", "--max-num-seqs", "8")
+    graph = ("--backend", "onnx", "--runner", "pytorch") if onnx_extra() else ()
+    build_entry(repo, "smollm2", "gguf", "--dtype", "float32", "--quantize", "gguf", "--max-num-seqs", "8", *graph)
+    if graph:
+        shutil.copytree(repo / "gguf", repo / "gguf_onnx", copy_function=os.link)
+        config = repo / "gguf_onnx" / "config.pbtxt"
+        text = config.read_text().replace('name: "gguf"', 'name: "gguf_onnx"')
+        config.unlink()  # a hard link to the first entry's file
+        config.write_text(text.replace('string_value: "pytorch"', 'string_value: "onnxruntime"'))
     return repo
 
 
@@ -203,12 +214,17 @@ def quantized_server(quantized_repo):
     server.stop()
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "gguf"])
-def test_quantized_builds_answer_through_tritonserver(quantized_server, name):
+@pytest.mark.parametrize("name", ["int8", "int4", "gguf", "gguf_onnx"])
+def test_quantized_builds_answer_through_tritonserver(quantized_server, quantized_repo, name):
     from clients.client import Client
+
+    if not (quantized_repo / name).is_dir():
+        pytest.skip("the onnx extra is not installed (pip install -e .[onnx])")
 
     c = Client(quantized_server.grpc_url, "grpc", name)
     answer = c.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=40, temperature=0.0)
     assert "Paris" in answer.text and answer.finish_reason == "stop", answer.text
     pieces = list(c.stream("The capital of France is", max_tokens=8, temperature=0.0))
     assert len(pieces) > 1
+    if name == "gguf_onnx":
+        assert f"onnxruntime runs {quantized_repo / name}" in quantized_server.log()
