@@ -114,6 +114,12 @@ class EngineConfig:
         "launch the next decode step before reading this one's tokens; auto: on gpu",
         choices=("auto", "on", "off"),
     )
+    tensor_parallel: int = setting(
+        1,
+        "ranks the model is split over (attention by KV heads, the MLP by channels, the LM head by "
+        "vocabulary), one process each; cpu: gloo, the host's threads shared among the ranks",
+        minimum=1,
+    )
     num_threads: int = setting(0, "cpu: threads for PyTorch; 0: PyTorch's default", minimum=0)
     cpu_take_turns: bool = setting(
         True,

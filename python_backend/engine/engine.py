@@ -256,3 +256,6 @@ class Engine(EngineClient):
             self._thread = None
         self.core.cancel_all()
         self.core.close()
+        close_model = getattr(self.model, "close", None)  # a tensor-parallel model's worker ranks
+        if close_model is not None:
+            close_model()

@@ -70,6 +70,8 @@ def load(folder: str | Path | EngineFolder, cfg: EngineConfig) -> LoadedEngine:
     if runner_kind != "pytorch":
         return _load_graph(folder, cfg, runner_kind, device, tokenizer, max_len)
     kv = cfg.kv_cache_dtype
+    if cfg.tensor_parallel > 1:
+        return _load_tensor_parallel(folder, cfg, device, dtype, tokenizer, max_len)
     kernels = cfg.kernels and kv == "auto"  # the Triton attention kernels read an unquantized cache
     model = LlamaModel.load(
         folder.path,
@@ -125,6 +127,50 @@ def load(folder: str | Path | EngineFolder, cfg: EngineConfig) -> LoadedEngine:
         captured,
         capture_s,
     )
+
+
+def _load_tensor_parallel(
+    folder: EngineFolder, cfg: EngineConfig, device: torch.device, dtype: torch.dtype, tokenizer, max_len: int
+) -> LoadedEngine:
+    """An engine whose model is split over cfg.tensor_parallel ranks (engine/tensor_parallel.py): rank 0
+    here, the others worker processes. Each rank's KV cache holds its own heads in the same blocks."""
+    from python_backend.engine import tensor_parallel
+
+    if device.type != "cpu":
+        raise ValueError(
+            "tensor_parallel runs on CPUs (gloo) in this release; on GPUs serve one GPU per instance and "
+            "scale with instance groups and replicas"
+        )
+    if folder.quantization or folder.two_four:
+        raise ValueError("tensor_parallel takes a dense build (not quantized or 2:4-pruned weights)")
+    kv = cfg.kv_cache_dtype
+    sizes: dict[str, int] = {}
+
+    def plan_blocks(local_cfg: ModelConfig) -> int:
+        per_block = KVPool.bytes_per_block(
+            local_cfg.num_layers, cfg.kv_block_size, local_cfg.num_kv_heads, local_cfg.head_dim, dtype, kv
+        )
+        blocks = cfg.num_kv_blocks or _blocks_from_memory(cfg, device, per_block)
+        if blocks < 2:
+            raise RuntimeError(f"KV cache too small: {blocks} blocks of {per_block} bytes")
+        sizes["per_block"] = per_block
+        return blocks
+
+    model = tensor_parallel.start(
+        folder.path, cfg.tensor_parallel, dtype, max_len, cfg.kv_block_size, kv, cfg.num_threads, plan_blocks
+    )
+    mcfg = model.cfg
+    num_blocks = model.spec.num_blocks
+    pool = KVPool.allocate(
+        mcfg.num_layers, num_blocks, cfg.kv_block_size, mcfg.num_kv_heads, mcfg.head_dim, dtype, device, kv
+    )
+    blocks = BlockManager(num_blocks, cfg.kv_block_size, cfg.enable_prefix_caching)
+    eos_ids = folder.eos_token_ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    max_model_len = min(max_len, num_blocks * cfg.kv_block_size)
+    return LoadedEngine(
+        folder, cfg, device, dtype, tokenizer, model, pool, blocks, Runner(model, pool, None), max_model_len, eos_ids,
+        sizes["per_block"],
+    )  # fmt: skip
 
 
 def _load_graph(
@@ -203,6 +249,8 @@ def make_scheduler(parts: LoadedEngine) -> Scheduler:
     host_blocks = int(cfg.swap_space_gb * (1 << 30) // parts.bytes_per_block)
     if parts.pool is None:
         host_blocks = 0  # swapping moves blocks, and these hold nothing: a preempted job recomputes
+    if parts.config.tensor_parallel > 1:
+        host_blocks = 0  # a swap would have to move every rank's blocks: a preempted job recomputes
     swapper = KVSwapper(parts.pool, host_blocks, parts.device) if host_blocks > 0 else None
     mlfq = MLFQConfig(
         levels=cfg.mlfq_levels,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,6 +244,10 @@ class LlamaModel:
             self._pack_weights()
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        # tensor parallelism (models/sharding.py): sums a row-parallel product's partials over the ranks,
+        # and joins the ranks' vocabulary slices of the logits; None on a single device
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.gather_vocab: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.gemv: dict[tuple[str, int], object] = {}  # (projection, rows) -> GemvConfig; absent: cuBLAS
         self.fused_qkv: dict[int, object] = {}  # decode rows -> GemvConfig of fused_qkv; absent: three kernels
 
@@ -429,6 +434,8 @@ class LlamaModel:
             h = self._post_attention(h, attn, layer.o_w, layer.ln2, layer.gate_up_w, layer.down_w, eps)
         h = rms_norm(h if logit_rows is None else h.index_select(0, logit_rows), self.norm, eps)
         logits = self._linear(h, self.lm_head)
+        if self.gather_vocab is not None:
+            logits = self.gather_vocab(logits)
         return logits.float() if out is None else out.copy_(logits)
 
     def _forward_kernels(self, input_ids, positions, meta: AttentionMetadata, k_cache, v_cache, logit_rows, logits):
@@ -540,6 +547,8 @@ class LlamaModel:
 
     def _post_attention(self, h, attn, o_w, ln2, gate_up_w, down_w, eps: float):
         """Output projection and residual, then norm, SiLU-gated MLP and residual."""
-        h = h + self._linear(attn.reshape(h.shape[0], self.q_size), o_w)
+        o = self._linear(attn.reshape(h.shape[0], self.q_size), o_w)
+        h = h + (o if self.all_reduce is None else self.all_reduce(o))
         gate, up = self._linear(rms_norm(h, ln2, eps), gate_up_w).chunk(2, dim=-1)
-        return h + self._linear(F.silu(gate) * up, down_w)
+        down = self._linear(F.silu(gate) * up, down_w)
+        return h + (down if self.all_reduce is None else self.all_reduce(down))
