@@ -425,7 +425,7 @@ def offline(args: argparse.Namespace) -> dict:
     tok = engine.tokenizer
     prompts = synthetic_prompts(
         tok,
-        engine.model.cfg.vocab_size,
+        engine.folder.hf_config["vocab_size"],
         args.num_prompts,
         args.input_len,
         args.input_len_max or args.input_len,

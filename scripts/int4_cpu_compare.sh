@@ -12,7 +12,8 @@
 #   VLLM_PYTHON=/tmp/vllm-cpu/bin/python GENAI_PYTHON=VENV/bin/python \
 #     bash scripts/int4_cpu_compare.sh WORK_DIR RESULTS_JSON
 #
-# $STAGE=build stops after the builds, $STAGE=measure starts from them.
+# $STAGE=build stops after the builds, $STAGE=measure starts from them, $STAGE=serve also skips the
+# quality and engine figures (for a rerun of the server and the peers).
 set -euo pipefail
 work=$(realpath -m "${1:?work folder}")
 out=${2:?results json}
@@ -21,7 +22,7 @@ repo=$work/repo
 stage=${STAGE:-all}
 peers=$(dirname "$0")/../../shared/tools/peers
 mkdir -p "$repo"
-if [[ $stage != measure ]]; then
+if [[ $stage == all || $stage == build ]]; then
   $py builders/build.py --model smollm2 --name bf16 --repository "$repo" --dtype bfloat16
   $py builders/build.py --model smollm2 --name gguf --repository "$repo" --dtype bfloat16 --quantize gguf
   $py builders/build.py --model smollm2 --name onnx_int4 --repository "$repo" --dtype float32 --backend onnx \
@@ -35,14 +36,17 @@ if [[ $stage != measure ]]; then
   fi
 fi
 [[ $stage == build ]] && exit 0
-$py -m fastserve.cli evaluate "$repo/onnx_int4" "$repo/onnx_gguf" "$repo/gguf" --against "$repo/bf16" \
+[[ $stage == serve ]] || $py -m fastserve.cli evaluate "$repo/onnx_int4" "$repo/onnx_gguf" "$repo/gguf" --against "$repo/bf16" \
   --eval-tokens 4096 --agreement-prompts 16 --no-speed --out "$work/quality.json"
-for name in bf16 gguf onnx_int4 onnx_gguf; do
-  $py -m fastserve.cli evaluate "$repo/$name" --eval-tokens 256 --out "$work/speed-$name.json"
-done
+if [[ $stage != serve ]]; then
+  for name in bf16 gguf onnx_int4 onnx_gguf; do
+    $py -m fastserve.cli evaluate "$repo/$name" --eval-tokens 256 --out "$work/speed-$name.json"
+  done
+fi
+# one stream through tritonserver: requests one after another, in turns with the engine offline
 for name in bf16 onnx_int4; do
-  $py -m fastserve.cli bench --triton --repository "$repo" --model "$name" --concurrency 1 --num-prompts 3 \
-    --input-len 64 --output-len 128 --repeats 3 --out "$work/triton-$name.json"
+  $py -m fastserve.cli bench --offline --triton --repository "$repo" --model "$name" --concurrency 1 \
+    --num-prompts 2 --input-len 64 --output-len 128 --repeats 3 --baselines "" --out "$work/triton-$name.json"
 done
 if [[ -n ${VLLM_PYTHON:-} ]]; then
   VLLM_CPU_OMP_THREADS_BIND=0-1 $VLLM_PYTHON "$peers/vllm_cpu_bench.py" "$repo/bf16/1/engine" "$work/vllm.json" 32 64 64

@@ -195,6 +195,11 @@ class Engine(EngineClient):
         """One iteration; False when there was nothing to do."""
         return self.core.step()
 
+    @property
+    def down(self) -> str | None:
+        """Why the engine cannot run any step (a tensor-parallel rank is gone), or None."""
+        return getattr(self.model, "down", None)
+
     def step_or_fail(self) -> bool:
         """step(), except that an error ends the requests in flight, logged and with an error naming
         the cause, instead of the loop: a server keeps serving new requests after one bad iteration."""

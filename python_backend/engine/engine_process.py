@@ -454,6 +454,9 @@ def _child_main(folder: str, config: EngineConfig, cmd: Connection, out: Connect
                     engine.abort(message.request_id)
             busy = engine.step_or_fail()
             box.send()
+            if engine.down:  # nothing more can run here: exit, and the parent starts a new engine process
+                log.error("fastserve: %s; the engine process exits to be restarted", engine.down)
+                os._exit(70)
             if not busy and not engine.has_work():
                 wait([cmd], timeout=_IDLE_WAIT_S)
     except (EOFError, OSError, BrokenPipeError):

@@ -181,10 +181,19 @@ class TensorParallelModel:
         dist.broadcast_object_list([Step(input_ids, positions, meta, logit_rows)], src=0)
         return self.local.forward(input_ids, positions, meta, k_cache, v_cache, logit_rows, out)
 
-    def _check_workers(self) -> None:
+    @property
+    def down(self) -> str | None:
+        """Why the model cannot run (a worker rank has exited), or None. The group cannot be mended
+        in place, so an engine process exits on it and its parent starts everything again."""
         dead = [p.pid for p in self.workers if p.poll() is not None]
-        if dead:
-            raise TensorParallelError(f"tensor-parallel worker processes {dead} have exited; the engine is down")
+        if dead and not self._closed:
+            return f"tensor-parallel worker processes {dead} have exited; the engine is down"
+        return None
+
+    def _check_workers(self) -> None:
+        why = self.down
+        if why:
+            raise TensorParallelError(why)
 
     def close(self) -> None:
         """Stop the workers and leave the process group."""

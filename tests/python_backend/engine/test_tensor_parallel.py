@@ -58,3 +58,28 @@ def test_shutdown_stops_the_worker_ranks(smollm2_engine_dir):
     assert len(result.token_ids) == 4
     engine.shutdown()
     assert len(_workers()) == before
+
+
+def test_a_dead_rank_brings_the_entry_back_by_itself(smollm2_server):
+    """Kill the served entry's second rank: the engine process sees the group is broken, exits and is
+    started again with new workers, and the entry answers again."""
+    import os
+    import signal
+    import time
+
+    entry = str(smollm2_server.repository / "smollm2_tp2")
+    [victim] = [int(line.split()[0]) for line in _workers() if entry in line]
+    os.kill(victim, signal.SIGKILL)
+    client = Client(smollm2_server.grpc_url, "grpc", "smollm2_tp2")
+    deadline, answer = time.monotonic() + 180, None
+    while time.monotonic() < deadline:
+        try:
+            answer = client.generate("The capital of France is", 8, temperature=0.0)
+            if answer.finish_reason in ("stop", "length") and answer.text:
+                break
+        except Exception:  # refused while the engine restarts
+            pass
+        time.sleep(2)
+    assert answer is not None and answer.text, "the entry did not come back"
+    workers = [int(line.split()[0]) for line in _workers() if entry in line]
+    assert workers and victim not in workers
