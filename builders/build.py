@@ -325,6 +325,7 @@ def build(args: argparse.Namespace) -> Path:
                             lambda m: _log(m, start),
                             args.max_num_seqs,
                             args.max_num_batched_tokens,
+                            args.int8_activations,
                         )
                     except GraphBuildError as e:
                         raise BuildError(str(e)) from e

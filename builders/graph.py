@@ -77,11 +77,18 @@ def check_prompts(tokenizer) -> list[list[int]]:
 
 
 def build_graphs(
-    engine_dir: Path, backend: str, tokenizer, log: Callable[[str], None], max_seqs: int, max_step_tokens: int
+    engine_dir: Path,
+    backend: str,
+    tokenizer,
+    log: Callable[[str], None],
+    max_seqs: int,
+    max_step_tokens: int,
+    int8_activations: bool = True,
 ) -> dict:
     """Export (and for tensorrt, compile) the engine folder's model; returns engine.json's "graph"."""
+    level = SERVED_ACCURACY_LEVEL if int8_activations else EXACT_ACCURACY_LEVEL
     try:
-        decoder = Decoder.from_engine_folder(engine_dir, contrib_rotary=backend == "onnx")
+        decoder = Decoder.from_engine_folder(engine_dir, accuracy_level=level, contrib_rotary=backend == "onnx")
     except OnnxExportError as e:
         raise GraphBuildError(str(e)) from e
     decoder.eval()
@@ -92,7 +99,7 @@ def build_graphs(
 
     prompts = check_prompts(tokenizer)
     exact_path = engine_dir / ONNX_FILE
-    if decoder.quantized:  # the products in float32 first: the export itself must be exact
+    if decoder.quantized and level != EXACT_ACCURACY_LEVEL:  # float32 products first: the export must be exact
         exact_path = with_accuracy_level(engine_dir / ONNX_FILE, engine_dir / EXACT_FILE, EXACT_ACCURACY_LEVEL)
     log("comparing ONNX Runtime with PyTorch (polygraphy)")
     try:
@@ -111,10 +118,10 @@ def build_graphs(
             f"max |diff| {check.max_abs_diff}"
         )
     served = None
-    if decoder.quantized:
+    if exact_path != engine_dir / ONNX_FILE:
         served = check_graph(engine_dir / ONNX_FILE, decoder, prompts, tolerances=False)
         log(
-            f"with int8 activations (accuracy level {SERVED_ACCURACY_LEVEL}): max |diff| logits "
+            f"with int8 activations (accuracy level {level}): max |diff| logits "
             f"{served.max_abs_diff['logits']:.2e}, greedy agreement {served.greedy_agreement:.1%}"
         )
     max_len = int(decoder.cos.shape[0])  # the graph's rotary table: positions beyond it do not exist
@@ -126,8 +133,9 @@ def build_graphs(
         "max_model_len": max_len,
         "check": check.to_dict(),
     }
+    if decoder.quantized:
+        graph["weights"] = {"operator": "MatMulNBits", "accuracy_level": level}
     if served is not None:
-        graph["weights"] = {"operator": "MatMulNBits", "accuracy_level": SERVED_ACCURACY_LEVEL}
         graph["check_served"] = served.to_dict()
     if backend == "tensorrt":
         log("building the TensorRT engine from the ONNX graph (polygraphy)")

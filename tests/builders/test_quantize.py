@@ -118,15 +118,15 @@ def quantized_repo(tmp_path_factory):
     """SmolLM2 as int8, int4 (AWQ) and the GGUF file's own Q4_1 blocks. int4 takes
     groups of 32: the file's weights already lie on a 4-bit grid of 32-weight blocks, which wider
     groups would round a second time. Where the onnx extra is installed the GGUF build also carries
-    its ONNX graph (MatMulNBits), and the same build is served a second time as gguf_onnx, its runner
-    set to onnxruntime in its config.pbtxt as a user would."""
+    its ONNX graph (MatMulNBits, float32 products), and the same build is served a second time as
+    gguf_onnx, its runner set to onnxruntime in its config.pbtxt as a user would."""
     repo = tmp_path_factory.mktemp("quantized")
     build_entry(repo, "smollm2", "int8", "--dtype", "bfloat16", "--quantize", "int8", "--max-num-seqs", "8")
     build_entry(
         repo, "smollm2", "int4", "--dtype", "bfloat16", "--quantize", "int4", "--group-size", "32",
         "--calibration-tokens", "1024", "--max-num-seqs", "8",
     )  # fmt: skip
-    graph = ("--backend", "onnx", "--runner", "pytorch") if onnx_extra() else ()
+    graph = ("--backend", "onnx", "--runner", "pytorch", "--no-int8-activations") if onnx_extra() else ()
     build_entry(repo, "smollm2", "gguf", "--dtype", "float32", "--quantize", "gguf", "--max-num-seqs", "8", *graph)
     if graph:
         shutil.copytree(repo / "gguf", repo / "gguf_onnx", copy_function=os.link)
@@ -185,7 +185,7 @@ def test_evaluate_reports_quality_size_and_agreement(quantized_repo, smollm2_rep
     out = tmp_path / "eval.json"
     args = ["evaluate", str(quantized_repo / "int8"), str(quantized_repo / "gguf"), "--against"]
     args += [str(smollm2_repo / "smollm2"), "--eval-tokens", "1024", "--agreement-prompts", "4", "--no-speed"]
-    args += ["--runner", "pytorch"]  # the GGUF build also carries its ONNX graph, which multiplies in int8
+    args += ["--runner", "pytorch"]  # the PyTorch runner's figures; the same build's graph is served as gguf_onnx
     assert main([*args, "--out", str(out)]) == 0
     int8, gguf = json.loads(out.read_text())
     for r in (int8, gguf):
@@ -229,3 +229,9 @@ def test_quantized_builds_answer_through_tritonserver(quantized_server, quantize
     assert len(pieces) > 1
     if name == "gguf_onnx":
         assert f"onnxruntime runs {quantized_repo / name}" in quantized_server.log()
+        # float32 products over the same codes: a client cannot tell which runner answers
+        same = Client(quantized_server.grpc_url, "grpc", "gguf")
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        assert same.chat(question, max_tokens=40, temperature=0.0).text == answer.text
+        graph = json.loads((quantized_repo / name / "1" / "engine" / "engine.json").read_text())["graph"]
+        assert graph["weights"] == {"operator": "MatMulNBits", "accuracy_level": 0} and "check_served" not in graph
