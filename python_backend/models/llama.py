@@ -287,6 +287,8 @@ class LlamaModel:
                     config, timings[f"{name}/{rows}"] = quant_gemv.choose(weights, rows)
                     for w in weights:
                         w.gemv[rows] = config
+                for w in weights:
+                    w.drop_unused_layouts()
                 continue
             for rows in (1, 2, 4):
                 config, timings[f"{name}/{rows}"] = gemv.choose(weights, rows, silu_mul)

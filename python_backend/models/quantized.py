@@ -12,9 +12,11 @@ Every method stores the codes and the scales to rebuild the weight, never a dequ
   they are multiplied, so both operands of the product are E4M3.
 
 Products: on the CPU PyTorch's packed weight-only kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`); on a GPU our Triton kernels for decode steps (a GEMV for a few rows,
-a tensor-core GEMM that dequantizes tile by tile for batches) and, for prefills, the weight
-dequantized into a scratch buffer and multiplied by cuBLAS; FP8 through `torch._scaled_mm`.
+`_weight_int4pack_mm_for_cpu`); on a GPU, for decode steps, whichever start-up timing picks of our
+Triton kernels (a GEMV for a few rows, a tensor-core GEMM that dequantizes tile by tile for
+batches) and, for int4 with bfloat16 activations, PyTorch's own CUDA kernel (`_weight_int4pack_mm`,
+the "tinygemm" kernel torchao's int4 weight-only path runs); for prefills the weight dequantized
+into a scratch buffer and multiplied by cuBLAS; FP8 through `torch._scaled_mm`.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class QuantizedWeight:
     qweight: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor | None = None
-    _cpu: dict = field(default_factory=dict, repr=False)  # kernel layouts, made once per activation dtype
+    _layouts: dict = field(default_factory=dict, repr=False)  # other kernels' layouts of the codes, made once
     gemv: dict = field(default_factory=dict, repr=False)  # GPU: tuned rows -> our kernel's config, or None (dense)
 
     @property
@@ -79,7 +81,7 @@ class QuantizedWeight:
     @property
     def num_bytes(self) -> int:
         parts = [self.qweight, self.scale] + ([self.offset] if self.offset is not None else [])
-        for layout in self._cpu.values():
+        for layout in self._layouts.values():
             parts += list(layout) if isinstance(layout, tuple) else [layout]
         return sum(t.numel() * t.element_size() for t in parts)
 
@@ -126,9 +128,9 @@ class QuantizedWeight:
         return None
 
     def _linear_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self._cpu.get(x.dtype)
+        kernel = self._layouts.get(x.dtype)
         if kernel is None:
-            kernel = self._cpu[x.dtype] = self._cpu_layout(x.dtype)
+            kernel = self._layouts[x.dtype] = self._cpu_layout(x.dtype)
         if self.method == "int8":
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, kernel)
         if self.method == "int4" and isinstance(kernel, tuple):
@@ -149,6 +151,30 @@ class QuantizedWeight:
             zero = self.offset.float() + 8 * scale
             return packed, torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
         return self.dequantize(dtype)
+
+    def tinygemm(self, x: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+        """x (bfloat16, on a GPU) through PyTorch's CUDA int4 kernel: w = (q - 8) * scale + zero, the
+        codes retiled for it once (a second copy of the codes beside ours, which prefills and our
+        kernels read) and the (scale, zero) pairs in bfloat16."""
+        key = ("tinygemm", inner_k_tiles)
+        layout = self._layouts.get(key)
+        if layout is None:
+            swapped = (self.qweight >> 4) | (self.qweight << 4)  # its packing takes the even column high
+            packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
+            scale = self.scale.float()
+            zero = self.offset.float() + 8 * scale
+            pairs = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+            layout = self._layouts[key] = (packed, pairs)
+        packed, pairs = layout
+        return torch.ops.aten._weight_int4pack_mm(x.contiguous(), packed, self.group_size, pairs)
+
+    def drop_unused_layouts(self) -> None:
+        """Free the GPU kernels' layouts that start-up timing tried but chose for no row count."""
+        from python_backend.ops.quant_gemv import TinyGemmConfig
+
+        used = {("tinygemm", c.inner_k_tiles) for c in self.gemv.values() if isinstance(c, TinyGemmConfig)}
+        for key in [k for k in self._layouts if isinstance(k, tuple) and k not in used]:
+            del self._layouts[key]
 
     def _linear_fp8(self, x: torch.Tensor) -> torch.Tensor:
         """Both operands in E4M3: x scaled per row by its own absolute maximum."""

@@ -44,6 +44,25 @@ class QuantMMConfig:
     num_stages: int = 3
 
 
+@dataclass(frozen=True)
+class TinyGemmConfig:
+    """PyTorch's CUDA int4 kernel (`_weight_int4pack_mm`) in place of ours; `inner_k_tiles` is its
+    layout's depth along K."""
+
+    inner_k_tiles: int = 8
+
+
+def tinygemm_takes(weight, x_dtype: torch.dtype, config: TinyGemmConfig) -> bool:
+    """Whether PyTorch's CUDA int4 kernel serves this weight: int4 in groups of 32 to 256, bfloat16
+    activations, N a multiple of 8 and K of the layout's tile."""
+    if weight.method != "int4" or x_dtype != torch.bfloat16 or weight.device.type != "cuda":
+        return False
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        return False
+    n, k = weight.shape
+    return weight.group_size in (32, 64, 128, 256) and n % 8 == 0 and k % (16 * config.inner_k_tiles) == 0
+
+
 @triton.jit
 def _code_as_float(words, j: tl.constexpr, BITS: tl.constexpr):
     """Code j (from the low bits) of each int32 word as float32: int4 codes 0..15, int8 codes
@@ -297,8 +316,13 @@ def quant_mm(x: torch.Tensor, weight, config: QuantMMConfig | None = None) -> to
     return out
 
 
-def run(x: torch.Tensor, weight, config: QuantGemvConfig | QuantMMConfig) -> torch.Tensor:
-    """The product by whichever of our kernels `config` configures."""
+Config = QuantGemvConfig | QuantMMConfig | TinyGemmConfig
+
+
+def run(x: torch.Tensor, weight, config: Config) -> torch.Tensor:
+    """The product by whichever kernel `config` configures."""
+    if isinstance(config, TinyGemmConfig):
+        return weight.tinygemm(x, config.inner_k_tiles)
     return quant_mm(x, weight, config) if isinstance(config, QuantMMConfig) else quant_gemv(x, weight, config)
 
 
@@ -316,20 +340,31 @@ MM_CANDIDATES = (
 )
 GEMV_ROWS = (1, 2, 4, 8)
 MM_ROWS = (16, 64, 256)
+TINYGEMM_CANDIDATES = (TinyGemmConfig(8),)  # one layout: depth 4 timed the same
+AGREEMENT = 1e-2  # a kernel whose product strays further from the dense one (relative norm) is never chosen
 TUNED_ROWS = GEMV_ROWS + MM_ROWS
 
 
-def choose(weights: list, rows: int) -> tuple[QuantGemvConfig | QuantMMConfig | None, dict[str, float]]:
-    """The fastest of our kernels' configurations for `rows` rows over these weights (a layer's worth,
+def choose(weights: list, rows: int) -> tuple[Config | None, dict[str, float]]:
+    """The fastest of the kernels' configurations for `rows` rows over these weights (a layer's worth,
     in turn, under a CUDA graph as a decode step runs them), or None where the dense path is faster:
-    FP8's scaled product, or the weight dequantized and cuBLAS. Returns every timing too."""
+    FP8's scaled product, or the weight dequantized and cuBLAS. A configuration whose product
+    disagrees with the dense one is timed as never. Returns every timing too."""
 
     from python_backend.ops.gemv import graph_time
 
     w0 = weights[0]
     x = torch.randn(rows, w0.shape[1], device=w0.device, dtype=torch.bfloat16)
+    reference = w0.linear(x, dense=True).float()
 
     def timed(config) -> float:
+        if config is not None:
+            got = run(x, w0, config).float()
+            if not (got - reference).norm() <= AGREEMENT * reference.norm():
+                return float("inf")
+            for w in weights[1:]:  # compiled, and any layout made, here rather than under the capture
+                run(x, w, config)
+
         def calls() -> None:
             for w in weights:
                 if config is None:
@@ -345,6 +380,7 @@ def choose(weights: list, rows: int) -> tuple[QuantGemvConfig | QuantMMConfig | 
         candidates = list(GEMV_CANDIDATES) if gemv_takes(w0) else []
     else:
         candidates = [c for c in MM_CANDIDATES if mm_takes(w0, x.dtype, c)]
+    candidates += [c for c in TINYGEMM_CANDIDATES if tinygemm_takes(w0, x.dtype, c)]
     for cfg in candidates:
         times[name(cfg)] = timed(cfg)
     if not candidates:
@@ -353,7 +389,9 @@ def choose(weights: list, rows: int) -> tuple[QuantGemvConfig | QuantMMConfig | 
     return (best if times[name(best)] < times[dense] else None), times
 
 
-def name(cfg: QuantGemvConfig | QuantMMConfig) -> str:
+def name(cfg: Config) -> str:
+    if isinstance(cfg, TinyGemmConfig):
+        return f"tinygemm{cfg.inner_k_tiles}"
     if isinstance(cfg, QuantMMConfig):
         return f"mm{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
     return f"{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}"

@@ -11,7 +11,18 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (pip install -e .[dev] installs it)")
 
 from python_backend.models.quantized import QuantizedWeight, fp8_supported, pack_int4  # noqa: E402
-from python_backend.ops.quant_gemv import QuantGemvConfig, QuantMMConfig, dequantize, quant_gemv, quant_mm  # noqa: E402
+from python_backend.ops.quant_gemv import (  # noqa: E402
+    QuantGemvConfig,
+    QuantMMConfig,
+    TinyGemmConfig,
+    choose,
+    dequantize,
+    name,
+    quant_gemv,
+    quant_mm,
+    run,
+    tinygemm_takes,
+)
 
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
@@ -81,6 +92,37 @@ def test_kernels_refuse_what_they_cannot_read():
 def test_dequantize_kernel_matches_reference(n, k, group):
     for w in _weights(n, k, group):
         assert torch.equal(dequantize(w, torch.float32), w.dequantize()), w.method
+
+
+@pytest.mark.skipif(not GPU, reason="PyTorch's int4 kernel (tinygemm) runs on CUDA devices only")
+@pytest.mark.parametrize("n,k,group", SHAPES)
+@pytest.mark.parametrize("rows", [1, 4, 40])
+@pytest.mark.parametrize("inner_k_tiles", [4, 8])
+def test_tinygemm_matches_dequantized_weight(n, k, group, rows, inner_k_tiles):
+    """Our codes retiled for PyTorch's kernel, with bfloat16 (scale, zero) pairs: the same weight up to
+    the pairs' rounding."""
+    w = _weights(n, k, group)[0]
+    config = TinyGemmConfig(inner_k_tiles)
+    assert tinygemm_takes(w, torch.bfloat16, config) and not tinygemm_takes(w, torch.float16, config)
+    x = torch.randn(rows, k, device=DEV, dtype=torch.bfloat16)
+    ref = x.float() @ w.dequantize().t()
+    got = run(x, w, config).float()
+    rel = (got - ref).norm() / ref.norm()
+    assert rel < 1e-2, rel
+
+
+@pytest.mark.skipif(not GPU, reason="start-up timing picks among the GPU kernels")
+def test_choice_is_the_fastest_kernel_that_agrees_with_the_dense_product():
+    w = _weights(3072, 2048, 128)[0]
+    config, times = choose([w], 1)
+    assert {"dequantize+cublas", "tinygemm8", "4x1024w4"} <= set(times)
+    fastest = min(times, key=times.get)
+    assert (config is None) == (fastest == "dequantize+cublas") and (config is None or name(config) == fastest)
+    # codes changed under the kernels while the dense path still reads the right weight: none agrees
+    wrong = QuantizedWeight("int4", w.qweight ^ 0x11, w.scale, w.offset)
+    wrong.linear = lambda x, bias=None, dense=False: w.linear(x, dense=True)
+    config, times = choose([wrong], 1)
+    assert config is None and times["tinygemm8"] == times["4x1024w4"] == float("inf")
 
 
 @pytest.mark.skipif(not GPU or not fp8_supported(DEV), reason="FP8 products need a GPU of compute capability 8.9+")
