@@ -177,7 +177,7 @@ def serving_repo(smollm2_repo, smollm2_source, tmp_path_factory) -> Path:
     return smollm2_repo
 
 
-def _tiny_onnx_build(tmp_path_factory, tokenizer, *extra: str) -> Path:
+def tiny_onnx_build(tmp_path_factory, tokenizer, *extra: str) -> Path:
     if not onnx_extra():
         pytest.skip("the onnx extra is not installed (pip install -e .[onnx])")
     tmp = tmp_path_factory.mktemp("tiny-onnx")
@@ -188,13 +188,13 @@ def _tiny_onnx_build(tmp_path_factory, tokenizer, *extra: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_onnx_entry(tmp_path_factory, smollm2_source) -> Path:
     """A tiny random Llama built with --backend onnx: its safetensors and its checked ONNX graph."""
-    return _tiny_onnx_build(tmp_path_factory, smollm2_source[1])
+    return tiny_onnx_build(tmp_path_factory, smollm2_source[1])
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx_int4_entry(tmp_path_factory, smollm2_source) -> Path:
     """The tiny random Llama built with --backend onnx --quantize int4: MatMulNBits in the graph."""
-    return _tiny_onnx_build(tmp_path_factory, smollm2_source[1], "--quantize", "int4", "--group-size", "32")
+    return tiny_onnx_build(tmp_path_factory, smollm2_source[1], "--quantize", "int4", "--group-size", "32")
 
 
 @pytest.fixture(scope="session")

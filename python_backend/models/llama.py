@@ -284,7 +284,7 @@ class LlamaModel:
                 from python_backend.ops import quant_gemv  # our GEMV, or the dense path, by timing
 
                 for rows in quant_gemv.TUNED_ROWS:
-                    config, timings[f"{name}/{rows}"] = quant_gemv.choose(weights, rows)
+                    config, timings[f"{name}/{rows}"] = quant_gemv.choose(weights, rows, self.dtype)
                     for w in weights:
                         w.gemv[rows] = config
                 for w in weights:

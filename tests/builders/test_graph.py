@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from builders.build import main as build
+from tests.conftest import tiny_onnx_build
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install -e .[onnx])")
 pytest.importorskip("polygraphy", reason="the onnx extra is not installed (pip install -e .[onnx])")
@@ -75,6 +76,21 @@ def test_quantized_onnx_build_runs_its_codes_and_checks_them_exactly(tiny_onnx_i
     assert ops.count("RotaryEmbedding") == 2 * layers
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {4}
+
+
+def test_without_int8_activations_the_served_graph_is_the_checked_one(tmp_path_factory, smollm2_source):
+    """--no-int8-activations: the graph's MatMulNBits multiply in float32, so the check runs on the
+    served graph itself and answers exactly as the PyTorch runner does."""
+    import onnx
+
+    args = ("--quantize", "int4", "--group-size", "32", "--no-int8-activations")
+    engine = tiny_onnx_build(tmp_path_factory, smollm2_source[1], *args) / "1" / "engine"
+    graph = json.loads((engine / "engine.json").read_text())["graph"]
+    assert graph["weights"] == {"operator": "MatMulNBits", "accuracy_level": 0}
+    assert graph["check"]["passed"] and "check_served" not in graph
+    model = onnx.load(str(engine / graph["onnx"]), load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {0}
 
 
 def test_onnx_backend_refuses_what_it_cannot_serve(tmp_path, capsys):
