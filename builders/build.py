@@ -266,7 +266,7 @@ def build(args: argparse.Namespace) -> Path:
     from builders.graph import GraphBuildError, build_graphs, check_backend
 
     try:
-        check_backend(args.backend, on_gpu, args.quantize, args.runner, dtype)
+        check_backend(args.backend, on_gpu, args.quantize, args.runner, dtype, args.int8_activations)
     except GraphBuildError as e:
         raise BuildError(str(e)) from e
     created_entry = not entry.exists()

@@ -34,13 +34,20 @@ BACKEND_OF_RUNNER = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}  # the build
 SERVES = {"pytorch": (), "onnx": ("onnxruntime",), "tensorrt": ("onnxruntime", "tensorrt")}  # graph runners
 
 
-def check_backend(backend: str, on_gpu: bool, quantize: str, runner: str, dtype: str) -> None:
-    """Refuse, before any work, a graph build that cannot succeed here or an entry whose runner
-    setting could not load it."""
+def check_backend(
+    backend: str, on_gpu: bool, quantize: str, runner: str, dtype: str, int8_activations: bool = True
+) -> None:
+    """Refuse, before any work, a graph build that cannot succeed here, an entry whose runner
+    setting could not load it, or a graph setting that would change nothing."""
     import importlib.util
 
     if runner in BACKEND_OF_RUNNER and runner not in SERVES[backend]:
         raise GraphBuildError(f"--runner {runner} needs an entry built with --backend {BACKEND_OF_RUNNER[runner]}")
+    if not int8_activations and (backend != "onnx" or quantize == "none"):
+        raise GraphBuildError(
+            "--no-int8-activations sets how the ONNX graph multiplies quantized weights: it needs --backend onnx "
+            "and --quantize int8, int4 or gguf"
+        )
     if backend == "pytorch":
         return
     missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]

@@ -111,8 +111,10 @@ def test_graph_backends_refuse_weights_they_cannot_take():
         check_backend("onnx", False, "fp8", "auto", "float32")
     with pytest.raises(GraphBuildError, match="--backend tensorrt builds from dense weights"):
         check_backend("tensorrt", True, "int4", "auto", "float32")
+    with pytest.raises(GraphBuildError, match="needs --backend onnx and --quantize"):
+        check_backend("onnx", False, "none", "auto", "float32", int8_activations=False)  # dense: nothing to round
     check_backend("onnx", False, "int4", "onnxruntime", "float32")  # accepted
-    check_backend("onnx", False, "gguf", "auto", "float32")
+    check_backend("onnx", False, "gguf", "auto", "float32", int8_activations=False)
 
 
 def test_tensorrt_backend_stops_at_once_naming_where_tensorrt_is(tmp_path, capsys):

@@ -176,6 +176,7 @@ def test_gguf_method_needs_a_gguf_source(tmp_path, smollm2_source, capsys):
     assert code == 2 and "--device gpu" in capsys.readouterr().err
     args = ["--model", str(folder), "--name", "x", "--repository", str(tmp_path / "r"), "--quantize", "int4"]
     assert main([*args, "--group-size", "96"]) == 2 and "power of two" in capsys.readouterr().err
+    assert main([*args, "--no-int8-activations"]) == 2 and "needs --backend onnx" in capsys.readouterr().err
     assert not (tmp_path / "r" / "x").exists()
 
 
