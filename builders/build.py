@@ -68,6 +68,10 @@ def check_compression(args: argparse.Namespace, source, on_gpu: bool) -> None:
         raise BuildError(f"--quantize gguf keeps a GGUF file's own 4-bit weights; {source.description} is not GGUF")
     if args.quantize == "int4" and args.group_size & (args.group_size - 1):
         raise BuildError(f"--group-size {args.group_size}: must be a power of two (32, 64, 128, ...)")
+    if args.dense_layers and args.quantize not in ("int8", "int4", "fp8"):
+        raise BuildError(
+            f"--dense-layers keeps layers of an int8, int4 or fp8 build dense; --quantize is {args.quantize}"
+        )
     if args.quantize == "fp8" and not on_gpu:
         raise BuildError("--quantize fp8 serves on GPUs with FP8 matrix units only; build it with --device gpu")
     if args.prune != "none":
@@ -137,6 +141,7 @@ def _quantize(source, model, tokenizer, args: argparse.Namespace, dtype: str, st
         awq=args.awq,
         lm_head=args.quantize_lm_head,
         fp8_scales=args.fp8_scales,
+        dense_layers=args.dense_layers,
     )
     _log(f"quantizing to {args.quantize}", start)
     return quantize.quantize_model(model, tokenizer, opts, target, args.calibration_tokens, lambda m: _log(m, start))

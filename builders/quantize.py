@@ -26,6 +26,7 @@ from python_backend.models.quantized import pack_int4
 
 AWQ_GRID = 20  # alpha in 0, 0.05, ..., 0.95
 SEARCH_TOKENS = 512  # calibration rows kept per layer input for the scale search
+SENSITIVITY_TOKENS = 1024  # calibration tokens over which each layer's rounding is judged
 
 
 @dataclass
@@ -36,6 +37,7 @@ class QuantizeOptions:
     awq: bool = True
     lm_head: bool = True
     fp8_scales: str = "channel"  # channel | tensor
+    dense_layers: int = 0  # decoder layers kept dense, the most sensitive first
 
 
 # ---- rounding -----------------------------------------------------------------------------------
@@ -112,6 +114,50 @@ def fake_quantize(w: torch.Tensor, opts: QuantizeOptions) -> torch.Tensor:
 
     parts = quantize_weight(w, opts)
     return QuantizedWeight(opts.method, parts["qweight"], parts["scale"], parts.get("offset")).dequantize()
+
+
+def fake_quantize_inputs(x: torch.Tensor, opts: QuantizeOptions) -> torch.Tensor:
+    """x as the served product sees it: FP8 rounds each row to E4M3 with its own scale (the engine's
+    `_linear_fp8`); the weight-only methods leave it as it is."""
+    if opts.method != "fp8":
+        return x
+    top = torch.finfo(torch.float8_e4m3fn).max
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / top
+    return (x / scale).clamp(-top, top).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+# ---- which layers stay dense --------------------------------------------------------------------
+
+
+@torch.no_grad()
+def layer_sensitivity(model, ids: list[int], opts: QuantizeOptions, chunk: int = 512) -> list[float]:
+    """Per decoder layer: the mean KL divergence of the model's next-token distributions, with only
+    that layer's projections rounded as `opts` rounds them (weights, and inputs where the method
+    rounds those), from the float model's. A few layers often carry most of a method's loss (in
+    SmolLM2, FP8 in the last layer is half of it), and keeping those dense buys that quality back
+    for a few percent of the weights. AWQ's scales are left out of this ranking."""
+    chunks = [torch.tensor([ids[i : i + chunk]]) for i in range(0, len(ids), chunk)]
+    reference = [torch.log_softmax(model(input_ids=c, use_cache=False).logits[0].float(), -1) for c in chunks]
+    scores = []
+    for layer in model.model.layers:
+        linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        saved = [m.weight.detach().clone() for m in linears]
+        hooks = [m.register_forward_pre_hook(lambda _m, args: (fake_quantize_inputs(args[0], opts),)) for m in linears]
+        try:
+            for m in linears:
+                m.weight.copy_(fake_quantize(m.weight, opts).to(m.weight.dtype))
+            kl, count = 0.0, 0
+            for c, ref in zip(chunks, reference):
+                logp = torch.log_softmax(model(input_ids=c, use_cache=False).logits[0].float(), -1)
+                kl += (ref.exp() * (ref - logp)).sum().item()
+                count += c.shape[1]
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, w in zip(linears, saved):
+                m.weight.copy_(w)
+        scores.append(kl / count)
+    return scores
 
 
 # ---- calibration and AWQ ------------------------------------------------------------------------
@@ -258,6 +304,17 @@ def quantize_model(model, tokenizer, opts: QuantizeOptions, dtype: torch.dtype, 
         record.update(symmetric=opts.symmetric, group_size=opts.group_size, awq=opts.awq)
     if opts.method == "fp8":
         record["scales"] = opts.fp8_scales
+    dense: list[int] = []
+    if opts.dense_layers:
+        if opts.dense_layers >= cfg.num_hidden_layers:
+            n = cfg.num_hidden_layers
+            raise ValueError(f"--dense-layers {opts.dense_layers} leaves none of the {n} layers quantized")
+        ids, text = token_ids(tokenizer, "calibration", min(calibration_tokens, SENSITIVITY_TOKENS))
+        log(f"ranking the {cfg.num_hidden_layers} layers by what {opts.method} costs each, over {len(ids)} tokens")
+        scores = layer_sensitivity(model, ids, opts)
+        dense = sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[: opts.dense_layers])
+        record.update(dense_layers=dense, layer_kl=[round(v, 6) for v in scores], dense_calibration=text)
+        log(f"layers kept dense: {dense}")
     if opts.method == "int4" and opts.awq:
         ids, text = token_ids(tokenizer, "calibration", calibration_tokens)
         log(f"AWQ: collecting activations over {len(ids)} calibration tokens")
@@ -270,7 +327,8 @@ def quantize_model(model, tokenizer, opts: QuantizeOptions, dtype: torch.dtype, 
         record["calibration"] = text
         record["awq_alpha"] = {k: round(v, 2) for k, v in alphas.items()}
     out: dict[str, torch.Tensor] = {}
-    names = linear_names(cfg.num_hidden_layers) + (["lm_head"] if opts.lm_head else [])
+    names = [n for n in linear_names(cfg.num_hidden_layers) if int(n.split(".")[2]) not in dense]
+    names += ["lm_head"] if opts.lm_head else []
     groups = set()
     for name in names:
         w = state.pop(f"{name}.weight")

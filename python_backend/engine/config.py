@@ -179,6 +179,12 @@ class BuildConfig:
     fp8_scales: str = setting(
         "channel", "fp8: a weight scale per output channel or per tensor", choices=("channel", "tensor")
     )
+    dense_layers: int = setting(
+        0,
+        "int8, int4, fp8: keep this many decoder layers dense, those whose rounding moves the model's "
+        "next-token distributions most on calibration text",
+        minimum=0,
+    )
     prune: str = setting(
         "none",
         "weights: magnitude (the smallest |w| of each projection zeroed), 2:4 (two of every four along "

@@ -104,6 +104,65 @@ def test_awq_lowers_the_output_error_where_a_few_channels_dominate():
     assert (x @ aware.t() - ref).pow(2).mean() < 0.8 * (x @ plain.t() - ref).pow(2).mean()
 
 
+def _outlier_model(folder, tokenizer):
+    """A tiny Llama whose second layer has one input column 100x the rest in every projection: int4
+    groups that hold it round their other weights to almost nothing, so that layer's rounding costs
+    the most."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for m in model.model.layers[1].modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight[:, 0] *= 100
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def test_dense_layers_keeps_the_layer_rounding_hurts_most_and_serves_it(smollm2_source, tmp_path):
+    from safetensors import safe_open
+
+    from python_backend.engine.engine import Engine
+
+    tokenizer = smollm2_source[1]
+    model = _outlier_model(tmp_path / "src", tokenizer)
+    common = ("--quantize", "int4", "--group-size", "32", "--no-awq", "--calibration-tokens", "512")
+    mixed = build_entry(tmp_path / "repo", str(tmp_path / "src"), "mixed", *common, "--dense-layers", "1")
+    plain = build_entry(tmp_path / "repo", str(tmp_path / "src"), "plain", *common)
+    record = json.loads((mixed / "1" / "engine" / "engine.json").read_text())["quantization"]
+    assert record["dense_layers"] == [1]
+    assert max(range(2), key=lambda i: record["layer_kl"][i]) == 1
+    with safe_open(next((mixed / "1" / "engine").glob("*.safetensors")), "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.1.mlp.down_proj.weight" in names and "model.layers.1.mlp.down_proj.qweight" not in names
+    assert "model.layers.0.mlp.down_proj.qweight" in names and "model.layers.0.mlp.down_proj.weight" not in names
+    ids = list(range(200, 264))
+    with torch.no_grad():
+        want = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+
+    def error(entry) -> float:
+        engine = Engine.from_folder(entry / "1" / "engine", capture_graphs_at_start=False)
+        got = torch.log_softmax(engine.prompt_logits(ids).float(), -1)
+        return (got - want).abs().mean().item()
+
+    assert error(mixed) < 0.5 * error(plain)
+
+
+def test_dense_layers_needs_a_quantized_build_and_a_layer_left(tmp_path, smollm2_source, capsys):
+    from builders.build import main
+
+    folder = save_tiny_model(tmp_path / "hf", "llama", smollm2_source[1])
+    args = ["--model", str(folder), "--name", "x", "--repository", str(tmp_path / "r")]
+    assert main([*args, "--dense-layers", "1"]) == 2 and "--quantize is none" in capsys.readouterr().err
+    assert main([*args, "--quantize", "int8", "--dense-layers", "2"]) == 2
+    assert "leaves none of the 2 layers quantized" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "x").exists()
+
+
 def test_calibration_and_evaluation_text_are_disjoint_and_stable():
     cal, ev = corpus("calibration"), corpus("evaluation")
     assert len(cal.text) > 100_000 and len(ev.text) > 100_000
