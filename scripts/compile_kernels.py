@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from python_backend.ops import argmax, fused, fused_qkv, gemv, quant_gemv  # noqa: E402
+from python_backend.ops import argmax, fp8_rows, fused, fused_qkv, gemv, quant_gemv  # noqa: E402
 from python_backend.ops import triton_attention as ta
 
 POINTERS = {  # argument -> element type where it is a pointer; the rest are int32 unless named below
@@ -167,6 +167,15 @@ def kernels() -> list[tuple[str, object, dict, dict]]:
                 {"pointers": {"W": "fp8e4nv", "S": "fp32"}},
             ),
         ]
+    for one_pass in (True, False):
+        out.append(
+            (
+                f"fp8 activation rows one_pass={one_pass}",
+                fp8_rows._fp8_rows_kernel,
+                {"BLOCK_K": 2048, "ONE_PASS": one_pass},
+                {"pointers": {"Q": "fp8e4nv", "S": "fp32"}},
+            )
+        )
     for int4, w in ((True, "u8"), (False, "i8")):
         out.append(
             (

@@ -177,19 +177,16 @@ class QuantizedWeight:
             del self._layouts[key]
 
     def _linear_fp8(self, x: torch.Tensor) -> torch.Tensor:
-        """Both operands in E4M3: x scaled per row by its own absolute maximum."""
-        finfo = torch.finfo(torch.float8_e4m3fn)
+        """Both operands in E4M3: x scaled per row by its own absolute maximum (one kernel,
+        ops/fp8_rows.py), padded to the GEMM's multiple of 16 rows."""
+        from python_backend.ops.fp8_rows import fp8_rows
+
         rows = x.reshape(-1, x.shape[-1])
-        x_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / finfo.max
-        xq = (rows.float() / x_scale).clamp(finfo.min, finfo.max).to(torch.float8_e4m3fn)
+        xq, x_scale = fp8_rows(rows)
         n, m = self.shape[0], rows.shape[0]
-        pad = -m % 16  # the FP8 GEMM takes rows in multiples of 16
-        if pad:
-            xq = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])])
-            x_scale = torch.cat([x_scale, x_scale.new_ones(pad, 1)])
-        w_scale = self.scale.float().reshape(1, -1).expand(1, n).contiguous()
+        w_scale = self.scale.float().reshape(1, -1).expand(1, n).contiguous()  # a view, per channel
         y = torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
-        return (y[:m] if pad else y).to(x.dtype)
+        return (y[:m] if xq.shape[0] != m else y).to(x.dtype)
 
     def to(self, device: torch.device) -> QuantizedWeight:
         move = lambda t: None if t is None else t.to(device)
