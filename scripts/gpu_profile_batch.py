@@ -1,0 +1,112 @@
+"""Where a batched decode step goes on the GPU: B sequences decoding together, kernel times by kind
+(eager, under torch.profiler) and the step's wall time with CUDA graphs, for each entry given.
+
+    python3 scripts/gpu_profile_batch.py ENGINE_DIR [ENGINE_DIR ...] --batch 256 --out profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from python_backend.engine.engine import Engine, EngineConfig  # noqa: E402
+from python_backend.engine.sequence import SamplingParams  # noqa: E402
+
+KINDS = (  # substring of a kernel's name -> its kind, first match wins
+    ("attention", "attention"),
+    ("_decode_kernel", "attention"),
+    ("fp8_rows", "fp8 activation rounding"),
+    ("gemm", "matrix products"),
+    ("gemv", "matrix products"),
+    ("_mm_kernel", "matrix products"),
+    ("int4", "matrix products"),
+    ("sm90", "matrix products"),
+    ("cutlass", "matrix products"),
+    ("nvjet", "matrix products"),
+    ("norm", "norms"),
+    ("rope", "rotary and KV writes"),
+    ("silu", "activation"),
+    ("argmax", "sampling"),
+    ("chunk_max", "sampling"),
+    ("pick_chunk", "sampling"),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for key, kind in KINDS if key in low), "other")
+
+
+def decoding(engine: Engine, batch: int, prompt_len: int, tag: str) -> None:
+    """Start `batch` sequences and step until every one has left its prefill."""
+    params = SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True)
+    seqs = [engine.add_request(f"{tag}{i}", [1000 + (i * 7 + j) % 5000 for j in range(prompt_len)], params)
+            for i in range(batch)]  # fmt: skip
+    while any(not s.output_ids for s in seqs):
+        engine.step()
+    torch.cuda.synchronize()
+
+
+def profile(folder: str, batch: int, prompt_len: int, steps: int) -> dict:
+    out: dict = {}
+    for graphs in (True, False):
+        eng = Engine(folder, EngineConfig(device="cuda", cuda_graphs=graphs, max_num_seqs=batch))
+        decoding(eng, batch, prompt_len, f"g{graphs}-")
+        for _ in range(4):
+            eng.step()
+        torch.cuda.synchronize()
+        if graphs:
+            walls = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                eng.step()
+                torch.cuda.synchronize()
+                walls.append(time.perf_counter() - t)
+            out["step_s_graphs"] = statistics.median(walls)
+        else:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    eng.step()
+                torch.cuda.synchronize()
+            per, by_kind = defaultdict(float), defaultdict(float)
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    per[e.name] += e.device_time_total / steps / 1e6
+                    by_kind[kind_of(e.name)] += e.device_time_total / steps / 1e6
+            out["kernel_s_per_step"] = sum(per.values())
+            out["by_kind_s_per_step"] = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+            out["top_kernels"] = [
+                {"name": k[:120], "s_per_step": v} for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:15]
+            ]
+        eng.shutdown()
+        del eng
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("engine_dirs", nargs="+")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    result = {"gpu": torch.cuda.get_device_name(0), "batch": args.batch, "prompt_len": args.prompt_len, "entries": {}}
+    for folder in args.engine_dirs:
+        result["entries"][folder] = profile(folder, args.batch, args.prompt_len, args.steps)
+        print(folder, json.dumps(result["entries"][folder], indent=1), flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
