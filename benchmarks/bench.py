@@ -383,7 +383,7 @@ def single_sequence(engine, prompt: str, n: int) -> dict:
     seq = engine.add_request("single", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
     engine.run_until_done()
     step = statistics.median(seq.timing.itls)
-    result = {"decode_step_s": step, "weight_bytes": engine.model.num_bytes}
+    result = {"decode_step_s": step, "weight_bytes": engine.model.read_bytes, "memory_bytes": engine.model.num_bytes}
     if engine.device.type == "cuda":
         buf = torch.empty(1 << 30, dtype=torch.uint8, device=engine.device)
         dst = torch.empty_like(buf)
@@ -396,7 +396,7 @@ def single_sequence(engine, prompt: str, n: int) -> dict:
         bandwidth = 2 * buf.numel() * 20 / (time.perf_counter() - t)  # bytes read + written per second
         del buf, dst
         result["copy_bandwidth_bytes_per_s"] = bandwidth
-        result["weights_once_s"] = engine.model.num_bytes / bandwidth
+        result["weights_once_s"] = engine.model.read_bytes / bandwidth
         result["ratio_to_weights_once"] = step / result["weights_once_s"]
     return result
 

@@ -403,12 +403,25 @@ class LlamaModel:
             weights.update(load_file(str(f)))
         return cls(cfg, weights, dtype, device, max_len, kernels, quantization, sparse_min_rows)
 
-    @property
-    def num_bytes(self) -> int:
+    def _weights(self) -> list:
         tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         for layer in self.layers:
             tensors += [t for t in vars(layer).values() if t is not None]
-        return sum(t.num_bytes if isinstance(t, _OWN_PRODUCT) else t.numel() * t.element_size() for t in tensors)
+        return tensors
+
+    @property
+    def num_bytes(self) -> int:
+        """The weights in memory, every kernel's layout of them included."""
+        return sum(
+            t.num_bytes if isinstance(t, _OWN_PRODUCT) else t.numel() * t.element_size() for t in self._weights()
+        )
+
+    @property
+    def read_bytes(self) -> int:
+        """The weights as a single-sequence decode step reads them: each once, in one layout."""
+        return sum(
+            t.read_bytes if isinstance(t, _OWN_PRODUCT) else t.numel() * t.element_size() for t in self._weights()
+        )
 
     def forward(
         self,

@@ -79,7 +79,15 @@ class QuantizedWeight:
         return self.qweight.device
 
     @property
+    def read_bytes(self) -> int:
+        """One copy of the codes and scales: what a step that reads this weight once reads, whichever
+        kernel's layout it reads them in."""
+        parts = [self.qweight, self.scale] + ([self.offset] if self.offset is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    @property
     def num_bytes(self) -> int:
+        """Everything held in memory: the codes, and every other kernel's layout of them."""
         parts = [self.qweight, self.scale] + ([self.offset] if self.offset is not None else [])
         for layout in self._layouts.values():
             parts += list(layout) if isinstance(layout, tuple) else [layout]

@@ -60,12 +60,17 @@ class SparseWeight:
         return cls(to_sparse_semi_structured(w), w if min_rows > 0 else None, min_rows, (n, k))
 
     @property
-    def num_bytes(self) -> int:
-        dense = 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
+    def read_bytes(self) -> int:
+        """The packed values and their metadata: what a decode step below `min_rows` reads."""
         packed = self.sparse.packed
         meta = getattr(self.sparse, "meta", None)
         extra = 0 if meta is None else meta.numel() * meta.element_size()
-        return dense + packed.numel() * packed.element_size() + extra
+        return packed.numel() * packed.element_size() + extra
+
+    @property
+    def num_bytes(self) -> int:
+        dense = 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
+        return dense + self.read_bytes
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Row-major like F.linear's: the sparse product comes back transposed, and the kernels

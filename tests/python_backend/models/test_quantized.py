@@ -37,6 +37,14 @@ def test_int4_packing_round_trips():
     assert torch.equal(packed[:, 0] & 0xF, codes[:, 0]) and torch.equal(packed[:, 0] >> 4, codes[:, 1])
 
 
+def test_a_second_layout_counts_in_memory_but_not_in_what_a_step_reads():
+    w = _int4(128, 256, 32)
+    stored = 128 * 128 + 2 * (2 * 128 * 256 // 32)  # codes, and float16 scale and offset per group
+    assert w.read_bytes == w.num_bytes == stored
+    w.linear(torch.randn(1, 256))  # the CPU kernel's packed copy of the codes is made on first use
+    assert w.read_bytes == stored < w.num_bytes
+
+
 # 128 x 256: PyTorch's packed CPU kernel; 48 x 192: a shape it does not take (N not a multiple of 64)
 @pytest.mark.parametrize("n,k,group", [(128, 256, 32), (128, 256, 128), (48, 192, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
