@@ -59,7 +59,17 @@ def decoding(engine: Engine, batch: int, prompt_len: int, tag: str) -> None:
 def profile(folder: str, batch: int, prompt_len: int, steps: int) -> dict:
     out: dict = {}
     for graphs in (True, False):
-        eng = Engine(folder, EngineConfig(device="cuda", cuda_graphs=graphs, max_num_seqs=batch))
+        eng = Engine(
+            folder,
+            EngineConfig(
+                device="cuda",
+                cuda_graphs=graphs,
+                max_num_seqs=batch,
+                max_model_len=4096,
+                max_num_batched_tokens=8192,
+                max_graph_batch=batch,
+            ),
+        )
         decoding(eng, batch, prompt_len, f"g{graphs}-")
         for _ in range(4):
             eng.step()
