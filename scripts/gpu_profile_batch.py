@@ -7,7 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import cProfile
+import gc
+import io
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -48,7 +52,7 @@ def kind_of(name: str) -> str:
 
 def decoding(engine: Engine, batch: int, prompt_len: int, tag: str) -> None:
     """Start `batch` sequences and step until every one has left its prefill."""
-    params = SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
     seqs = [engine.add_request(f"{tag}{i}", [1000 + (i * 7 + j) % 5000 for j in range(prompt_len)], params)
             for i in range(batch)]  # fmt: skip
     while any(not s.output_ids for s in seqs):
@@ -56,7 +60,7 @@ def decoding(engine: Engine, batch: int, prompt_len: int, tag: str) -> None:
     torch.cuda.synchronize()
 
 
-def profile(folder: str, batch: int, prompt_len: int, steps: int) -> dict:
+def profile(folder: str, batch: int, prompt_len: int, steps: int, host_top: int = 0) -> dict:
     out: dict = {}
     for graphs in (True, False):
         eng = Engine(
@@ -68,37 +72,49 @@ def profile(folder: str, batch: int, prompt_len: int, steps: int) -> dict:
                 max_model_len=4096,
                 max_num_batched_tokens=8192,
                 max_graph_batch=batch,
+                num_kv_blocks=batch * (prompt_len + steps + 64) // 16 + 64,
             ),
         )
         decoding(eng, batch, prompt_len, f"g{graphs}-")
         for _ in range(4):
             eng.step()
         torch.cuda.synchronize()
+        walls = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            eng.step()
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t)
+        out["step_s_graphs" if graphs else "step_s_eager"] = statistics.median(walls)
         if graphs:
-            walls = []
-            for _ in range(steps):
-                t = time.perf_counter()
-                eng.step()
-                torch.cuda.synchronize()
-                walls.append(time.perf_counter() - t)
-            out["step_s_graphs"] = statistics.median(walls)
-        else:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            if host_top:  # where the host's share of a graphed step goes
+                prof = cProfile.Profile()
+                prof.enable()
                 for _ in range(steps):
                     eng.step()
                 torch.cuda.synchronize()
-            per, by_kind = defaultdict(float), defaultdict(float)
-            for e in prof.events():
-                if e.device_type == torch.autograd.DeviceType.CUDA:
-                    per[e.name] += e.device_time_total / steps / 1e6
-                    by_kind[kind_of(e.name)] += e.device_time_total / steps / 1e6
-            out["kernel_s_per_step"] = sum(per.values())
-            out["by_kind_s_per_step"] = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
-            out["top_kernels"] = [
-                {"name": k[:120], "s_per_step": v} for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:15]
-            ]
+                prof.disable()
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(host_top)
+                out["host_profile"] = text.getvalue()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                eng.step()
+            torch.cuda.synchronize()
+        per, by_kind = defaultdict(float), defaultdict(float)
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                per[e.name] += e.device_time_total / steps / 1e6
+                by_kind[kind_of(e.name)] += e.device_time_total / steps / 1e6
+        mode = "graphs" if graphs else "eager"
+        out[f"kernel_s_per_step_{mode}"] = sum(per.values())
+        out[f"by_kind_s_per_step_{mode}"] = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+        out[f"top_kernels_{mode}"] = [
+            {"name": k[:120], "s_per_step": v} for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:15]
+        ]
         eng.shutdown()
         del eng
+        gc.collect()
         torch.cuda.empty_cache()
     return out
 
@@ -109,11 +125,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--host-top", type=int, default=0, help="also profile the host's graphed steps: top N functions")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     result = {"gpu": torch.cuda.get_device_name(0), "batch": args.batch, "prompt_len": args.prompt_len, "entries": {}}
     for folder in args.engine_dirs:
-        result["entries"][folder] = profile(folder, args.batch, args.prompt_len, args.steps)
+        result["entries"][folder] = profile(folder, args.batch, args.prompt_len, args.steps, args.host_top)
         print(folder, json.dumps(result["entries"][folder], indent=1), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
