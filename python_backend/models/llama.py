@@ -280,21 +280,22 @@ class LlamaModel:
         for name, (weights, silu_mul) in groups.items():
             if isinstance(weights[0], SparseWeight):
                 continue  # the sparse kernels, or below their rows the dense weight through cuBLAS
-            if isinstance(weights[0], QuantizedWeight):
+            quantized = [w for w in weights if isinstance(w, QuantizedWeight)]
+            if quantized:  # layers kept dense beside them (--dense-layers) stay with cuBLAS
                 from python_backend.ops import quant_gemv  # our GEMV, or the dense path, by timing
 
                 for rows in quant_gemv.TUNED_ROWS:
-                    config, timings[f"{name}/{rows}"] = quant_gemv.choose(weights, rows, self.dtype)
-                    for w in weights:
+                    config, timings[f"{name}/{rows}"] = quant_gemv.choose(quantized, rows, self.dtype)
+                    for w in quantized:
                         w.gemv[rows] = config
-                for w in weights:
+                for w in quantized:
                     w.drop_unused_layouts()
                 continue
             for rows in (1, 2, 4):
                 config, timings[f"{name}/{rows}"] = gemv.choose(weights, rows, silu_mul)
                 if config is not None:
                     self.gemv[(name, rows)] = config
-        if self.layers[0].q_norm is None and isinstance(self.layers[0].qkv_w, torch.Tensor):
+        if self.layers[0].q_norm is None and all(isinstance(la.qkv_w, torch.Tensor) for la in self.layers):
             for rows in (1, 2, 4):
                 timings[f"add_norm_qkv_rope/{rows}"] = self._tune_fused_qkv(rows)
         return timings

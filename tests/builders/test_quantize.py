@@ -152,6 +152,32 @@ def test_dense_layers_keeps_the_layer_rounding_hurts_most_and_serves_it(smollm2_
     assert error(mixed) < 0.5 * error(plain)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dense_layers_start_on_the_gpu_and_decode_as_the_untuned_path(tmp_path):
+    """Start-up timing tunes the quantized projections and leaves the dense layer among them to
+    cuBLAS; the tuned decode picks the tokens the dense path picks."""
+    from transformers import AutoTokenizer
+
+    from python_backend.engine.engine import Engine
+    from python_backend.engine.sequence import SamplingParams
+
+    if not os.environ.get("FASTSERVE_TEST_TOKENIZER"):
+        pytest.skip("set FASTSERVE_TEST_TOKENIZER to a folder with tokenizer files")
+    _outlier_model(tmp_path / "src", AutoTokenizer.from_pretrained(os.environ["FASTSERVE_TEST_TOKENIZER"]))
+    entry = build_entry(
+        tmp_path / "repo", str(tmp_path / "src"), "mixed", "--quantize", "int8", "--dense-layers", "1",
+        "--calibration-tokens", "512", "--dtype", "bfloat16",
+    )  # fmt: skip
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    texts = []
+    for tuned in (True, False):
+        engine = Engine.from_folder(entry / "1" / "engine", device="cuda", decode_gemv=tuned, num_kv_blocks=64)
+        assert bool(engine.gemv_timings) == tuned
+        texts.append([r.token_ids for r in engine.generate([list(range(200, 232))], params)])
+        engine.shutdown()
+    assert texts[0] == texts[1]
+
+
 def test_dense_layers_needs_a_quantized_build_and_a_layer_left(tmp_path, smollm2_source, capsys):
     from builders.build import main
 
@@ -178,9 +204,10 @@ def quantized_repo(tmp_path_factory):
     groups of 32: the file's weights already lie on a 4-bit grid of 32-weight blocks, which wider
     groups would round a second time. int4 computes in float32: the chat question's first answer
     token is a near tie ("The" against "L", about 0.24 nats apart in float32), and bfloat16 logits,
-    0.125 apart at this magnitude, round it to an exact tie that each CPU's kernels break their own way. Where the onnx extra is installed the GGUF build also carries
-    its ONNX graph (MatMulNBits, float32 products), and the same build is served a second time as
-    gguf_onnx, its runner set to onnxruntime in its config.pbtxt as a user would."""
+    0.125 apart at this magnitude, round it to an exact tie that each CPU's kernels break their own
+    way. Where the onnx extra is installed the GGUF build also carries its ONNX graph (MatMulNBits,
+    float32 products), and the same build is served a second time as gguf_onnx, its runner set to
+    onnxruntime in its config.pbtxt as a user would."""
     repo = tmp_path_factory.mktemp("quantized")
     build_entry(repo, "smollm2", "int8", "--dtype", "bfloat16", "--quantize", "int8", "--max-num-seqs", "8")
     build_entry(
