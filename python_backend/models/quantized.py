@@ -12,7 +12,8 @@ Every method stores the codes and the scales to rebuild the weight, never a dequ
   they are multiplied, so both operands of the product are E4M3.
 
 Products: on the CPU PyTorch's packed weight-only kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`); on a GPU, for decode steps, whichever start-up timing picks of our
+`_weight_int4pack_mm_for_cpu`) for bfloat16 and float16 activations, the dense weight for float32
+ones; on a GPU, for decode steps, whichever start-up timing picks of our
 Triton kernels (a GEMV for a few rows, a tensor-core GEMM that dequantizes tile by tile for
 batches) and, for int4 with bfloat16 activations, PyTorch's own CUDA kernel (`_weight_int4pack_mm`,
 the "tinygemm" kernel torchao's int4 weight-only path runs); for prefills the weight dequantized
@@ -139,7 +140,7 @@ class QuantizedWeight:
         kernel = self._layouts.get(x.dtype)
         if kernel is None:
             kernel = self._layouts[x.dtype] = self._cpu_layout(x.dtype)
-        if self.method == "int8":
+        if self.method == "int8" and kernel.dim() == 1:
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, kernel)
         if self.method == "int4" and isinstance(kernel, tuple):
             packed, scales_and_zeros = kernel
@@ -149,7 +150,11 @@ class QuantizedWeight:
     def _cpu_layout(self, dtype: torch.dtype):
         """The operands of PyTorch's CPU kernel for activations of `dtype`: the scales (int8); the packed
         codes and the (scale, zero) pairs of w = (q - 8) * scale + zero (int4); or, where the kernel
-        does not take this shape, the dequantized weight."""
+        does not take this shape or these activations, the dequantized weight. Both kernels are
+        fast for bfloat16 and float16 only: with float32 activations they run 5 to 80 times slower
+        than the dense product, so a float32 build keeps its weights dense in memory."""
+        if dtype == torch.float32:
+            return self.dequantize(dtype)
         if self.method == "int8":
             return self.scale.to(dtype)
         if self.method == "int4" and _int4_kernel_takes(self.shape, self.group_size):
