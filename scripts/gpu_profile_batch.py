@@ -1,5 +1,6 @@
-"""Where a batched decode step goes on the GPU: B sequences decoding together, kernel times by kind
-(eager, under torch.profiler) and the step's wall time with CUDA graphs, for each entry given.
+"""Where a batched decode step goes on the GPU: B sequences decoding together, with CUDA graphs and
+without: the step's wall time, kernel times by kind under torch.profiler and, with --host-top, the
+host's busiest functions during graphed steps (cProfile), for each entry given.
 
     python3 scripts/gpu_profile_batch.py ENGINE_DIR [ENGINE_DIR ...] --batch 256 --out profile.json
 """
@@ -72,7 +73,7 @@ def profile(folder: str, batch: int, prompt_len: int, steps: int, host_top: int 
                 max_model_len=4096,
                 max_num_batched_tokens=8192,
                 max_graph_batch=batch,
-                num_kv_blocks=batch * (prompt_len + steps + 64) // 16 + 64,
+                num_kv_blocks=batch * (prompt_len + 3 * steps + 72) // 16 + 64,
             ),
         )
         decoding(eng, batch, prompt_len, f"g{graphs}-")

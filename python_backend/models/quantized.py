@@ -152,7 +152,7 @@ class QuantizedWeight:
         codes and the (scale, zero) pairs of w = (q - 8) * scale + zero (int4); or, where the kernel
         does not take this shape or these activations, the dequantized weight. Both kernels are
         fast for bfloat16 and float16 only: with float32 activations they run 5 to 80 times slower
-        than the dense product, so a float32 build keeps its weights dense in memory."""
+        than the dense product, so a float32 build holds its weights dequantized, made on first use."""
         if dtype == torch.float32:
             return self.dequantize(dtype)
         if self.method == "int8":

@@ -155,7 +155,7 @@ def test_dense_layers_keeps_the_layer_rounding_hurts_most_and_serves_it(smollm2_
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_dense_layers_start_on_the_gpu_and_decode_as_the_untuned_path(tmp_path):
     """Start-up timing tunes the quantized projections and leaves the dense layer among them to
-    cuBLAS; the tuned decode picks the tokens the dense path picks."""
+    cuBLAS; the tuned decode picks the tokens the untuned one picks."""
     from transformers import AutoTokenizer
 
     from python_backend.engine.engine import Engine
@@ -203,11 +203,11 @@ def quantized_repo(tmp_path_factory):
     """SmolLM2 as int8, int4 (AWQ) and the GGUF file's own Q4_1 blocks. int4 takes
     groups of 32: the file's weights already lie on a 4-bit grid of 32-weight blocks, which wider
     groups would round a second time. int4 computes in float32: the chat question's first answer
-    token is a near tie ("The" against "L", about 0.24 nats apart in float32), and bfloat16 logits,
-    0.125 apart at this magnitude, round it to an exact tie that each CPU's kernels break their own
-    way. Where the onnx extra is installed the GGUF build also carries its ONNX graph (MatMulNBits,
-    float32 products), and the same build is served a second time as gguf_onnx, its runner set to
-    onnxruntime in its config.pbtxt as a user would."""
+    token is a near tie ("The" against "L", about 0.24 nats apart in float32), and in bfloat16,
+    whose steps are 0.125 at these logits, the CPU's own kernels decide it: the two came out equal
+    on one CPU and apart on another. Where the onnx extra is installed the GGUF build also carries
+    its ONNX graph (MatMulNBits, float32 products), and the same build is served a second time as
+    gguf_onnx, its runner set to onnxruntime in its config.pbtxt as a user would."""
     repo = tmp_path_factory.mktemp("quantized")
     build_entry(repo, "smollm2", "int8", "--dtype", "bfloat16", "--quantize", "int8", "--max-num-seqs", "8")
     build_entry(

@@ -41,7 +41,7 @@ def test_a_second_layout_counts_in_memory_but_not_in_what_a_step_reads():
     w = _int4(128, 256, 32)
     stored = 128 * 128 + 2 * (2 * 128 * 256 // 32)  # codes, and float16 scale and offset per group
     assert w.read_bytes == w.num_bytes == stored
-    w.linear(torch.randn(1, 256))  # the CPU kernel's packed copy of the codes is made on first use
+    w.linear(torch.randn(1, 256, dtype=torch.bfloat16))  # the CPU kernel's packed codes, made on first use
     assert w.read_bytes == stored < w.num_bytes
 
 
