@@ -36,6 +36,11 @@
 #               ($QUANT_MODELS: which of them; $QUANT_SKIP_TESTS: neither the tests nor the KV capacity)
 #   quantsmol   SmolLM2 built as bf16, int8, int4 (AWQ), fp8 and its GGUF's own Q4_1 blocks, on the GPU:
 #               `fastserve evaluate` against bf16 (needs the GGUF, carried in two parts, .gpu/gguf-a and -b)
+#   kvcodes     the kernels' tests on quantized KV caches; the Llama-1B shape as bf16 and fp8, each with
+#               its dtype's cache and an fp8 one: 256 x 256 -> 128 and one sequence's decode step, then
+#               a batch-256 decode step's kernels by kind (gpu_profile_batch.py) for fp8 with both caches
+#   stepbound   one sequence's decode step (batch 1) of bf16, int8 and int4 (no AWQ): wall time and kernel
+#               time by kind (gpu_profile_batch.py --batch 1), what bounds a quantized step's speed-up
 #   tprofile    where the server's time goes at 256 streams: scripts/triton_profile.py samples the stub and
 #               the engine process with py-spy (a py-spy wheel carried in .whl/small) during one run
 set -euo pipefail
@@ -223,4 +228,34 @@ if want tprofile; then
   sed -i '/key: "stream_interval"/d; /key: "engine_process"/d' $work/repo/llama1b/config.pbtxt  # the defaults
   python3 scripts/triton_profile.py --repository $work/repo --model llama1b --tokenizer "$tok" --out "$out/tprofile" \
     --runs ${TPROFILE_RUNS:-3} --py-spy /tmp/site/bin/py-spy 2>&1 | grep -v Warning | tail -60
+fi
+with_fp8_cache() {  # NAME: a copy of entry NAME whose KV cache holds E4M3 codes (a load-time setting)
+  local to=$work/repo/${1}_kv8
+  [[ -f $to/config.pbtxt ]] && return
+  cp -r "$work/repo/$1" "$to"
+  sed -i "s/^name: .*/name: \"${1}_kv8\"/" "$to/config.pbtxt"
+  echo 'parameters { key: "kv_cache_dtype" value: { string_value: "fp8" } }' >> "$to/config.pbtxt"
+}
+if want kvcodes; then
+  FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/ops/test_triton_kernels.py \
+    -k quantized 2>&1 | tail -3
+  shape=(--max-model-len 4096 --max-num-seqs 256 --max-num-batched-tokens 8192 --max-batch-size 256)
+  entry llama1b_fp8 "${shape[@]}" --quantize fp8
+  with_fp8_cache llama1b
+  with_fp8_cache llama1b_fp8
+  for m in llama1b llama1b_kv8 llama1b_fp8 llama1b_fp8_kv8; do
+    echo "== $m"
+    bench --model $m --num-prompts 256 --input-len 256 --output-len 128 --repeats 3 --single --baselines "" \
+      --out "$out/$m-kvcodes.json" | tail -3
+  done
+  for kv in auto fp8; do
+    python3 scripts/gpu_profile_batch.py $work/repo/llama1b_fp8/1/engine --batch 256 --kv-cache-dtype $kv \
+      --out "$out/fp8-kv-$kv-batch256-profile.json" | grep -A6 '"by_kind_s_per_step_graphs"'
+  done
+fi
+if want stepbound; then
+  entry llama1b_int8 --quantize int8
+  entry llama1b_int4 --quantize int4 --no-awq
+  python3 scripts/gpu_profile_batch.py $work/repo/llama1b{,_int8,_int4}/1/engine --batch 1 --steps 64 \
+    --out "$out/step-bound-batch1-profile.json" | tail -4
 fi

@@ -2,7 +2,7 @@
 without: the step's wall time, kernel times by kind under torch.profiler and, with --host-top, the
 host's busiest functions during graphed steps (cProfile), for each entry given.
 
-    python3 scripts/gpu_profile_batch.py ENGINE_DIR [ENGINE_DIR ...] --batch 256 --out profile.json
+    python3 scripts/gpu_profile_batch.py ENGINE_DIR [...] --batch 256 [--kv-cache-dtype fp8] --out profile.json
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def decoding(engine: Engine, batch: int, prompt_len: int, tag: str) -> None:
     torch.cuda.synchronize()
 
 
-def profile(folder: str, batch: int, prompt_len: int, steps: int, host_top: int = 0) -> dict:
+def profile(
+    folder: str, batch: int, prompt_len: int, steps: int, host_top: int = 0, kv_cache_dtype: str = "auto"
+) -> dict:
     out: dict = {}
     for graphs in (True, False):
         eng = Engine(
@@ -74,6 +76,7 @@ def profile(folder: str, batch: int, prompt_len: int, steps: int, host_top: int 
                 max_num_batched_tokens=8192,
                 max_graph_batch=batch,
                 num_kv_blocks=batch * (prompt_len + 3 * steps + 72) // 16 + 64,
+                kv_cache_dtype=kv_cache_dtype,
             ),
         )
         decoding(eng, batch, prompt_len, f"g{graphs}-")
@@ -127,11 +130,20 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--host-top", type=int, default=0, help="also profile the host's graphed steps: top N functions")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8", "fp8"))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    result = {"gpu": torch.cuda.get_device_name(0), "batch": args.batch, "prompt_len": args.prompt_len, "entries": {}}
+    result = {
+        "gpu": torch.cuda.get_device_name(0),
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "entries": {},
+    }
     for folder in args.engine_dirs:
-        result["entries"][folder] = profile(folder, args.batch, args.prompt_len, args.steps, args.host_top)
+        result["entries"][folder] = profile(
+            folder, args.batch, args.prompt_len, args.steps, args.host_top, args.kv_cache_dtype
+        )
         print(folder, json.dumps(result["entries"][folder], indent=1), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -49,8 +49,7 @@ class EngineConfig:
     kv_cache_dtype: str = setting(
         "auto",
         "KV cache storage: auto (the weights' dtype), or int8 / fp8 (E4M3) codes with a float16 scale per "
-        "token and head, about twice the tokens in the same memory; gpu: attention then runs the PyTorch "
-        "path, not the Triton kernels",
+        "token and head, about twice the tokens in the same memory",
         choices=("auto", "int8", "fp8"),
     )
     kv_block_size: int = setting(16, "tokens per KV-cache block", minimum=1, written=True)

@@ -72,13 +72,12 @@ def load(folder: str | Path | EngineFolder, cfg: EngineConfig) -> LoadedEngine:
     kv = cfg.kv_cache_dtype
     if cfg.tensor_parallel > 1:
         return _load_tensor_parallel(folder, cfg, device, dtype, tokenizer, max_len)
-    kernels = cfg.kernels and kv == "auto"  # the Triton attention kernels read an unquantized cache
     model = LlamaModel.load(
         folder.path,
         dtype,
         device,
         max_len,
-        kernels=kernels,
+        kernels=cfg.kernels,
         quantization=folder.quantization,
         sparse_min_rows=_sparse_min_rows(folder, cfg, device, dtype),
     )

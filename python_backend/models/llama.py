@@ -465,7 +465,9 @@ class LlamaModel:
         t = input_ids.shape[0]
         nd = meta.num_decode
         # a decode step of up to 4 rows: add + norm, QKV, rotary and KV write in one launch where tuned
-        one = self.fused_qkv.get(1 << max(0, (t - 1).bit_length())) if 0 < t == nd <= 4 else None
+        # (into a cache of plain values; codes are written by rope_write_kv)
+        fusable = 0 < t == nd <= 4 and ta.kv_codes(k_cache[0]) == ta.PLAIN
+        one = self.fused_qkv.get(1 << max(0, (t - 1).bit_length())) if fusable else None
         residual = F.embedding(input_ids, self.embed)
         x = None if one else fused.rms_norm(residual, self.layers[0].ln1, eps)
         out = None

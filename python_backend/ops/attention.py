@@ -62,10 +62,11 @@ def quantize_rows(x: torch.Tensor, code_dtype: torch.dtype) -> torch.Tensor:
 
 
 def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """In float16, exact for the codes and the scale, and half float32's memory for whole blocks."""
+    """Codes times scale in float32, which holds the product exactly (an 8-bit code times an 11-bit
+    scale), then `dtype`: the values the Triton kernels compute with."""
     codes = rows[..., :-2]
-    scale = rows[..., -2:].contiguous().view(torch.float16)
-    values = codes.half() if rows.dtype == torch.int8 else codes.view(torch.float8_e4m3fn).half()
+    scale = rows[..., -2:].contiguous().view(torch.float16).float()
+    values = codes.float() if rows.dtype == torch.int8 else codes.view(torch.float8_e4m3fn).float()
     return (values * scale).to(dtype)
 
 

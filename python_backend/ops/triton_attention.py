@@ -27,6 +27,8 @@ from python_backend.ops import pdl
 from python_backend.ops.pdl import wait_for_previous
 from python_backend.ops.rounding import rounded
 
+PLAIN, INT8_CODES, FP8_CODES = 0, 1, 2  # what a cache row holds: the KV_CODES argument of the kernels
+
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -39,6 +41,80 @@ def supported(head_dim: int) -> bool:
 def _precision(dtype: torch.dtype) -> str:
     # float32 engines are the exactness reference: no TF32 rounding inside the products
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def kv_codes(cache: torch.Tensor) -> int:
+    """PLAIN for a cache of model-dtype values; INT8_CODES or FP8_CODES for a quantized one (int8 codes,
+    or E4M3 codes held as uint8, as engine/kv_cache.py allocates them)."""
+    return {torch.int8: INT8_CODES, torch.uint8: FP8_CODES}.get(cache.dtype, PLAIN)
+
+
+@triton.jit
+def _nearest_int(y):
+    """float32 y with |y| < 2^22 to the nearest integer, ties to even, as int32: adding 1.5 * 2^23
+    leaves the rounded integer in the mantissa's low bits."""
+    return (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
+def _encode(y, CODES: tl.constexpr):
+    """y (a value over its row's scale) as code bits in int32, rounded to nearest, ties to even, as
+    PyTorch rounds: int8 in [-127, 127], or E4M3 (sign, 4 exponent bits of bias 7, 3 mantissa bits)."""
+    if CODES == 1:
+        return tl.minimum(tl.maximum(_nearest_int(y), -127), 127)
+    a = tl.minimum(tl.abs(y), 448.0)
+    bits = a.to(tl.int32, bitcast=True)
+    # normal: float32's exponent and top 3 mantissa bits, rounded on the bits below and rebiased
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)
+    magnitude = tl.where(a < 0.015625, _nearest_int(a * 512.0), normal)  # below 2^-6: steps of 2^-9
+    return tl.where(y < 0, magnitude | 0x80, magnitude)
+
+
+@triton.jit
+def _decode(codes, CODES: tl.constexpr, dtype: tl.constexpr):
+    """Codes as exact values in `dtype`: int8 as they are; E4M3 placed into float16's bits, which makes
+    1/256 of the value (float16's exponent bias is 8 more), so the row's scale carries the 256."""
+    if CODES == 1:
+        return codes.to(tl.float32).to(dtype)
+    c = codes.to(tl.int32)
+    half = ((c & 0x80) << 8) | ((c & 0x7F) << 7)
+    return half.to(tl.uint16).to(tl.float16, bitcast=True).to(dtype)
+
+
+@triton.jit
+def _row_scale(at, mask, CODES: tl.constexpr):
+    """The float16 scale stored in the two bytes at `at` (little-endian), as float32; times 256 for
+    E4M3 codes (see _decode)."""
+    lo = tl.load(at, mask=mask, other=0).to(tl.uint8, bitcast=True).to(tl.int32)
+    hi = tl.load(at + 1, mask=mask, other=0).to(tl.uint8, bitcast=True).to(tl.int32)
+    scale = (lo | (hi << 8)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    if CODES == 2:
+        scale = scale * 256.0
+    return scale
+
+
+@triton.jit
+def _store_rows(at, lo, hi, mask, D: tl.constexpr, CODES: tl.constexpr):
+    """Store rows whose first and second halves are `lo` and `hi` ([R, D / 2], float32) at row
+    pointers `at` ([R, 1]): as they are, or as codes with the row's float16 scale after them (the
+    scale from the row's absolute maximum, as attention.quantize_rows computes it)."""
+    half: tl.constexpr = D // 2
+    i = tl.arange(0, half)[None, :]
+    if CODES == 0:
+        tl.store(at + i, lo.to(at.dtype.element_ty), mask=mask)
+        tl.store(at + half + i, hi.to(at.dtype.element_ty), mask=mask)
+    else:
+        top = 127.0 if CODES == 1 else 448.0
+        amax = tl.maximum(tl.max(tl.abs(lo), 1), tl.max(tl.abs(hi), 1))
+        scale = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, top, tl.float32)), 2**-14).to(tl.float16)
+        s = scale.to(tl.float32)[:, None]
+        codes_lo = _encode(tl.math.div_rn(lo, tl.broadcast_to(s, lo.shape)), CODES)
+        codes_hi = _encode(tl.math.div_rn(hi, tl.broadcast_to(s, hi.shape)), CODES)
+        tl.store(at + i, codes_lo.to(at.dtype.element_ty), mask=mask)
+        tl.store(at + half + i, codes_hi.to(at.dtype.element_ty), mask=mask)
+        bits = scale.to(tl.uint16, bitcast=True).to(tl.int32)[:, None]
+        tl.store(at + D, (bits & 0xFF).to(tl.uint8).to(at.dtype.element_ty, bitcast=True), mask=mask)
+        tl.store(at + D + 1, (bits >> 8).to(tl.uint8).to(at.dtype.element_ty, bitcast=True), mask=mask)
 
 
 @triton.jit
@@ -66,7 +142,10 @@ def _rope_write_kv_kernel(
     D: tl.constexpr,
     H_PAD: tl.constexpr,
     HKV_PAD: tl.constexpr,
+    W: tl.constexpr,
+    KV_CODES: tl.constexpr,
 ):
+    """W: a cache row's width in elements (D, or D + 2 where it holds codes and a scale)."""
     t = tl.program_id(0)
     half: tl.constexpr = D // 2
     pos = tl.load(POS + t)
@@ -87,12 +166,15 @@ def _rope_write_kv_kernel(
     krow = row + H * D
     k1 = tl.load(krow + hk * D + i[None, :], mask=mk, other=0.0).to(tl.float32)
     k2 = tl.load(krow + hk * D + half + i[None, :], mask=mk, other=0.0).to(tl.float32)
-    kc = K_CACHE + slot * (HKV * D) + hk * D + i[None, :]
-    tl.store(kc, _rotate(k1, k2, cos, sin, K_CACHE.dtype.element_ty), mask=mk)
-    tl.store(kc + half, _rotate(k2, -k1, cos, sin, K_CACHE.dtype.element_ty), mask=mk)
-    d = tl.arange(0, D)[None, :]
-    v = tl.load(row + (H + HKV) * D + hk * D + d, mask=mk, other=0.0)
-    tl.store(V_CACHE + slot * (HKV * D) + hk * D + d, v, mask=mk)
+    dtype: tl.constexpr = Q_OUT.dtype.element_ty
+    at = slot * (HKV * W) + hk * W
+    k_lo = _rotate(k1, k2, cos, sin, dtype).to(tl.float32)
+    k_hi = _rotate(k2, -k1, cos, sin, dtype).to(tl.float32)
+    _store_rows(K_CACHE + at, k_lo, k_hi, mk, D, KV_CODES)
+    vrow = row + (H + HKV) * D + hk * D
+    v_lo = tl.load(vrow + i[None, :], mask=mk, other=0.0).to(tl.float32)
+    v_hi = tl.load(vrow + half + i[None, :], mask=mk, other=0.0).to(tl.float32)
+    _store_rows(V_CACHE + at, v_lo, v_hi, mk, D, KV_CODES)
 
 
 def rope_write_kv(
@@ -108,7 +190,8 @@ def rope_write_kv(
     head_dim: int,
 ) -> torch.Tensor:
     """qkv [T, (H + 2 Hkv) * D] (q, k, v side by side, as the fused projection makes them); cos and sin
-    [max_len, D] tables. Returns the rotated q [T, H, D]; rotated k and v go to the cache."""
+    [max_len, D] tables. Returns the rotated q [T, H, D]; rotated k and v go to the cache (as codes
+    and scales where it is quantized)."""
     t = qkv.shape[0]
     q = torch.empty(t, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if t:
@@ -129,9 +212,37 @@ def rope_write_kv(
             D=head_dim,
             H_PAD=_pow2(num_heads),
             HKV_PAD=_pow2(num_kv_heads),
+            W=k_cache.shape[-1],
+            KV_CODES=kv_codes(k_cache),
             num_warps=4,
         )
     return q
+
+
+@triton.jit
+def _scores(
+    q, K, kv, d, valid, scale, D: tl.constexpr, KV_CODES: tl.constexpr, dtype: tl.constexpr, PREC: tl.constexpr
+):
+    """q·k over a tile of keys at row offsets `kv`, times the softmax scale (and each key's own scale
+    where the cache holds codes)."""
+    k = tl.load(K + kv[:, None] + d[None, :], mask=valid[:, None], other=0)
+    if KV_CODES:
+        qk = tl.dot(q, tl.trans(_decode(k, KV_CODES, dtype)), input_precision=PREC)
+        qk = qk * (_row_scale(K + kv + D, valid, KV_CODES) * scale)[None, :]
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    return qk
+
+
+@triton.jit
+def _times_v(p, V, kv, d, valid, D: tl.constexpr, KV_CODES: tl.constexpr, dtype: tl.constexpr, PREC: tl.constexpr):
+    """p·v over the same tile (each value's scale folded into its probability where the cache holds
+    codes)."""
+    v = tl.load(V + kv[:, None] + d[None, :], mask=valid[:, None], other=0)
+    if KV_CODES:
+        p = p * _row_scale(V + kv + D, valid, KV_CODES)[None, :]
+        v = _decode(v, KV_CODES, dtype)
+    return tl.dot(p.to(v.dtype), v, input_precision=PREC)
 
 
 @triton.jit(do_not_specialize=["stride_tb"])  # the table width varies step to step: one compiled variant
@@ -168,6 +279,7 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     PREC: tl.constexpr,
     PDL: tl.constexpr,
+    KV_CODES: tl.constexpr,
 ):
     wait_for_previous(PDL)  # q, and this step's key and value, come from the kernel ahead
     b = tl.program_id(0)
@@ -191,15 +303,13 @@ def _decode_kernel(
         valid = offs < end
         blk = tl.load(TABLES + b * stride_tb + offs // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         kv = blk * stride_kb + (offs % BLOCK_SIZE) * stride_kt + kvh * stride_kh
-        k = tl.load(K + kv[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        qk = _scores(q, K, kv, d, valid, scale, D, KV_CODES, Q.dtype.element_ty, PREC)
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp(qk - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None] + _times_v(p, V, kv, d, valid, D, KV_CODES, Q.dtype.element_ty, PREC)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -334,6 +444,7 @@ def decode_attention(
         NUM_SPLITS=num_splits,
         PREC=_precision(q.dtype),
         PDL=use_pdl,
+        KV_CODES=kv_codes(k_cache),
         num_warps=4,
         **pdl.launch(use_pdl),
     )
@@ -364,6 +475,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PREC: tl.constexpr,
+    KV_CODES: tl.constexpr,
 ):
     s = tl.program_id(0)
     mt = tl.program_id(1)
@@ -389,15 +501,13 @@ def _prefill_kernel(
         valid = offs < end
         blk = tl.load(TABLES + s * stride_tb + offs // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         kv = blk * stride_kb + (offs % BLOCK_SIZE) * stride_kt + kvh * stride_kh
-        k = tl.load(K + kv[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        qk = _scores(q, K, kv, d, valid, scale, D, KV_CODES, Q.dtype.element_ty, PREC)
         qk = tl.where(valid[None, :] & (offs[None, :] <= q_pos[:, None]), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp(qk - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None] + _times_v(p, V, kv, d, valid, D, KV_CODES, Q.dtype.element_ty, PREC)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(
@@ -453,6 +563,7 @@ def prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         PREC=_precision(q.dtype),
+        KV_CODES=kv_codes(k_cache),
         num_warps=4,
     )
     return out

@@ -31,7 +31,7 @@ def tiny_dir(tmp_path_factory, smollm2_source):
     return build_entry(tmp / "repo", str(folder), "tiny") / "1" / "engine"
 
 
-def _engine(folder, kernels: bool) -> Engine:
+def _engine(folder, kernels: bool, kv_cache_dtype: str = "auto") -> Engine:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # a small token budget forces chunked prefill next to decodes; 8-token blocks put block edges inside prompts
     return Engine(
@@ -45,6 +45,7 @@ def _engine(folder, kernels: bool) -> Engine:
             max_num_batched_tokens=24,
             max_num_seqs=4,
             cuda_graphs=False,
+            kv_cache_dtype=kv_cache_dtype,
         ),
     )
 
@@ -60,6 +61,26 @@ def test_kernel_engine_matches_torch_engine(tiny_dir, monkeypatch):
     assert eng.model.kernels
     got = [r.token_ids for r in eng.generate(prompts, params)]
     assert got == want
+    assert eng.scheduler.prefix_hit_tokens >= 16
+    assert eng.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_kernel_engine_with_a_quantized_cache_matches_torch_engine(tiny_dir, monkeypatch, kv):
+    """Codes and scales written by the rotary kernel and read by the attention kernels, against the
+    PyTorch path's own rounding and dequantizing: the same greedy tokens, prefix hits included. A
+    tuned fused QKV kernel, which writes plain values, stands aside for a quantized cache."""
+    from python_backend.ops.gemv import GemvConfig
+
+    monkeypatch.setenv("FASTSERVE_KERNELS_ON_CPU", "1")
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 30, 9)]
+    prompts.append(prompts[2][:16] + [77, 78, 79])
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = [r.token_ids for r in _engine(tiny_dir, kernels=False, kv_cache_dtype=kv).generate(prompts, params)]
+    eng = _engine(tiny_dir, kernels=True, kv_cache_dtype=kv)
+    assert eng.model.kernels and eng.pool.storage.dtype == (torch.int8 if kv == "int8" else torch.uint8)
+    eng.model.fused_qkv = {rows: GemvConfig(32, 64) for rows in (1, 2, 4)}
+    assert [r.token_ids for r in eng.generate(prompts, params)] == want
     assert eng.scheduler.prefix_hit_tokens >= 16
     assert eng.blocks.num_used == 0
 

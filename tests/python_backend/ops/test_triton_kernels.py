@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 from python_backend.models.llama import _rotate_half, rms_norm  # noqa: E402
 from python_backend.ops import fused  # noqa: E402
 from python_backend.ops import triton_attention as ta  # noqa: E402
-from python_backend.ops.attention import reference_attention  # noqa: E402
+from python_backend.ops.attention import dequantize_rows, quantize_rows, reference_attention  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
@@ -159,3 +159,99 @@ def test_num_splits_is_a_power_of_two_that_fills_the_gpu():
     for b in range(1, 300, 7):
         n = ta.num_splits_for(b, 8)
         assert n & (n - 1) == 0 and 1 <= n <= 16
+
+
+CODE_DTYPES = {"int8": torch.int8, "fp8": torch.uint8}  # engine/kv_cache.py's pools
+
+
+def _exact(rows: torch.Tensor) -> torch.Tensor:
+    """A quantized cache's rows as float32 values: codes times scale, unrounded (the oracle)."""
+    return dequantize_rows(rows, torch.float32)
+
+
+def _quantized_paged(lengths, h, hkv, d, bs, dtype, kv):
+    """_paged's sequences and caches, the caches rounded to codes, and each sequence's K and V as the
+    codes give them back."""
+    seqs, k_cache, v_cache, tables = _paged(lengths, h, hkv, d, bs, dtype)
+    k_codes, v_codes = (quantize_rows(c.cpu(), CODE_DTYPES[kv]) for c in (k_cache, v_cache))
+    out = []
+    for table, q, _, _ in seqs:
+        pos = torch.arange(q.shape[0])
+        t = torch.tensor(table)[pos // bs]
+        out.append((table, q, _exact(k_codes[t, pos % bs]), _exact(v_codes[t, pos % bs])))
+    return out, k_codes.to(DEV), v_codes.to(DEV), tables
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_kv_into_a_quantized_cache_stores_what_quantize_rows_makes(dtype, kv):
+    h, hkv, d, bs, t = 6, 2, 32, 4, 9
+    g = torch.Generator().manual_seed(3)
+    qkv = (3 * torch.randn(t, (h + 2 * hkv) * d, generator=g)).to(dtype)
+    qkv[0, (h + hkv) * d :] = 0.0  # an all-zero row takes the smallest scale
+    # a row whose maximum makes the scale 1, with values halfway between two codes (ties go to the even
+    # code), and for E4M3 subnormals and a tie among them
+    ties = [127.0, 2.5, 3.5, -2.5, 0.5] if kv == "int8" else [448.0, 1.0625, 1.1875, -1.0625, 0.0068359375, 1e-3]
+    qkv[1, (h + hkv) * d :] = 0.0
+    qkv[1, (h + hkv) * d : (h + hkv) * d + len(ties)] = torch.tensor(ties)
+    qkv = qkv.to(DEV)
+    angles = torch.outer(torch.arange(64).float(), 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat((angles, angles), -1)
+    cos, sin = emb.cos().to(dtype).to(DEV), emb.sin().to(dtype).to(DEV)
+    positions = torch.tensor([0, 1, 2, 3, 4, 10, 11, 63, 5], device=DEV)
+    slots = torch.tensor([3, 8, 9, 10, 11, 0, 1, 2, 15], device=DEV)
+    k_cache = torch.zeros(4, bs, hkv, d + 2, dtype=CODE_DTYPES[kv], device=DEV)
+    v_cache = torch.zeros_like(k_cache)
+    q = ta.rope_write_kv(qkv, positions, cos, sin, slots, k_cache, v_cache, h, hkv, d)
+    qk = qkv[:, : (h + hkv) * d].view(t, h + hkv, d)
+    c, s = cos[positions][:, None], sin[positions][:, None]
+    rotated = qk * c + _rotate_half(qk) * s
+    tol = 1e-6 if dtype == torch.float32 else 0.0
+    torch.testing.assert_close(q.float(), rotated[:, :h].float(), atol=tol, rtol=tol)
+    want_k = quantize_rows(rotated[:, h:].cpu(), CODE_DTYPES[kv])
+    want_v = quantize_rows(qkv[:, (h + hkv) * d :].view(t, hkv, d).cpu(), CODE_DTYPES[kv])
+    got_k, got_v = k_cache.view(-1, hkv, d + 2)[slots].cpu(), v_cache.view(-1, hkv, d + 2)[slots].cpu()
+    assert torch.equal(got_v, want_v)
+    if dtype == torch.float32:  # float32 rotation may differ in the last bit from PyTorch's: a code may move one step
+        assert (got_k.view(torch.int8)[..., :d].int() - want_k.view(torch.int8)[..., :d].int()).abs().max() <= 1
+        torch.testing.assert_close(_exact(got_k), _exact(want_k), atol=0.02, rtol=0.07)
+    else:
+        assert torch.equal(got_k, want_k)
+    untouched = torch.ones(16, dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert k_cache.view(-1, hkv, d + 2)[untouched.to(DEV)].abs().sum() == 0
+
+
+QUANTIZED_CASES = [([1, 5, 16, 17], 4, 4, 16, 4, 1), ([130, 7], 8, 1, 16, 16, 4)]
+if GPU:
+    QUANTIZED_CASES += [([4096, 1, 777, 2048] * 8, 32, 8, 64, 16, 2), ([64] * 256, 32, 8, 64, 16, 1)]
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lengths,h,hkv,d,bs,splits", QUANTIZED_CASES)
+def test_decode_over_a_quantized_cache_matches_its_values(lengths, h, hkv, d, bs, splits, dtype, kv):
+    seqs, k_cache, v_cache, tables = _quantized_paged(lengths, h, hkv, d, bs, dtype, kv)
+    q = torch.stack([s[1][-1] for s in seqs]).to(DEV)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    out = ta.decode_attention(q, k_cache, v_cache, tables.to(DEV), lens, d**-0.5, num_splits=splits)
+    for i, (_, qs, ks, vs) in enumerate(seqs):
+        ref = reference_attention(qs.float().to(DEV), ks.to(DEV), vs.to(DEV), d**-0.5)[-1]
+        torch.testing.assert_close(out[i].float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_over_a_quantized_cache_matches_its_values(dtype, kv):
+    lengths, cached, h, hkv, d, bs = [40, 20, 5], [33, 12, 0], 6, 2, 32, 16
+    seqs, k_cache, v_cache, tables = _quantized_paged(lengths, h, hkv, d, bs, dtype, kv)
+    q = torch.cat([s[1][c:] for s, c in zip(seqs, cached)]).to(DEV)
+    q_lens = [n - c for n, c in zip(lengths, cached)]
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    ctx = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    out = ta.prefill_attention(q, k_cache, v_cache, tables.to(DEV), cu, ctx, max(q_lens), d**-0.5)
+    row = 0
+    for (_, qs, ks, vs), c in zip(seqs, cached):
+        ref = reference_attention(qs.float().to(DEV), ks.to(DEV), vs.to(DEV), d**-0.5)[c:]
+        torch.testing.assert_close(out[row : row + ref.shape[0]].float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+        row += ref.shape[0]
