@@ -9,9 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-# A quantized KV cache stores each token's head vector as its codes followed by a float16 scale, in one
-# row of head_dim + 2 bytes (kv_swap.py moves rows without knowing): int8 codes in an int8 pool, E4M3
-# codes in a uint8 pool (index operations are defined for every integer type on every device).
+# A quantized KV cache stores each token's head vector as head_dim codes and a float16 scale: int8 codes
+# in an int8 pool, E4M3 codes in a uint8 pool (index operations are defined for every integer type on
+# every device). The pool keeps the shape [..., block_size, num_kv_heads, head_dim + 2], its bytes, but
+# a block holds all its codes first and then all its scales (`code_views`), so every token's codes
+# start on a multiple of head_dim bytes and the GPU reads them in wide vector loads. kv_swap.py moves
+# whole blocks without knowing.
 KV_CODE_DTYPES = {"int8": torch.int8, "fp8": torch.uint8}
 SCALE_BYTES = 2
 
@@ -22,6 +25,15 @@ def pool_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
 
 def row_width(kv_cache_dtype: str, head_dim: int) -> int:
     return head_dim + SCALE_BYTES if kv_cache_dtype in KV_CODE_DTYPES else head_dim
+
+
+def code_views(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized layer cache [N, block_size, Hkv, head_dim + 2] as its codes [N, block_size, Hkv,
+    head_dim] and its scales' bytes [N, block_size, Hkv, 2], views into each block's two regions."""
+    n, bs, hkv, width = cache.shape
+    d = width - SCALE_BYTES
+    flat = cache.view(n, bs * hkv * width)
+    return flat[:, : bs * hkv * d].view(n, bs, hkv, d), flat[:, bs * hkv * d :].view(n, bs, hkv, SCALE_BYTES)
 
 
 @dataclass

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from python_backend.engine.kv_cache import SCALE_BYTES, code_views
+
 
 @dataclass
 class PrefillSeq:
@@ -70,10 +72,24 @@ def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (values * scale).to(dtype)
 
 
+def read_rows(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Whole blocks of a quantized cache as rows of codes and scale bytes [len(index), block_size,
+    Hkv, D + 2] (a copy: in the cache each block keeps its codes and its scales apart)."""
+    codes, scales = code_views(cache)
+    return torch.cat([codes.index_select(0, index), scales.index_select(0, index)], -1)
+
+
+def write_rows(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """Store rows of codes and scale bytes ([T, Hkv, D + 2]) at their slots in a quantized cache."""
+    codes, scales = code_views(cache)
+    block, offset = slots // cache.shape[1], slots % cache.shape[1]
+    codes[block, offset] = rows[..., :-SCALE_BYTES]
+    scales[block, offset] = rows[..., -SCALE_BYTES:]
+
+
 def _gathered(cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Whole blocks of the cache, dequantized where it is quantized."""
-    blocks = cache.index_select(0, index)
-    return dequantize_rows(blocks, dtype) if quantized(cache) else blocks
+    return dequantize_rows(read_rows(cache, index), dtype) if quantized(cache) else cache.index_select(0, index)
 
 
 def write_kv(
@@ -82,7 +98,9 @@ def write_kv(
     """Store the new tokens' K and V ([T, Hkv, D]) at their slots (as codes and scales where the
     cache is quantized)."""
     if quantized(k_cache):
-        k, v = quantize_rows(k, k_cache.dtype), quantize_rows(v, v_cache.dtype)
+        write_rows(k_cache, slot_mapping, quantize_rows(k, k_cache.dtype))
+        write_rows(v_cache, slot_mapping, quantize_rows(v, v_cache.dtype))
+        return
     hkv, width = k_cache.shape[-2:]
     k_cache.view(-1, hkv, width).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, hkv, width).index_copy_(0, slot_mapping, v)

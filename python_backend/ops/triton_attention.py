@@ -15,6 +15,14 @@ V are [num_blocks, block_size, num_kv_heads, head_dim] and a token's slot is blo
 - `prefill_attention`: variable-length causal attention for a flat batch of prompt chunks; keys come
   from the cache (cached prefix blocks and the chunk just written), so prefix caching and chunked
   prefill need nothing special.
+
+A quantized cache (`--kv-cache-dtype int8|fp8`, engine/kv_cache.py) holds each token's head vector as
+its codes and a float16 scale, each block its codes first and then its scales. `rope_write_kv` rounds
+k and v to codes as it stores them, and the attention kernels read the codes, turn them into the
+model's dtype exactly (E4M3 by its bits, without the GPU's float8 conversions, so the same code runs in
+Triton's interpreter), and apply the scales per key: to the scores for K, to the probabilities for V.
+A decode step at a large batch reads the cache more than any weight, so half its bytes is most of
+attention's time.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from python_backend.engine.kv_cache import code_views
 from python_backend.ops import pdl
 from python_backend.ops.pdl import wait_for_previous
 from python_backend.ops.rounding import rounded
@@ -94,10 +103,10 @@ def _row_scale(at, mask, CODES: tl.constexpr):
 
 
 @triton.jit
-def _store_rows(at, lo, hi, mask, D: tl.constexpr, CODES: tl.constexpr):
+def _store_rows(at, scale_at, lo, hi, mask, D: tl.constexpr, CODES: tl.constexpr):
     """Store rows whose first and second halves are `lo` and `hi` ([R, D / 2], float32) at row
-    pointers `at` ([R, 1]): as they are, or as codes with the row's float16 scale after them (the
-    scale from the row's absolute maximum, as attention.quantize_rows computes it)."""
+    pointers `at` ([R, 1]): as they are, or as codes, with each row's float16 scale at `scale_at`
+    (from the row's absolute maximum, as attention.quantize_rows computes it)."""
     half: tl.constexpr = D // 2
     i = tl.arange(0, half)[None, :]
     if CODES == 0:
@@ -113,8 +122,8 @@ def _store_rows(at, lo, hi, mask, D: tl.constexpr, CODES: tl.constexpr):
         tl.store(at + i, codes_lo.to(at.dtype.element_ty), mask=mask)
         tl.store(at + half + i, codes_hi.to(at.dtype.element_ty), mask=mask)
         bits = scale.to(tl.uint16, bitcast=True).to(tl.int32)[:, None]
-        tl.store(at + D, (bits & 0xFF).to(tl.uint8).to(at.dtype.element_ty, bitcast=True), mask=mask)
-        tl.store(at + D + 1, (bits >> 8).to(tl.uint8).to(at.dtype.element_ty, bitcast=True), mask=mask)
+        tl.store(scale_at, (bits & 0xFF).to(tl.uint8).to(at.dtype.element_ty, bitcast=True), mask=mask)
+        tl.store(scale_at + 1, (bits >> 8).to(tl.uint8).to(at.dtype.element_ty, bitcast=True), mask=mask)
 
 
 @triton.jit
@@ -142,10 +151,9 @@ def _rope_write_kv_kernel(
     D: tl.constexpr,
     H_PAD: tl.constexpr,
     HKV_PAD: tl.constexpr,
-    W: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     KV_CODES: tl.constexpr,
 ):
-    """W: a cache row's width in elements (D, or D + 2 where it holds codes and a scale)."""
     t = tl.program_id(0)
     half: tl.constexpr = D // 2
     pos = tl.load(POS + t)
@@ -167,14 +175,20 @@ def _rope_write_kv_kernel(
     k1 = tl.load(krow + hk * D + i[None, :], mask=mk, other=0.0).to(tl.float32)
     k2 = tl.load(krow + hk * D + half + i[None, :], mask=mk, other=0.0).to(tl.float32)
     dtype: tl.constexpr = Q_OUT.dtype.element_ty
-    at = slot * (HKV * W) + hk * W
+    if KV_CODES:  # codes of the block's tokens first, then their scales (engine/kv_cache.py)
+        block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        at = block * (BLOCK_SIZE * HKV * (D + 2)) + (offset * HKV + hk) * D
+        scale_at = block * (BLOCK_SIZE * HKV * (D + 2)) + BLOCK_SIZE * HKV * D + (offset * HKV + hk) * 2
+    else:
+        at = slot * (HKV * D) + hk * D
+        scale_at = at
     k_lo = _rotate(k1, k2, cos, sin, dtype).to(tl.float32)
     k_hi = _rotate(k2, -k1, cos, sin, dtype).to(tl.float32)
-    _store_rows(K_CACHE + at, k_lo, k_hi, mk, D, KV_CODES)
+    _store_rows(K_CACHE + at, K_CACHE + scale_at, k_lo, k_hi, mk, D, KV_CODES)
     vrow = row + (H + HKV) * D + hk * D
     v_lo = tl.load(vrow + i[None, :], mask=mk, other=0.0).to(tl.float32)
     v_hi = tl.load(vrow + half + i[None, :], mask=mk, other=0.0).to(tl.float32)
-    _store_rows(V_CACHE + at, v_lo, v_hi, mk, D, KV_CODES)
+    _store_rows(V_CACHE + at, V_CACHE + scale_at, v_lo, v_hi, mk, D, KV_CODES)
 
 
 def rope_write_kv(
@@ -212,7 +226,7 @@ def rope_write_kv(
             D=head_dim,
             H_PAD=_pow2(num_heads),
             HKV_PAD=_pow2(num_kv_heads),
-            W=k_cache.shape[-1],
+            BLOCK_SIZE=k_cache.shape[1],
             KV_CODES=kv_codes(k_cache),
             num_warps=4,
         )
@@ -220,27 +234,25 @@ def rope_write_kv(
 
 
 @triton.jit
-def _scores(
-    q, K, kv, d, valid, scale, D: tl.constexpr, KV_CODES: tl.constexpr, dtype: tl.constexpr, PREC: tl.constexpr
-):
-    """q·k over a tile of keys at row offsets `kv`, times the softmax scale (and each key's own scale
-    where the cache holds codes)."""
+def _scores(q, K, kv, sv, d, valid, scale, KV_CODES: tl.constexpr, dtype: tl.constexpr, PREC: tl.constexpr):
+    """q·k over a tile of keys at row offsets `kv`, times the softmax scale (and, where the cache holds
+    codes, each key's own scale, at offsets `sv`)."""
     k = tl.load(K + kv[:, None] + d[None, :], mask=valid[:, None], other=0)
     if KV_CODES:
         qk = tl.dot(q, tl.trans(_decode(k, KV_CODES, dtype)), input_precision=PREC)
-        qk = qk * (_row_scale(K + kv + D, valid, KV_CODES) * scale)[None, :]
+        qk = qk * (_row_scale(K + sv, valid, KV_CODES) * scale)[None, :]
     else:
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
     return qk
 
 
 @triton.jit
-def _times_v(p, V, kv, d, valid, D: tl.constexpr, KV_CODES: tl.constexpr, dtype: tl.constexpr, PREC: tl.constexpr):
+def _times_v(p, V, kv, sv, d, valid, KV_CODES: tl.constexpr, dtype: tl.constexpr, PREC: tl.constexpr):
     """p·v over the same tile (each value's scale folded into its probability where the cache holds
     codes)."""
     v = tl.load(V + kv[:, None] + d[None, :], mask=valid[:, None], other=0)
     if KV_CODES:
-        p = p * _row_scale(V + kv + D, valid, KV_CODES)[None, :]
+        p = p * _row_scale(V + sv, valid, KV_CODES)[None, :]
         v = _decode(v, KV_CODES, dtype)
     return tl.dot(p.to(v.dtype), v, input_precision=PREC)
 
@@ -303,13 +315,14 @@ def _decode_kernel(
         valid = offs < end
         blk = tl.load(TABLES + b * stride_tb + offs // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         kv = blk * stride_kb + (offs % BLOCK_SIZE) * stride_kt + kvh * stride_kh
-        qk = _scores(q, K, kv, d, valid, scale, D, KV_CODES, Q.dtype.element_ty, PREC)
+        sv = blk * stride_kb + BLOCK_SIZE * HKV * D + ((offs % BLOCK_SIZE) * HKV + kvh) * 2
+        qk = _scores(q, K, kv, sv, d, valid, scale, KV_CODES, Q.dtype.element_ty, PREC)
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp(qk - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _times_v(p, V, kv, d, valid, D, KV_CODES, Q.dtype.element_ty, PREC)
+        acc = acc * alpha[:, None] + _times_v(p, V, kv, sv, d, valid, KV_CODES, Q.dtype.element_ty, PREC)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -376,6 +389,12 @@ def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
     return _COUNTS[device]
 
 
+def _cache_strides(cache: torch.Tensor) -> tuple[int, int, int]:
+    """Block, token and head strides of a layer cache's values, or of its codes where it holds codes."""
+    values = code_views(cache)[0] if kv_codes(cache) else cache
+    return values.stride(0), values.stride(1), values.stride(2)
+
+
 def num_splits_for(batch: int, num_kv_heads: int, max_len: int | None = None, num_sms: int = 132) -> int:
     """Enough KV splits to give every SM about two programs, a power of two in [1, 16], and no more
     than the (known) longest context has tiles of 64 keys."""
@@ -424,9 +443,7 @@ def decode_attention(
         scale,
         q.stride(0),
         q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
+        *_cache_strides(k_cache),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -469,6 +486,7 @@ def _prefill_kernel(
     stride_tb,
     stride_ot,
     stride_oh,
+    HKV: tl.constexpr,
     GROUP: tl.constexpr,
     D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -501,13 +519,14 @@ def _prefill_kernel(
         valid = offs < end
         blk = tl.load(TABLES + s * stride_tb + offs // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         kv = blk * stride_kb + (offs % BLOCK_SIZE) * stride_kt + kvh * stride_kh
-        qk = _scores(q, K, kv, d, valid, scale, D, KV_CODES, Q.dtype.element_ty, PREC)
+        sv = blk * stride_kb + BLOCK_SIZE * HKV * D + ((offs % BLOCK_SIZE) * HKV + kvh) * 2
+        qk = _scores(q, K, kv, sv, d, valid, scale, KV_CODES, Q.dtype.element_ty, PREC)
         qk = tl.where(valid[None, :] & (offs[None, :] <= q_pos[:, None]), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp(qk - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _times_v(p, V, kv, d, valid, D, KV_CODES, Q.dtype.element_ty, PREC)
+        acc = acc * alpha[:, None] + _times_v(p, V, kv, sv, d, valid, KV_CODES, Q.dtype.element_ty, PREC)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(
@@ -551,12 +570,11 @@ def prefill_attention(
         scale,
         q.stride(0),
         q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
+        *_cache_strides(k_cache),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
+        HKV=hkv,
         GROUP=h // hkv,
         D=d,
         BLOCK_SIZE=block_size,

@@ -16,7 +16,13 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 from python_backend.models.llama import _rotate_half, rms_norm  # noqa: E402
 from python_backend.ops import fused  # noqa: E402
 from python_backend.ops import triton_attention as ta  # noqa: E402
-from python_backend.ops.attention import dequantize_rows, quantize_rows, reference_attention  # noqa: E402
+from python_backend.ops.attention import (  # noqa: E402
+    dequantize_rows,
+    quantize_rows,
+    read_rows,
+    reference_attention,
+    write_rows,
+)
 
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
@@ -169,16 +175,30 @@ def _exact(rows: torch.Tensor) -> torch.Tensor:
     return dequantize_rows(rows, torch.float32)
 
 
+def _codes_cache(values: torch.Tensor, kv: str) -> torch.Tensor:
+    """A cache of values [N, bs, Hkv, D] rounded to codes, in the quantized cache's own layout."""
+    n, bs, hkv, d = values.shape
+    cache = torch.zeros(n, bs, hkv, d + 2, dtype=CODE_DTYPES[kv])
+    write_rows(cache, torch.arange(n * bs), quantize_rows(values.cpu().view(n * bs, hkv, d), CODE_DTYPES[kv]))
+    return cache
+
+
+def _rows_at(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """A quantized cache's rows (codes and scale bytes) at the given slots."""
+    n, bs, hkv, width = cache.shape
+    return read_rows(cache.cpu(), torch.arange(n)).view(n * bs, hkv, width)[slots.cpu()]
+
+
 def _quantized_paged(lengths, h, hkv, d, bs, dtype, kv):
     """_paged's sequences and caches, the caches rounded to codes, and each sequence's K and V as the
     codes give them back."""
     seqs, k_cache, v_cache, tables = _paged(lengths, h, hkv, d, bs, dtype)
-    k_codes, v_codes = (quantize_rows(c.cpu(), CODE_DTYPES[kv]) for c in (k_cache, v_cache))
+    k_codes, v_codes = _codes_cache(k_cache, kv), _codes_cache(v_cache, kv)
     out = []
     for table, q, _, _ in seqs:
         pos = torch.arange(q.shape[0])
-        t = torch.tensor(table)[pos // bs]
-        out.append((table, q, _exact(k_codes[t, pos % bs]), _exact(v_codes[t, pos % bs])))
+        slots = torch.tensor(table)[pos // bs] * bs + pos % bs
+        out.append((table, q, _exact(_rows_at(k_codes, slots)), _exact(_rows_at(v_codes, slots))))
     return out, k_codes.to(DEV), v_codes.to(DEV), tables
 
 
@@ -210,7 +230,7 @@ def test_rope_write_kv_into_a_quantized_cache_stores_what_quantize_rows_makes(dt
     torch.testing.assert_close(q.float(), rotated[:, :h].float(), atol=tol, rtol=tol)
     want_k = quantize_rows(rotated[:, h:].cpu(), CODE_DTYPES[kv])
     want_v = quantize_rows(qkv[:, (h + hkv) * d :].view(t, hkv, d).cpu(), CODE_DTYPES[kv])
-    got_k, got_v = k_cache.view(-1, hkv, d + 2)[slots].cpu(), v_cache.view(-1, hkv, d + 2)[slots].cpu()
+    got_k, got_v = _rows_at(k_cache, slots), _rows_at(v_cache, slots)
     assert torch.equal(got_v, want_v)
     if dtype == torch.float32:  # float32 rotation may differ in the last bit from PyTorch's: a code may move one step
         assert (got_k.view(torch.int8)[..., :d].int() - want_k.view(torch.int8)[..., :d].int()).abs().max() <= 1
@@ -219,7 +239,7 @@ def test_rope_write_kv_into_a_quantized_cache_stores_what_quantize_rows_makes(dt
         assert torch.equal(got_k, want_k)
     untouched = torch.ones(16, dtype=torch.bool)
     untouched[slots.cpu()] = False
-    assert k_cache.view(-1, hkv, d + 2)[untouched.to(DEV)].abs().sum() == 0
+    assert _rows_at(k_cache, untouched.nonzero()[:, 0]).abs().sum() == 0
 
 
 QUANTIZED_CASES = [([1, 5, 16, 17], 4, 4, 16, 4, 1), ([130, 7], 8, 1, 16, 16, 4)]
