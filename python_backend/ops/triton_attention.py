@@ -36,7 +36,9 @@ from python_backend.ops import pdl
 from python_backend.ops.pdl import wait_for_previous
 from python_backend.ops.rounding import rounded
 
-PLAIN, INT8_CODES, FP8_CODES = 0, 1, 2  # what a cache row holds: the KV_CODES argument of the kernels
+# what a cache holds: the KV_CODES argument of the kernels. E4M3 codes are read by their bits, or,
+# compiled for a GPU with float8 (compute capability 8.9 and later), by its own conversion
+PLAIN, INT8_CODES, FP8_CODES, FP8_CODES_NATIVE = 0, 1, 2, 3
 
 
 def _pow2(n: int) -> int:
@@ -56,6 +58,14 @@ def kv_codes(cache: torch.Tensor) -> int:
     """PLAIN for a cache of model-dtype values; INT8_CODES or FP8_CODES for a quantized one (int8 codes,
     or E4M3 codes held as uint8, as engine/kv_cache.py allocates them)."""
     return {torch.int8: INT8_CODES, torch.uint8: FP8_CODES}.get(cache.dtype, PLAIN)
+
+
+def _read_codes(cache: torch.Tensor) -> int:
+    """kv_codes, with E4M3 read by the GPU's float8 conversion where it has one."""
+    codes = kv_codes(cache)
+    if codes == FP8_CODES and cache.device.type == "cuda" and torch.cuda.get_device_capability(cache.device) >= (8, 9):
+        return FP8_CODES_NATIVE
+    return codes
 
 
 @triton.jit
@@ -81,10 +91,13 @@ def _encode(y, CODES: tl.constexpr):
 
 @triton.jit
 def _decode(codes, CODES: tl.constexpr, dtype: tl.constexpr):
-    """Codes as exact values in `dtype`: int8 as they are; E4M3 placed into float16's bits, which makes
-    1/256 of the value (float16's exponent bias is 8 more), so the row's scale carries the 256."""
+    """Codes as exact values in `dtype`: int8 as they are; E4M3 by the GPU's conversion, or placed into
+    float16's bits, which makes 1/256 of the value (float16's exponent bias is 8 more), so the row's
+    scale carries the 256."""
     if CODES == 1:
         return codes.to(tl.float32).to(dtype)
+    if CODES == 3:
+        return codes.to(tl.float8e4nv, bitcast=True).to(dtype)
     c = codes.to(tl.int32)
     half = ((c & 0x80) << 8) | ((c & 0x7F) << 7)
     return half.to(tl.uint16).to(tl.float16, bitcast=True).to(dtype)
@@ -93,7 +106,7 @@ def _decode(codes, CODES: tl.constexpr, dtype: tl.constexpr):
 @triton.jit
 def _row_scale(at, mask, CODES: tl.constexpr):
     """The float16 scale stored in the two bytes at `at` (little-endian), as float32; times 256 for
-    E4M3 codes (see _decode)."""
+    E4M3 codes read by their bits (see _decode)."""
     lo = tl.load(at, mask=mask, other=0).to(tl.uint8, bitcast=True).to(tl.int32)
     hi = tl.load(at + 1, mask=mask, other=0).to(tl.uint8, bitcast=True).to(tl.int32)
     scale = (lo | (hi << 8)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -461,7 +474,7 @@ def decode_attention(
         NUM_SPLITS=num_splits,
         PREC=_precision(q.dtype),
         PDL=use_pdl,
-        KV_CODES=kv_codes(k_cache),
+        KV_CODES=_read_codes(k_cache),
         num_warps=4,
         **pdl.launch(use_pdl),
     )
@@ -581,7 +594,7 @@ def prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         PREC=_precision(q.dtype),
-        KV_CODES=kv_codes(k_cache),
+        KV_CODES=_read_codes(k_cache),
         num_warps=4,
     )
     return out
