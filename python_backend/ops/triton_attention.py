@@ -27,6 +27,8 @@ attention's time.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -305,6 +307,7 @@ def _decode_kernel(
     PREC: tl.constexpr,
     PDL: tl.constexpr,
     KV_CODES: tl.constexpr,
+    HALF_DOT: tl.constexpr,
 ):
     wait_for_previous(PDL)  # q, and this step's key and value, come from the kernel ahead
     b = tl.program_id(0)
@@ -320,6 +323,8 @@ def _decode_kernel(
     heads = kvh * GROUP + g
     gmask = g < GROUP
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    dot_dtype: tl.constexpr = tl.float16 if HALF_DOT else Q.dtype.element_ty
+    q = q.to(dot_dtype)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
@@ -329,13 +334,13 @@ def _decode_kernel(
         blk = tl.load(TABLES + b * stride_tb + offs // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         kv = blk * stride_kb + (offs % BLOCK_SIZE) * stride_kt + kvh * stride_kh
         sv = blk * stride_kb + BLOCK_SIZE * HKV * D + ((offs % BLOCK_SIZE) * HKV + kvh) * 2
-        qk = _scores(q, K, kv, sv, d, valid, scale, KV_CODES, Q.dtype.element_ty, PREC)
+        qk = _scores(q, K, kv, sv, d, valid, scale, KV_CODES, dot_dtype, PREC)
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp(qk - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _times_v(p, V, kv, sv, d, valid, KV_CODES, Q.dtype.element_ty, PREC)
+        acc = acc * alpha[:, None] + _times_v(p, V, kv, sv, d, valid, KV_CODES, dot_dtype, PREC)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -417,6 +422,21 @@ def num_splits_for(batch: int, num_kv_heads: int, max_len: int | None = None, nu
     return min(16, _pow2(want) if want & (want - 1) == 0 else _pow2(want) // 2)
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The decode kernel's tile of keys, warps and pipeline depth; `half_dot`: with a quantized cache,
+    the products in float16 (codes and query converted to it) instead of the model's bfloat16."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    half_dot: bool = False
+
+
+def default_decode_config(head_dim: int, codes: int) -> DecodeConfig:
+    return DecodeConfig(block_n=64 if head_dim <= 128 else 32)
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -426,6 +446,7 @@ def decode_attention(
     scale: float,
     num_splits: int = 1,
     out: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """q [B, H, D], one token per sequence; block_tables [B, W] and seq_lens [B] (int32 or int64;
     a table may be longer than its sequence needs). Returns [B, H, D] (in `out` when given)."""
@@ -441,7 +462,8 @@ def decode_attention(
         counts = _split_counters(q.device, b * hkv)
     else:
         o_part = lse = counts = out  # unused
-    block_n = 64 if d <= 128 else 32
+    codes = _read_codes(k_cache)
+    config = config or default_decode_config(d, codes)
     use_pdl = pdl.enabled(q.device)
     _decode_kernel[(b, hkv, num_splits)](
         q,
@@ -470,12 +492,14 @@ def decode_attention(
         GROUP_PAD=max(16, _pow2(group)),
         D=d,
         BLOCK_SIZE=block_size,
-        BLOCK_N=block_n,
+        BLOCK_N=config.block_n,
         NUM_SPLITS=num_splits,
         PREC=_precision(q.dtype),
         PDL=use_pdl,
-        KV_CODES=_read_codes(k_cache),
-        num_warps=4,
+        KV_CODES=codes,
+        HALF_DOT=config.half_dot and codes != PLAIN and q.dtype == torch.bfloat16,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
         **pdl.launch(use_pdl),
     )
     return out

@@ -254,10 +254,14 @@ def test_decode_over_a_quantized_cache_matches_its_values(lengths, h, hkv, d, bs
     seqs, k_cache, v_cache, tables = _quantized_paged(lengths, h, hkv, d, bs, dtype, kv)
     q = torch.stack([s[1][-1] for s in seqs]).to(DEV)
     lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
-    out = ta.decode_attention(q, k_cache, v_cache, tables.to(DEV), lens, d**-0.5, num_splits=splits)
-    for i, (_, qs, ks, vs) in enumerate(seqs):
-        ref = reference_attention(qs.float().to(DEV), ks.to(DEV), vs.to(DEV), d**-0.5)[-1]
-        torch.testing.assert_close(out[i].float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    configs = [None]
+    if dtype == torch.bfloat16:  # products in float16 instead, and a tile of another shape
+        configs += [ta.DecodeConfig(block_n=32, num_warps=2, num_stages=2, half_dot=True)]
+    for config in configs:
+        out = ta.decode_attention(q, k_cache, v_cache, tables.to(DEV), lens, d**-0.5, splits, config=config)
+        for i, (_, qs, ks, vs) in enumerate(seqs):
+            ref = reference_attention(qs.float().to(DEV), ks.to(DEV), vs.to(DEV), d**-0.5)[-1]
+            torch.testing.assert_close(out[i].float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 @pytest.mark.parametrize("kv", ["int8", "fp8"])
