@@ -113,33 +113,57 @@ def kernels() -> list[tuple[str, object, dict, dict]]:
                 {"launch_pdl": pdl},
             )
         )
-    for splits in (1, 16):
+    # a cache of bfloat16 values, of int8 codes, of E4M3 codes (by their bits, or by the GPU's conversion)
+    caches = ((ta.PLAIN, "bf16"), (ta.INT8_CODES, "i8"), (ta.FP8_CODES, "u8"), (ta.FP8_CODES_NATIVE, "u8"))
+    for codes, cache in caches:
+        for splits, half_dot in ((1, False), (16, codes != ta.PLAIN)):
+            out.append(
+                (
+                    f"decode attention cache={cache} codes={codes} splits={splits} half_dot={half_dot}",
+                    ta._decode_kernel,
+                    {
+                        "HKV": 8,
+                        "GROUP": 4,
+                        "GROUP_PAD": 16,
+                        "D": 64,
+                        "BLOCK_SIZE": 16,
+                        "BLOCK_N": 64,
+                        "NUM_SPLITS": splits,
+                        "PREC": "tf32",
+                        "PDL": False,
+                        "KV_CODES": codes,
+                        "HALF_DOT": half_dot,
+                    },
+                    {"pointers": {"K": cache, "V": cache}},
+                )
+            )
         out.append(
             (
-                f"decode attention splits={splits}",
-                ta._decode_kernel,
+                f"prefill attention cache={cache} codes={codes}",
+                ta._prefill_kernel,
                 {
                     "HKV": 8,
                     "GROUP": 4,
-                    "GROUP_PAD": 16,
                     "D": 64,
                     "BLOCK_SIZE": 16,
+                    "BLOCK_M": 64,
                     "BLOCK_N": 64,
-                    "NUM_SPLITS": splits,
                     "PREC": "tf32",
-                    "PDL": False,
+                    "KV_CODES": codes,
                 },
-                {},
+                {"pointers": {"K": cache, "V": cache}},
             )
         )
+        if codes != ta.FP8_CODES_NATIVE:  # the write takes codes by their bits
+            out.append(
+                (
+                    f"rope + KV write cache={cache} codes={codes}",
+                    ta._rope_write_kv_kernel,
+                    {"H": 32, "HKV": 8, "D": 64, "H_PAD": 32, "HKV_PAD": 8, "BLOCK_SIZE": 16, "KV_CODES": codes},
+                    {"pointers": {"K_CACHE": cache, "V_CACHE": cache}},
+                )
+            )
     out += [
-        (
-            "prefill attention",
-            ta._prefill_kernel,
-            {"GROUP": 4, "D": 64, "BLOCK_SIZE": 16, "BLOCK_M": 64, "BLOCK_N": 64, "PREC": "tf32"},
-            {},
-        ),
-        ("rope + KV write", ta._rope_write_kv_kernel, {"H": 32, "HKV": 8, "D": 64, "H_PAD": 32, "HKV_PAD": 8}, {}),
         ("add + RMSNorm", fused._add_rms_norm_kernel, {"BLOCK": 2048, "HAS_RES": True, "PDL": False}, {}),
         ("SiLU and multiply", fused._silu_mul_kernel, {"BLOCK": 1024}, {}),
         ("argmax chunks", argmax._chunk_max_kernel, {"BLOCK": 4096}, {"pointers": {"X": "fp32"}}),

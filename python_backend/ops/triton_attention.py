@@ -27,13 +27,14 @@ attention's time.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from python_backend.engine.kv_cache import code_views
+from python_backend.engine.kv_cache import SCALE_BYTES
 from python_backend.ops import pdl
 from python_backend.ops.pdl import wait_for_previous
 from python_backend.ops.rounding import rounded
@@ -62,12 +63,15 @@ def kv_codes(cache: torch.Tensor) -> int:
     return {torch.int8: INT8_CODES, torch.uint8: FP8_CODES}.get(cache.dtype, PLAIN)
 
 
+@functools.cache
+def _has_float8(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _read_codes(cache: torch.Tensor) -> int:
     """kv_codes, with E4M3 read by the GPU's float8 conversion where it has one."""
     codes = kv_codes(cache)
-    if codes == FP8_CODES and cache.device.type == "cuda" and torch.cuda.get_device_capability(cache.device) >= (8, 9):
-        return FP8_CODES_NATIVE
-    return codes
+    return FP8_CODES_NATIVE if codes == FP8_CODES and _has_float8(cache.device) else codes
 
 
 @triton.jit
@@ -408,9 +412,12 @@ def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
 
 
 def _cache_strides(cache: torch.Tensor) -> tuple[int, int, int]:
-    """Block, token and head strides of a layer cache's values, or of its codes where it holds codes."""
-    values = code_views(cache)[0] if kv_codes(cache) else cache
-    return values.stride(0), values.stride(1), values.stride(2)
+    """Block, token and head strides of a layer cache's values, or of its codes where it holds codes
+    (engine/kv_cache.code_views: head_dim + 2 bytes a row in the block's size, head_dim in its codes)."""
+    if not kv_codes(cache):
+        return cache.stride(0), cache.stride(1), cache.stride(2)
+    hkv, width = cache.shape[2], cache.shape[3]
+    return cache.stride(0), hkv * (width - SCALE_BYTES), width - SCALE_BYTES
 
 
 def num_splits_for(batch: int, num_kv_heads: int, max_len: int | None = None, num_sms: int = 132) -> int:
@@ -434,8 +441,9 @@ class DecodeConfig:
 
 
 def default_decode_config(head_dim: int, codes: int) -> DecodeConfig:
-    """Tiles of 64 keys (32 past head size 128); with a code cache two warps and two stages, which
-    read codes fastest in a sweep of tiles on an H100 (scripts/gpu_kv_attention_sweep.py)."""
+    """Tiles of 64 keys (32 past head size 128). A code cache's tiles are bound by converting codes
+    rather than by memory, and take two warps and two stages (scripts/gpu_kv_attention_sweep.py
+    times the choices)."""
     block_n = 64 if head_dim <= 128 else 32
     return DecodeConfig(block_n, num_warps=2, num_stages=2) if codes != PLAIN else DecodeConfig(block_n)
 
