@@ -131,13 +131,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--host-top", type=int, default=0, help="also profile the host's graphed steps: top N functions")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8", "fp8"))
+    ap.add_argument(
+        "--decode-tile",
+        help="with a code cache, the decode attention tile in place of the default: KEYS,WARPS,STAGES[,f16]",
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.decode_tile:
+        from python_backend.ops import triton_attention as ta
+
+        keys, warps, stages, *half = args.decode_tile.split(",")
+        tile = ta.DecodeConfig(int(keys), int(warps), int(stages), half_dot=half == ["f16"])
+        plain = ta.default_decode_config
+        ta.default_decode_config = lambda d, codes: tile if codes != ta.PLAIN else plain(d, codes)
     result = {
         "gpu": torch.cuda.get_device_name(0),
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "kv_cache_dtype": args.kv_cache_dtype,
+        "decode_tile": args.decode_tile,
         "entries": {},
     }
     for folder in args.engine_dirs:
