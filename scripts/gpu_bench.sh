@@ -36,12 +36,10 @@
 #               ($QUANT_MODELS: which of them; $QUANT_SKIP_TESTS: neither the tests nor the KV capacity)
 #   quantsmol   SmolLM2 built as bf16, int8, int4 (AWQ), fp8 and its GGUF's own Q4_1 blocks, on the GPU:
 #               `fastserve evaluate` against bf16 (needs the GGUF, carried in two parts, .gpu/gguf-a and -b)
-#   kvcodes     the kernels' tests on quantized KV caches; the Llama-1B shape as bf16 and fp8, each with
-#               its dtype's cache and an fp8 one: 256 x 256 -> 128 and one sequence's decode step, then
-#               a batch-256 decode step's kernels by kind (gpu_profile_batch.py) for fp8 with both caches
-#   kvsweep     the decode attention kernel's tiles over bf16, E4M3 and int8 caches (gpu_kv_attention_sweep.py),
-#               then 256 x 256 -> 128 and one sequence's step for bf16 and fp8, each with its dtype's
-#               cache and, decoding by the sweep's best tile for codes, an fp8 one
+#   kvcodes     the kernels' tests on quantized KV caches; the decode attention kernel's tiles over bf16,
+#               E4M3 and int8 caches (gpu_kv_attention_sweep.py); the Llama-1B shape as bf16 and fp8, each
+#               with its dtype's cache and an fp8 one: 256 x 256 -> 128 and one sequence's decode step,
+#               then a batch-256 decode step's kernels by kind (gpu_profile_batch.py) for fp8 with both caches
 #   stepbound   one sequence's decode step (batch 1) of bf16, int8 and int4 (no AWQ): wall time and kernel
 #               time by kind (gpu_profile_batch.py --batch 1), what bounds a quantized step's speed-up
 #   tprofile    where the server's time goes at 256 streams: scripts/triton_profile.py samples the stub and
@@ -246,6 +244,7 @@ if want kvcodes; then
   entry llama1b_fp8 "${shape[@]}" --quantize fp8
   with_fp8_cache llama1b
   with_fp8_cache llama1b_fp8
+  python3 scripts/gpu_kv_attention_sweep.py --batch 256 --context 320 --out "$out/kv-attention-sweep.json" | tail -4
   for m in llama1b llama1b_kv8 llama1b_fp8 llama1b_fp8_kv8; do
     echo "== $m"
     bench --model $m --num-prompts 256 --input-len 256 --output-len 128 --repeats 3 --single --baselines "" \
@@ -261,25 +260,4 @@ if want stepbound; then
   entry llama1b_int4 --quantize int4 --no-awq
   python3 scripts/gpu_profile_batch.py $work/repo/llama1b{,_int8,_int4}/1/engine --batch 1 --steps 64 \
     --out "$out/step-bound-batch1-profile.json" | tail -4
-fi
-if want kvsweep; then
-  FASTSERVE_TEST_TOKENIZER=$tok python3 -m pytest -q -p no:cacheprovider tests/python_backend/ops/test_triton_kernels.py \
-    -k quantized 2>&1 | tail -3
-  shape=(--max-model-len 4096 --max-num-seqs 256 --max-num-batched-tokens 8192 --max-batch-size 256)
-  entry llama1b_fp8 "${shape[@]}" --quantize fp8
-  with_fp8_cache llama1b
-  with_fp8_cache llama1b_fp8
-  python3 scripts/gpu_kv_attention_sweep.py --batch 256 --context 320 --out "$out/kv-attention-sweep.json" | tail -4
-  workload=(--offline --repository $work/repo --device cuda --num-prompts 256 --input-len 256 --output-len 128
-    --repeats 3 --single --baselines "")
-  for m in llama1b llama1b_kv8 llama1b_fp8 llama1b_fp8_kv8; do
-    echo "== $m"
-    if [[ $m == *_kv8 ]]; then
-      python3 scripts/gpu_kv_attention_sweep.py --use "$out/kv-attention-sweep.json" --bench "${workload[@]}" \
-        --model $m --out "$out/$m-kvsweep.json" | tail -3
-    else
-      bench --model $m --num-prompts 256 --input-len 256 --output-len 128 --repeats 3 --single --baselines "" \
-        --out "$out/$m-kvsweep.json" | tail -3
-    fi
-  done
 fi
