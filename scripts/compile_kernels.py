@@ -74,7 +74,7 @@ def _compile(arch: int, kernel, constants: dict, pointers: dict | None = None, n
     triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, **options})
 
 
-def kernels() -> list[tuple[str, object, dict, dict]]:
+def kernels(arch: int) -> list[tuple[str, object, dict, dict]]:
     """(label, kernel, constants, pointer types and options) for each specialisation a step uses."""
     out = []
     for silu_mul, defer, pdl in ((False, False, False), (True, False, True), (False, True, False)):
@@ -113,13 +113,17 @@ def kernels() -> list[tuple[str, object, dict, dict]]:
                 {"launch_pdl": pdl},
             )
         )
-    # a cache of bfloat16 values, of int8 codes, of E4M3 codes (by their bits, or by the GPU's conversion)
-    caches = ((ta.PLAIN, "bf16"), (ta.INT8_CODES, "i8"), (ta.FP8_CODES, "u8"), (ta.FP8_CODES_NATIVE, "u8"))
+    # a cache of bfloat16 values, of int8 codes, of E4M3 codes (by their bits, or by the GPU's
+    # conversion, on sm 8.9 and later), each in the tile a decode step takes for it by default
+    caches = [(ta.PLAIN, "bf16"), (ta.INT8_CODES, "i8"), (ta.FP8_CODES, "u8")]
+    if arch >= 89:
+        caches.append((ta.FP8_CODES_NATIVE, "u8"))
     for codes, cache in caches:
-        for splits, half_dot in ((1, False), (16, codes != ta.PLAIN)):
+        tile = ta.default_decode_config(64, codes)
+        for splits in (1, 16):
             out.append(
                 (
-                    f"decode attention cache={cache} codes={codes} splits={splits} half_dot={half_dot}",
+                    f"decode attention cache={cache} codes={codes} splits={splits} {tile}",
                     ta._decode_kernel,
                     {
                         "HKV": 8,
@@ -127,14 +131,18 @@ def kernels() -> list[tuple[str, object, dict, dict]]:
                         "GROUP_PAD": 16,
                         "D": 64,
                         "BLOCK_SIZE": 16,
-                        "BLOCK_N": 64,
+                        "BLOCK_N": tile.block_n,
                         "NUM_SPLITS": splits,
                         "PREC": "tf32",
                         "PDL": False,
                         "KV_CODES": codes,
-                        "HALF_DOT": half_dot,
+                        "HALF_DOT": tile.half_dot and codes != ta.PLAIN,
                     },
-                    {"pointers": {"K": cache, "V": cache}},
+                    {
+                        "pointers": {"K": cache, "V": cache},
+                        "num_warps": tile.num_warps,
+                        "num_stages": tile.num_stages,
+                    },
                 )
             )
         out.append(
@@ -225,7 +233,7 @@ def main() -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for the H100 and H200")
     args = ap.parse_args()
     failed = 0
-    for label, kernel, constants, extra in kernels():
+    for label, kernel, constants, extra in kernels(args.arch):
         try:
             _compile(args.arch, kernel, constants, **extra)
             print(f"ok      {label}")

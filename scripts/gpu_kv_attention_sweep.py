@@ -93,7 +93,8 @@ def sweep(batch: int, context: int) -> dict:
     best = None
     for kind in ("bf16", "fp8", "int8"):
         kind_caches = caches(kind, batch, context)
-        default = ta.default_decode_config(D, ta.PLAIN)
+        codes = {"bf16": ta.PLAIN, "fp8": ta.FP8_CODES, "int8": ta.INT8_CODES}[kind]
+        default = ta.default_decode_config(D, codes)
         if kind == "bf16":
             tried = [c for c in configs if not c.half_dot]
         elif kind == "fp8":

@@ -65,7 +65,7 @@ def quantize_rows(x: torch.Tensor, code_dtype: torch.dtype) -> torch.Tensor:
 
 def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Codes times scale in float32, which holds the product exactly (an 8-bit code times an 11-bit
-    scale), then `dtype`: the values the Triton kernels compute with."""
+    scale), then `dtype`."""
     codes = rows[..., :-2]
     scale = rows[..., -2:].contiguous().view(torch.float16).float()
     values = codes.float() if rows.dtype == torch.int8 else codes.view(torch.float8_e4m3fn).float()

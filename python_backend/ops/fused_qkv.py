@@ -174,6 +174,11 @@ def add_norm_qkv_rope(
     n = qkv_w.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"add_norm_qkv_rope takes at most {MAX_ROWS} rows, got {m}")
+    if k_cache.dtype != residual.dtype:
+        raise ValueError(
+            f"add_norm_qkv_rope writes {residual.dtype} values and the cache holds {k_cache.dtype}; "
+            "a quantized cache takes rope_write_kv"
+        )
     if n != (num_heads + 2 * num_kv_heads) * head_dim or qkv_w.shape[1] != k or head_dim % 2:
         raise ValueError(
             f"add_norm_qkv_rope shapes: residual {tuple(residual.shape)}, qkv {tuple(qkv_w.shape)}, "

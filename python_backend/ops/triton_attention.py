@@ -18,11 +18,12 @@ V are [num_blocks, block_size, num_kv_heads, head_dim] and a token's slot is blo
 
 A quantized cache (`--kv-cache-dtype int8|fp8`, engine/kv_cache.py) holds each token's head vector as
 its codes and a float16 scale, each block its codes first and then its scales. `rope_write_kv` rounds
-k and v to codes as it stores them, and the attention kernels read the codes, turn them into the
-model's dtype exactly (E4M3 by its bits, without the GPU's float8 conversions, so the same code runs in
-Triton's interpreter), and apply the scales per key: to the scores for K, to the probabilities for V.
-A decode step at a large batch reads the cache more than any weight, so half its bytes is most of
-attention's time.
+k and v to codes as it stores them, and the attention kernels read the codes, turn them into numbers
+exactly (E4M3 by the GPU's float8 conversion where there is one, by its bits elsewhere and in Triton's
+interpreter), and apply the scales per key: to the scores for K, to the probabilities for V. The
+decode kernel's products take float16 then (it holds every code exactly and has more mantissa than
+bfloat16). Such a tile is bound by converting codes rather than by memory, so a code cache buys
+capacity (about twice the tokens), not speed.
 """
 
 from __future__ import annotations
@@ -267,13 +268,19 @@ def _scores(q, K, kv, sv, d, valid, scale, KV_CODES: tl.constexpr, dtype: tl.con
 
 @triton.jit
 def _times_v(p, V, kv, sv, d, valid, KV_CODES: tl.constexpr, dtype: tl.constexpr, PREC: tl.constexpr):
-    """p·v over the same tile (each value's scale folded into its probability where the cache holds
-    codes)."""
+    """p·v over the same tile. Where the cache holds codes, each value's scale goes into its
+    probability relative to the tile's largest scale, which multiplies the product after: the folded
+    probabilities stay at most 1 and, in half precision, clear of its subnormal range."""
     v = tl.load(V + kv[:, None] + d[None, :], mask=valid[:, None], other=0)
     if KV_CODES:
-        p = p * _row_scale(V + sv, valid, KV_CODES)[None, :]
+        scales = _row_scale(V + sv, valid, KV_CODES)
+        top = tl.max(scales, 0)
+        top = tl.where(top > 0.0, top, 1.0)
         v = _decode(v, KV_CODES, dtype)
-    return tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        pv = tl.dot((p * (scales / top)[None, :]).to(v.dtype), v, input_precision=PREC) * top
+    else:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return pv
 
 
 @triton.jit(do_not_specialize=["stride_tb"])  # the table width varies step to step: one compiled variant
@@ -442,8 +449,8 @@ class DecodeConfig:
 
 def default_decode_config(head_dim: int, codes: int) -> DecodeConfig:
     """Tiles of 64 keys (32 past head size 128). A code cache's tiles are bound by converting codes
-    rather than by memory; they take tiles of 32 keys, two warps and two stages, with float16
-    products, the fastest of the choices timed inside a decode step of 256 sequences."""
+    rather than by memory, so they are smaller, with fewer warps and stages in flight, and take
+    float16 products (scripts/gpu_kv_attention_sweep.py and gpu_profile_batch.py time the choices)."""
     if codes != PLAIN:
         return DecodeConfig(block_n=32, num_warps=2, num_stages=2, half_dot=True)
     return DecodeConfig(block_n=64 if head_dim <= 128 else 32)

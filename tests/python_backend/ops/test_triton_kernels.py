@@ -239,7 +239,8 @@ def test_rope_write_kv_into_a_quantized_cache_stores_what_quantize_rows_makes(dt
         assert torch.equal(got_k, want_k)
     untouched = torch.ones(16, dtype=torch.bool)
     untouched[slots.cpu()] = False
-    assert _rows_at(k_cache, untouched.nonzero()[:, 0]).abs().sum() == 0
+    for cache in (k_cache, v_cache):
+        assert _rows_at(cache, untouched.nonzero()[:, 0]).abs().sum() == 0
 
 
 QUANTIZED_CASES = [([1, 5, 16, 17], 4, 4, 16, 4, 1), ([130, 7], 8, 1, 16, 16, 4)]
@@ -250,7 +251,10 @@ if GPU:
 @pytest.mark.parametrize("kv", ["int8", "fp8"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lengths,h,hkv,d,bs,splits", QUANTIZED_CASES)
-def test_decode_over_a_quantized_cache_matches_its_values(lengths, h, hkv, d, bs, splits, dtype, kv):
+def test_decode_over_a_quantized_cache_matches_its_values(lengths, h, hkv, d, bs, splits, dtype, kv, monkeypatch):
+    """On a GPU with float8 E4M3 codes go through its conversion, and through their bits here too."""
+    if GPU and kv == "fp8" and dtype == torch.float32:
+        monkeypatch.setattr(ta, "_has_float8", lambda device: False)
     seqs, k_cache, v_cache, tables = _quantized_paged(lengths, h, hkv, d, bs, dtype, kv)
     q = torch.stack([s[1][-1] for s in seqs]).to(DEV)
     lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
@@ -279,3 +283,27 @@ def test_prefill_over_a_quantized_cache_matches_its_values(dtype, kv):
         ref = reference_attention(qs.float().to(DEV), ks.to(DEV), vs.to(DEV), d**-0.5)[c:]
         torch.testing.assert_close(out[row : row + ref.shape[0]].float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
         row += ref.shape[0]
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_decode_over_small_values_of_a_quantized_cache_keeps_their_precision(kv, monkeypatch):
+    """Values of 1e-4 take the smallest scale (2^-14); folded into the probabilities of a spread of
+    scores, most of them well below 1, the products must not sink below half precision's normal
+    range, where they keep few bits. Half precision products run on the GPU by default; in the
+    interpreter the model's half precision does."""
+    dtype = torch.bfloat16 if GPU else torch.float16
+    lengths, h, hkv, d, bs = [600, 37], 4, 2, 32, 16
+    seqs, k_cache, v_cache, tables = _paged(lengths, h, hkv, d, bs, dtype)
+    v_small = _codes_cache(v_cache.float() * 1e-4, kv).to(DEV)
+    k_codes = _codes_cache(k_cache, kv).to(DEV)
+    q = (3 * torch.stack([s[1][-1] for s in seqs]).float()).to(dtype).to(DEV)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    out = ta.decode_attention(q, k_codes, v_small, tables.to(DEV), lens, d**-0.5)
+    for i, (table, _, _, _) in enumerate(seqs):
+        pos = torch.arange(lengths[i])
+        slots = torch.tensor(table)[pos // bs] * bs + pos % bs
+        ks, vs = _exact(_rows_at(k_codes, slots)), _exact(_rows_at(v_small, slots))
+        ref = reference_attention(
+            q[i : i + 1].float().expand(lengths[i], h, d).to(DEV), ks.to(DEV), vs.to(DEV), d**-0.5
+        )
+        torch.testing.assert_close(out[i].float(), ref[-1], atol=1e-7, rtol=1e-2)
